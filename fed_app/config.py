@@ -1,0 +1,160 @@
+"""RunConfig: every run-config key, its type, default and check; the only place kebab <-> snake."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": ("cifar100", "synthetic"),
+    "model": ("vit-small-dino", "vit-tiny-test"),
+    "precision": ("auto", "bf16", "fp32"),
+    "device": ("auto", "cpu", "cuda"),
+    "scheduler": ("cosine", "warmup-cosine", "step", "exponential", "constant"),
+}
+
+# (lowest allowed, whether the lowest is excluded); checked for numeric fields named here.
+LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "val_size": (0, False),
+    "synthetic_train_size": (1, False),
+    "synthetic_test_size": (1, False),
+    "batch_size": (1, False),
+    "eval_batch_size": (1, False),
+    "lr": (0.0, True),
+    "momentum": (0.0, False),
+    "weight_decay": (0.0, False),
+    "epochs": (1, False),
+    "warmup_epochs": (0, False),
+    "step_size": (1, False),
+    "gamma": (0.0, True),
+}
+
+
+class ConfigError(ValueError):
+    """A run-config key or value that cannot be used; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run's configuration; defaults mirror [tool.flwr.app.config] in pyproject.toml."""
+
+    # data
+    dataset: str = "cifar100"
+    data_root: str = "~/.cache/fedit/data"
+    download: bool = True
+    val_size: int = 5000
+    split_seed: int = 0
+    synthetic_train_size: int = 50000
+    synthetic_test_size: int = 10000
+    augment: bool = True
+    # model and numerics
+    model: str = "vit-small-dino"
+    model_weights: str = ""
+    precision: str = "auto"
+    device: str = "auto"
+    # optimization
+    seed: int = 42
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 10
+    scheduler: str = "cosine"
+    warmup_epochs: int = 1
+    step_size: int = 3
+    gamma: float = 0.5
+    # outputs
+    run_dir: str = ""
+
+    def __post_init__(self) -> None:
+        for name, choices in CHOICES.items():
+            value = getattr(self, name.replace("-", "_"))
+            if value not in choices:
+                raise ConfigError(
+                    f"run-config {to_kebab(name)}={value!r} is not one of {', '.join(choices)}; "
+                    f"pick one of those."
+                )
+        for name, (low, strict) in LOWER_BOUNDS.items():
+            value = getattr(self, name)
+            if value < low or (strict and value == low):
+                relation = ">" if strict else ">="
+                raise ConfigError(
+                    f"run-config {to_kebab(name)}={value!r} is out of range; it must be {relation} {low}."
+                )
+        if self.momentum >= 1.0:
+            raise ConfigError(f"run-config momentum={self.momentum!r} must be below 1; use e.g. 0.9.")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys (Flower's context.run_config or CLI overrides); unknown keys fail."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = to_snake(key)
+            if name not in known:
+                raise ConfigError(_unknown_key_message(key, [to_kebab(n) for n in known]))
+            values[name] = _coerce(key, value, known[name].type)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case keys, as Flower's --run-config and pyproject.toml spell them."""
+        return {to_kebab(k): v for k, v in self.to_dict().items()}
+
+    def run_id(self) -> str:
+        """Stable id of everything that shapes the results (the output location excluded)."""
+        payload = {k: v for k, v in self.to_dict().items() if k != "run_dir"}
+        digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return digest[:10]
+
+
+def to_snake(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def to_kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse 'lr=0.01 partition="iid"' exactly as `flwr run --run-config` does."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        return parse_config_args([text]) if text.strip() else {}
+    except Exception as err:  # flwr raises click.ClickException for bad TOML values
+        raise ConfigError(
+            f"--run-config {text!r} is not valid; write space-separated key=value pairs with TOML "
+            f"values, e.g. \"lr=0.01 partition='iid'\"."
+        ) from err
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {"str": str, "int": int, "float": float, "bool": bool}[type_name]
+    if type(value) is not expected:
+        example = {"str": "'text'", "int": "10", "float": "0.01", "bool": "true"}[type_name]
+        raise ConfigError(
+            f"run-config {key}={value!r} has type {type(value).__name__}; it must be a {type_name} "
+            f"(e.g. {key}={example})."
+        )
+    return value
+
+
+def _unknown_key_message(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "the keys are listed in pyproject.toml"
+    return f"unknown run-config key '{key}': {hint} (all keys: [tool.flwr.app.config] in pyproject.toml)."

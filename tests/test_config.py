@@ -1,0 +1,45 @@
+"""RunConfig: defaults equal pyproject's, kebab keys, one-sentence errors."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fed_app.config import ConfigError, RunConfig, parse_overrides
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_holds_every_key_with_the_dataclass_default():
+    flwr_config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert flwr_config == RunConfig().to_run_config()
+    assert RunConfig.from_run_config(flwr_config) == RunConfig()
+
+
+def test_overrides_parse_like_flwr_and_coerce_ints_to_floats():
+    cfg = RunConfig.from_run_config(parse_overrides("lr=1 epochs=3 scheduler='step' augment=false"))
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert (cfg.epochs, cfg.scheduler, cfg.augment) == (3, "step", False)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"lrr": 0.1}, ["'lrr'", "did you mean 'lr'"]),
+    ({"epochs": "ten"}, ["epochs='ten'", "must be a int"]),
+    ({"scheduler": "linear"}, ["scheduler='linear'", "cosine"]),
+    ({"batch-size": 0}, ["batch-size=0", ">= 1"]),
+    ({"lr": 0.0}, ["lr=0.0", "> 0"]),
+    ({"momentum": 1.0}, ["momentum=1.0", "below 1"]),
+])
+def test_bad_key_or_value_is_one_sentence_naming_it(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config(overrides)
+    message = str(err.value)
+    assert "\n" not in message and message.endswith((".", "?", ")."))
+    for word in words:
+        assert word in message
+
+
+def test_run_id_is_stable_and_ignores_run_dir():
+    a = RunConfig.from_run_config({"lr": 0.1, "seed": 1})
+    b = RunConfig.from_run_config({"seed": 1, "lr": 0.1, "run-dir": "/elsewhere"})
+    assert a.run_id() == b.run_id() != RunConfig().run_id()
