@@ -1,0 +1,116 @@
+"""Models: timm's DINO ViT-S/16 (pretrained, local weights file or random) and a tiny ViT for tests."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from fed_app.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO's normalization
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+class ModelWeightsError(RuntimeError):
+    """Pretrained weights that cannot be had; the message says how to point at a local file."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the data path needs to know about a model: input size and normalization."""
+
+    input_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def _vit_small_dino(num_classes: int, weights: str) -> torch.nn.Module:
+    name = "vit_small_patch16_224.dino"
+    if weights == "random":
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if weights:
+        state = read_weights(weights)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        _check_keys(model, state, weights)
+        return timm.create_model(
+            name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=dict(state_dict=state)
+        )
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes)
+    except Exception as err:  # offline: huggingface_hub / urllib errors of many kinds
+        raise ModelWeightsError(
+            f"could not fetch the DINO ViT-S/16 weights ({type(err).__name__}); download "
+            f"dino_deitsmall16_pretrain.pth (or timm's vit_small_patch16_224.dino) elsewhere and pass "
+            f"--run-config \"model-weights='/abs/path/to/file.pth'\", or model-weights='random' to "
+            f"train from scratch."
+        ) from err
+
+
+def _vit_tiny_test(num_classes: int, weights: str) -> torch.nn.Module:
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                              mlp_ratio=2.0, num_classes=num_classes)
+    if weights not in ("", "random"):
+        state = read_weights(weights)
+        _check_keys(model, state, weights)
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+MODELS: dict[str, tuple[Callable[[int, str], torch.nn.Module], ModelSpec]] = {
+    "vit-small-dino": (_vit_small_dino, ModelSpec(input_size=224)),
+    "vit-tiny-test": (_vit_tiny_test, ModelSpec(input_size=32)),
+}
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> tuple[torch.nn.Module, ModelSpec]:
+    """The model on CPU in fp32 with a fresh `num_classes` head seeded from cfg.seed, and its spec."""
+    factory, spec = MODELS[cfg.model]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = factory(num_classes, cfg.model_weights)
+    return model, spec
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A backbone state dict from a timm file, DINO's released file, or a DINO training checkpoint."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ModelWeightsError(
+            f"model-weights={path!r} is not a file; pass the absolute path of a .pth file, "
+            f"'' to download, or 'random'."
+        )
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:  # DINO's training checkpoints pickle their argparse args
+        log.warning("%s needs full unpickling (it holds more than tensors); loading it anyway", file)
+        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    for key in ("teacher", "state_dict", "model"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    state = {}
+    for k, v in ckpt.items():
+        for prefix in ("module.", "backbone.", "_orig_mod."):
+            k = k.removeprefix(prefix)
+        if torch.is_tensor(v) and not k.startswith("head."):  # DINO's projection head is no classifier
+            state[k] = v
+    return state
+
+
+def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    expected = {k for k in model.state_dict() if k not in HEAD_KEYS}
+    missing = sorted(expected - state.keys())
+    if missing:
+        raise ModelWeightsError(
+            f"model-weights={path!r} lacks {len(missing)} backbone tensors (e.g. {missing[:3]}); "
+            f"pass a checkpoint of the same architecture as the run-config model."
+        )

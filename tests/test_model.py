@@ -1,0 +1,73 @@
+"""Models: shapes, weights from a local file equal the file, the offline error."""
+
+import pytest
+import timm
+import torch
+
+from fed_app.config import RunConfig
+from fed_app.model import HEAD_KEYS, ModelWeightsError, build_model
+
+
+def test_tiny_vit_forward_shape_and_seeded_head():
+    cfg = RunConfig(model="vit-tiny-test")
+    model, spec = build_model(cfg, 100)
+    assert spec.input_size == 32
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    same, _ = build_model(cfg, 100)
+    other, _ = build_model(cfg.replace(seed=7), 100)
+    assert torch.equal(model.head.weight, same.head.weight)
+    assert not torch.equal(model.head.weight, other.head.weight)
+
+
+@pytest.fixture(scope="module")
+def dino_file(tmp_path_factory):
+    """A ViT-S/16 backbone saved as DINO releases it: a plain state dict without a classifier."""
+    source = timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0)
+    path = tmp_path_factory.mktemp("w") / "dino_deitsmall16_pretrain.pth"
+    torch.save(source.state_dict(), path)
+    return path, source.state_dict()
+
+
+def test_vit_small_dino_loads_a_local_weights_file_exactly(dino_file):
+    path, expected = dino_file
+    model, spec = build_model(RunConfig(model_weights=str(path)), 100)
+    assert spec.input_size == 224
+    got = model.state_dict()
+    assert set(got) - set(expected) == set(HEAD_KEYS)
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 224, 224)).shape == (2, 100)
+
+
+def test_dino_training_checkpoint_format_is_read_too(tmp_path):
+    source, _ = build_model(RunConfig(model="vit-tiny-test", seed=3), 100)
+    wrapped = {"teacher": {f"backbone.{k}": v for k, v in source.state_dict().items()
+                           if not k.startswith("head.")}, "epoch": 100}
+    wrapped["teacher"]["head.mlp.0.weight"] = torch.zeros(4, 4)  # DINO's projection head: ignored
+    path = tmp_path / "checkpoint.pth"
+    torch.save(wrapped, path)
+    model, _ = build_model(RunConfig(model="vit-tiny-test", model_weights=str(path)), 100)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_a_file_of_another_architecture_is_refused(tmp_path):
+    tiny, _ = build_model(RunConfig(model="vit-tiny-test"), 100)
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny.state_dict(), path)
+    with pytest.raises(ModelWeightsError, match="lacks .* backbone tensors"):
+        build_model(RunConfig(model_weights=str(path)), 100)
+
+
+def test_offline_without_weights_names_the_model_weights_key(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(ModelWeightsError) as err:
+        build_model(RunConfig(), 100)
+    message = str(err.value)
+    assert "model-weights=" in message and "random" in message and "\n" not in message
+
+
+def test_missing_weights_file_is_one_sentence():
+    with pytest.raises(ModelWeightsError, match="is not a file"):
+        build_model(RunConfig(model_weights="/nowhere/weights.pth"), 100)
