@@ -1,0 +1,93 @@
+"""The centralized baseline: SGDM over epochs with the shared task code; resumable; no Flower."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from fed_app.config import RunConfig, parse_overrides
+from fed_app.data import BatchTransform, batch_stream, load_dataset, make_generator
+from fed_app.model import build_model
+from fed_app.plots import plot_curves
+from fed_app.rundir import RunDir
+from fed_app.task import autocast, evaluate, make_optimizer, make_scheduler, resolve_device, train_steps
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: RunConfig) -> RunDir:
+    """Train cfg.epochs epochs (resuming from the run's checkpoint); rows, checkpoint, curves, DONE."""
+    run_dir = RunDir.for_config(cfg, group="centralized")
+    run_dir.claim(cfg)
+    if run_dir.done:
+        log.info("run %s is already done; nothing to do", run_dir.path)
+        return run_dir
+    device = resolve_device(cfg)
+    data = load_dataset(cfg, device)
+    model, spec = build_model(cfg, data.num_classes)
+    model.to(device)
+    optimizer = make_optimizer(cfg, model.parameters())
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    start = _restore(run_dir, model, optimizer, scheduler)
+    train_tf = BatchTransform(spec.input_size, spec.mean, spec.std, augment=cfg.augment)
+    eval_tf = BatchTransform(spec.input_size, spec.mean, spec.std)
+    precision = autocast(cfg, device)
+    all_train = torch.arange(len(data.train), device=device)
+    t0 = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
+        generator = make_generator(device, cfg.seed, epoch)
+        batches = batch_stream(all_train, cfg.batch_size, generator)
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_steps(model, optimizer, data.train, batches, steps_per_epoch, train_tf,
+                                 generator, precision, scheduler)
+        val = evaluate(model, data.val, eval_tf, cfg.eval_batch_size, precision)
+        test = evaluate(model, data.test, eval_tf, cfg.eval_batch_size, precision)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+               "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+               "wall_time": time.perf_counter() - t0}
+        run_dir.append_row(row)
+        run_dir.save_checkpoint({"epoch": epoch + 1, "model": model.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "config": cfg.to_dict()})
+        log.info("epoch %d/%d  train_loss %.4f  val_acc %.4f  test_acc %.4f", epoch + 1, cfg.epochs,
+                 train_loss, val["accuracy"], test["accuracy"])
+    plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="epoch", title=f"centralized {cfg.run_id()}")
+    run_dir.mark_done()
+    return run_dir
+
+
+def _restore(run_dir: RunDir, model, optimizer, scheduler) -> int:
+    """Load the last checkpoint if any and drop rows written after it; the epoch to start from."""
+    ckpt = run_dir.load_checkpoint()
+    if ckpt is None:
+        run_dir.keep_rows("epoch", 0)
+        return 0
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    run_dir.keep_rows("epoch", ckpt["epoch"])
+    log.info("resuming %s after epoch %d", run_dir.path, ckpt["epoch"])
+    return ckpt["epoch"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Centralized baseline (same run-config keys as the Flower app).")
+    parser.add_argument("--run-config", default="", help="e.g. \"lr=0.01 epochs=10 scheduler='step'\"")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
+    run_dir = run(cfg)
+    print(Path(run_dir.path))
+
+
+if __name__ == "__main__":
+    from fed_app.cli import exit_on_user_error
+
+    exit_on_user_error(main)

@@ -1,0 +1,95 @@
+"""A run's directory: config.json, append-only rows.jsonl, atomic checkpoint.pt, DONE marker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fed_app.config import ConfigError, RunConfig, to_kebab
+
+log = logging.getLogger(__name__)
+
+
+class RunDir:
+    """Owns the files of one run; nothing else writes them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.config_file = path / "config.json"
+        self.rows_file = path / "rows.jsonl"
+        self.checkpoint_file = path / "checkpoint.pt"
+        self.done_file = path / "DONE"
+
+    @classmethod
+    def for_config(cls, cfg: RunConfig, group: str) -> RunDir:
+        """results/<group>/<run-id> unless cfg.run_dir names one; absolute, so Flower workers agree."""
+        path = Path(cfg.run_dir).expanduser() if cfg.run_dir else Path("results") / group / cfg.run_id()
+        return cls(path.resolve())
+
+    def claim(self, cfg: RunConfig) -> None:
+        """Write config.json, or check that the one already there is this run's (before any work)."""
+        mine = cfg.to_dict()
+        if self.config_file.exists():
+            theirs = json.loads(self.config_file.read_text())
+            diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v and k != "run_dir"}
+            if diff:
+                key, (old, new) = next(iter(diff.items()))
+                raise ConfigError(
+                    f"run-dir {str(self.path)!r} holds a run with {to_kebab(key)}={old!r}, not {new!r}; "
+                    f"pick another run-dir (or delete that one to start over)."
+                )
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.config_file, json.dumps(mine, indent=2, sort_keys=True).encode())
+
+    @property
+    def done(self) -> bool:
+        return self.done_file.exists()
+
+    def mark_done(self) -> None:
+        atomic_write_bytes(self.done_file, b"")
+
+    def append_row(self, row: dict[str, Any]) -> None:
+        with open(self.rows_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.rows_file.exists():
+            return []
+        lines = self.rows_file.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def keep_rows(self, key: str, upto: int) -> None:
+        """Drop rows written after the last checkpoint (row[key] > upto), atomically."""
+        kept = [r for r in self.rows() if r[key] <= upto]
+        atomic_write_bytes(self.rows_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        tmp = self.checkpoint_file.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        _fsync_replace(tmp, self.checkpoint_file)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        if not self.checkpoint_file.exists():
+            return None
+        return torch.load(self.checkpoint_file, map_location="cpu", weights_only=False)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    _fsync_replace(tmp, path)
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,105 @@
+"""Task code shared by centralized and federated training: steps, evaluation, optimizer, schedule."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from fed_app.config import RunConfig
+from fed_app.data import BatchTransform, Split
+
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but no CUDA GPU is visible; use device='auto' or 'cpu'.")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA unless fp32 is asked for; fp32 on CPU unless bf16 is asked for."""
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def make_optimizer(cfg: RunConfig, params) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           foreach=True)
+
+
+def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Torch's schedulers, stepped once per optimizer step, with lengths given in epochs."""
+    total = cfg.epochs * steps_per_epoch
+    S = torch.optim.lr_scheduler
+    if cfg.scheduler == "cosine":
+        return S.CosineAnnealingLR(optimizer, T_max=total)
+    if cfg.scheduler == "warmup-cosine":
+        warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+        if warm == 0:
+            return S.CosineAnnealingLR(optimizer, T_max=total)
+        return S.SequentialLR(optimizer, milestones=[warm], schedulers=[
+            S.LinearLR(optimizer, start_factor=1.0 / warm, total_iters=warm),
+            S.CosineAnnealingLR(optimizer, T_max=total - warm),
+        ])
+    if cfg.scheduler == "step":
+        return S.StepLR(optimizer, step_size=cfg.step_size * steps_per_epoch, gamma=cfg.gamma)
+    if cfg.scheduler == "exponential":
+        return S.ExponentialLR(optimizer, gamma=cfg.gamma ** (1.0 / steps_per_epoch))
+    return S.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def train_steps(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    split: Split,
+    batches: Iterator[torch.Tensor],
+    steps: int,
+    transform: BatchTransform,
+    generator: torch.Generator,
+    precision: contextlib.AbstractContextManager,
+    scheduler=None,
+) -> float:
+    """`steps` optimizer steps on index batches of `split`; the mean training loss (one sync at the end)."""
+    model.train()
+    total = torch.zeros((), device=split.labels.device)
+    for _ in range(steps):
+        idx = next(batches)
+        x = transform(split.images[idx], generator)
+        with precision:
+            loss = F.cross_entropy(model(x), split.labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.detach().float()
+    return float(total) / steps
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    split: Split,
+    transform: BatchTransform,
+    batch_size: int,
+    precision: contextlib.AbstractContextManager,
+) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over the whole split, in large batches."""
+    if len(split) == 0:
+        return {"loss": math.nan, "accuracy": math.nan}
+    model.eval()
+    loss_sum = torch.zeros((), device=split.labels.device, dtype=torch.float64)
+    correct = torch.zeros((), device=split.labels.device, dtype=torch.int64)
+    for start in range(0, len(split), batch_size):
+        images = split.images[start:start + batch_size]
+        labels = split.labels[start:start + batch_size]
+        with precision:
+            logits = model(transform(images)).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        correct += (logits.argmax(1) == labels).sum()
+    return {"loss": float(loss_sum) / len(split), "accuracy": float(correct) / len(split)}
