@@ -1,0 +1,130 @@
+"""Gradient-mask calibration in R rounds (TaLoS): density d^(r/R), one global threshold, five rules.
+
+A mask is a dict {parameter name: bool tensor}, True = trainable. Each round keeps round(d^(r/R) * N)
+entries trainable among those still trainable (frozen entries never come back), ranked by the rule's
+score; ties are broken by a seeded random order. Sensitivity rules rescore every round on the model
+with its already-frozen weights multiplied by `damping` (TaLoS's soft mask).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from masking.fisher import scored_parameters
+
+log = logging.getLogger(__name__)
+
+Masks = dict[str, Tensor]
+# rule -> (scored by Fisher sensitivity?, keep the lowest scores trainable?)
+RULES: dict[str, tuple[bool, bool]] = {
+    "least-sensitive": (True, True),
+    "most-sensitive": (True, False),
+    "lowest-magnitude": (False, True),
+    "highest-magnitude": (False, False),
+    "random": (False, True),
+}
+
+
+def density_schedule(target_density: float, rounds: int) -> list[float]:
+    """Trainable fraction after each round: d^(r/R), r = 1..R."""
+    return [target_density ** (r / rounds) for r in range(1, rounds + 1)]
+
+
+def rule_scores(rule: str, params: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    """Scores of the data-free rules: |w| for the magnitude rules, uniform noise for random."""
+    if rule == "random":
+        return {n: torch.rand(p.shape, device=p.device, generator=generator) for n, p in params.items()}
+    return {n: p.detach().abs().float() for n, p in params.items()}
+
+
+@torch.no_grad()
+def shrink_masks(scores: dict[str, Tensor], masks: Masks, keep: int, keep_lowest: bool,
+                 generator: torch.Generator) -> Masks:
+    """Keep `keep` entries trainable, chosen among the trainable ones by score over all layers at once."""
+    names = list(masks)
+    alive = torch.cat([masks[n].flatten() for n in names])
+    if not 0 <= keep <= int(alive.sum()):
+        raise ValueError(f"cannot keep {keep} entries trainable out of {int(alive.sum())}.")
+    key = torch.cat([scores[n].flatten().float().to(alive.device) for n in names])
+    key = key if keep_lowest else -key
+    key = torch.where(alive & ~key.isnan(), key, math.inf)
+    perm = torch.randperm(len(key), device=alive.device, generator=generator)
+    chosen = perm[torch.argsort(key[perm], stable=True)[:keep]]  # ties: the seeded order decides
+    flat = torch.zeros_like(alive)
+    flat[chosen] = True
+    return {n: part.view_as(masks[n]) for n, part in zip(names, flat.split([masks[n].numel() for n in names]))}
+
+
+def calibrate(
+    model: torch.nn.Module,
+    rule: str,
+    sparsity: float,
+    rounds: int,
+    score_fn: Callable[[torch.nn.Module], dict[str, Tensor]],
+    damping: float = 0.1,
+    seed: int = 0,
+) -> Masks:
+    """Masks over the model's trainable parameters; `score_fn(model)` gives Fisher sums (by name)."""
+    if rule not in RULES:
+        raise ValueError(f"mask rule {rule!r} is not one of {', '.join(RULES)}.")
+    params = scored_parameters(model)
+    device = next(iter(params.values())).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
+    total = sum(p.numel() for p in params.values())
+    by_fisher, keep_lowest = RULES[rule]
+    for r, density in enumerate(density_schedule(1.0 - sparsity, rounds), start=1):
+        if by_fisher:
+            with damped(model, masks, damping):
+                scores = score_fn(model)
+        else:
+            scores = rule_scores(rule, params, generator)
+        masks = shrink_masks(scores, masks, round(density * total), keep_lowest, generator)
+        log.info("calibration round %d/%d (%s): density %.4f", r, rounds, rule, density_of(masks))
+    return masks
+
+
+@contextlib.contextmanager
+def damped(model: torch.nn.Module, masks: Masks, damping: float):
+    """Frozen entries multiplied by `damping` inside the block; the exact weights come back after."""
+    params = {n: p for n, p in model.named_parameters() if n in masks}
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.mul_(torch.where(masks[n], 1.0, damping))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
+
+def density_of(masks: Masks) -> float:
+    return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+
+def mask_stats(masks: Masks) -> list[dict]:
+    """Per-layer trainable counts and density, then a total row."""
+    rows = [{"name": n, "numel": m.numel(), "trainable": int(m.sum()), "density": float(m.float().mean())}
+            for n, m in masks.items()]
+    total = sum(r["numel"] for r in rows)
+    trainable = sum(r["trainable"] for r in rows)
+    return rows + [{"name": "total", "numel": total, "trainable": trainable, "density": trainable / total}]
+
+
+def save_masks(masks: Masks, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({n: m.cpu() for n, m in masks.items()}, tmp)
+    tmp.replace(path)
+
+
+def load_masks(path: Path, device: torch.device | str = "cpu") -> Masks:
+    return {n: m.to(device=device, dtype=torch.bool) for n, m in torch.load(path, weights_only=True).items()}
