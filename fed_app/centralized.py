@@ -1,4 +1,4 @@
-"""The centralized baseline: SGDM over epochs with the shared task code; resumable; no Flower."""
+"""The centralized trainer: SGDM or sparse fine-tuning (step 0, calibration, SparseSGDM); resumable; no Flower."""
 
 from __future__ import annotations
 
@@ -12,16 +12,19 @@ import torch
 
 from fed_app.config import RunConfig, parse_overrides
 from fed_app.data import BatchTransform, batch_stream, load_dataset, make_generator
+from fed_app.editing import calibrate_masks, fit_head
+from fed_app.head import freeze_head
 from fed_app.model import build_model
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
 from fed_app.task import autocast, evaluate, make_optimizer, make_scheduler, resolve_device, train_steps
+from masking.calibrate import density_of, save_masks
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig) -> RunDir:
-    """Train cfg.epochs epochs (resuming from the run's checkpoint); rows, checkpoint, curves, DONE."""
+    """Step 0 and calibration when asked, then cfg.epochs epochs, resuming from the run's checkpoint."""
     run_dir = RunDir.for_config(cfg, group="centralized")
     run_dir.claim(cfg)
     if run_dir.done:
@@ -31,44 +34,55 @@ def run(cfg: RunConfig) -> RunDir:
     data = load_dataset(cfg, device)
     model, spec = build_model(cfg, data.num_classes)
     model.to(device)
-    optimizer = make_optimizer(cfg, model.parameters())
+    if cfg.head != "none":
+        freeze_head(model)  # before the optimizer is built: the head stays out of it
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
-    start = _restore(run_dir, model, optimizer, scheduler)
     train_tf = BatchTransform(spec.input_size, spec.mean, spec.std, augment=cfg.augment)
     eval_tf = BatchTransform(spec.input_size, spec.mean, spec.std)
     precision = autocast(cfg, device)
     all_train = torch.arange(len(data.train), device=device)
-    t0 = time.perf_counter()
-    for epoch in range(start, cfg.epochs):
-        generator = make_generator(device, cfg.seed, epoch)
-        batches = batch_stream(all_train, cfg.batch_size, generator)
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_steps(model, optimizer, data.train, batches, steps_per_epoch, train_tf,
-                                 generator, precision, scheduler)
+
+    def finish_epoch(epoch: int, **row) -> None:
         val = evaluate(model, data.val, eval_tf, cfg.eval_batch_size, precision)
         test = evaluate(model, data.test, eval_tf, cfg.eval_batch_size, precision)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-               "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-               "wall_time": time.perf_counter() - t0}
-        run_dir.append_row(row)
-        run_dir.save_checkpoint({"epoch": epoch + 1, "model": model.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "config": cfg.to_dict()})
-        log.info("epoch %d/%d  train_loss %.4f  val_acc %.4f  test_acc %.4f", epoch + 1, cfg.epochs,
-                 train_loss, val["accuracy"], test["accuracy"])
+        run_dir.append_row({"epoch": epoch, **row, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                            "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                            "wall_time": time.perf_counter() - t0})
+        run_dir.save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "config": cfg.to_dict()})
+        log.info("epoch %d/%d  val_acc %.4f  test_acc %.4f", epoch, cfg.epochs, val["accuracy"], test["accuracy"])
+
+    t0 = time.perf_counter()
+    start = _restore(run_dir, model, optimizer, scheduler)
+    if start is None:  # a fresh run: step 0, calibration, and the starting point as epoch 0
+        fit_head(cfg, model, data.train, all_train, train_tf, eval_tf, precision, data.num_classes)
+        density = 1.0
+        if cfg.optimizer == "sparse-sgdm":
+            masks = calibrate_masks(cfg, model, data.train, all_train, eval_tf)
+            save_masks(masks, run_dir.path / "mask.pt")
+            optimizer.set_masks([masks.get(n) for n, p in model.named_parameters() if p.requires_grad])
+            density = density_of(masks)
+        finish_epoch(0, density=density)
+        start = 0
+    for epoch in range(start, cfg.epochs):
+        generator = make_generator(device, cfg.seed, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_steps(model, optimizer, data.train, batch_stream(all_train, cfg.batch_size, generator),
+                                 steps_per_epoch, train_tf, generator, precision, scheduler)
+        finish_epoch(epoch + 1, lr=lr, train_loss=train_loss)
     plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="epoch", title=f"centralized {cfg.run_id()}")
     run_dir.mark_done()
     return run_dir
 
 
-def _restore(run_dir: RunDir, model, optimizer, scheduler) -> int:
-    """Load the last checkpoint if any and drop rows written after it; the epoch to start from."""
+def _restore(run_dir: RunDir, model, optimizer, scheduler) -> int | None:
+    """Load the last checkpoint, if any, and drop rows written after it; the epoch to go on from."""
     ckpt = run_dir.load_checkpoint()
     if ckpt is None:
-        run_dir.keep_rows("epoch", 0)
-        return 0
+        run_dir.keep_rows("epoch", -1)
+        return None
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

@@ -16,6 +16,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "bf16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
     "scheduler": ("cosine", "warmup-cosine", "step", "exponential", "constant"),
+    "optimizer": ("sgdm", "sparse-sgdm"),
+    "head": ("none", "train", "ridge"),
+    "mask_rule": ("least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"),
+    "fisher_mode": ("sampled", "empirical", "batch"),
 }
 
 # (lowest allowed, whether the lowest is excluded); checked for numeric fields named here.
@@ -32,6 +36,13 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "warmup_epochs": (0, False),
     "step_size": (1, False),
     "gamma": (0.0, True),
+    "head_epochs": (1, False),
+    "ridge_lambda": (0.0, False),
+    "sparsity": (0.0, False),
+    "calibration_rounds": (1, False),
+    "fisher_samples": (1, False),
+    "fisher_chunk": (1, False),
+    "mask_damping": (0.0, False),
 }
 
 
@@ -69,12 +80,24 @@ class RunConfig:
     warmup_epochs: int = 1
     step_size: int = 3
     gamma: float = 0.5
+    # model editing: step 0 (head), mask calibration, sparse fine-tuning
+    optimizer: str = "sgdm"
+    head: str = "none"
+    head_epochs: int = 1
+    ridge_lambda: float = 1.0
+    sparsity: float = 0.9
+    calibration_rounds: int = 5
+    mask_rule: str = "least-sensitive"
+    fisher_mode: str = "sampled"
+    fisher_samples: int = 1024
+    fisher_chunk: int = 32
+    mask_damping: float = 0.1
     # outputs
     run_dir: str = ""
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
-            value = getattr(self, name.replace("-", "_"))
+            value = getattr(self, name)
             if value not in choices:
                 raise ConfigError(
                     f"run-config {to_kebab(name)}={value!r} is not one of {', '.join(choices)}; "
@@ -89,6 +112,8 @@ class RunConfig:
                 )
         if self.momentum >= 1.0:
             raise ConfigError(f"run-config momentum={self.momentum!r} must be below 1; use e.g. 0.9.")
+        if self.sparsity >= 1.0:
+            raise ConfigError(f"run-config sparsity={self.sparsity!r} must be below 1 (it is the frozen fraction).")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:

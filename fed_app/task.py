@@ -28,6 +28,12 @@ def autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContext
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.SGD:
+    """SGD with momentum, or SparseSGDM (dense until masks are set) for optimizer='sparse-sgdm'."""
+    if cfg.optimizer == "sparse-sgdm":
+        from masking import SparseSGDM
+
+        return SparseSGDM(params, None, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          foreach=True)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            foreach=True)
 

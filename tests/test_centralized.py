@@ -28,9 +28,9 @@ def test_a_run_learns_and_writes_config_rows_checkpoint_curves_done(tiny_cfg):
     cfg = tiny_cfg.replace(epochs=5)
     run_dir = centralized.run(cfg)
     rows = run_dir.rows()
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4, 5]
     assert rows[-1]["test_accuracy"] > 0.25  # 25x chance on synthetic data after 5 tiny epochs
-    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["train_loss"] < rows[1]["train_loss"]
     assert json.loads(run_dir.config_file.read_text()) == cfg.to_dict()
     assert run_dir.done and (run_dir.path / "curves.png").stat().st_size > 0
     assert run_dir.load_checkpoint()["epoch"] == 5
@@ -76,7 +76,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_rows_and_weights(tmp
 
     rows_a, weights_a = load(tmp_path / "whole")
     rows_b, weights_b = load(killed)
-    assert rows_a == rows_b and len(rows_a) == 5
+    assert rows_a == rows_b and len(rows_a) == 6
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 

@@ -1,0 +1,1 @@
+"""Experiments: YAML manifests, the resumable runner, reports and benchmarks."""

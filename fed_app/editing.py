@@ -1,0 +1,71 @@
+"""Step 0 and mask calibration on one split of data (centralized; a client's shard in FL)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+from torch import Tensor
+
+from fed_app.config import RunConfig
+from fed_app.data import BatchTransform, Split, batch_stream, make_generator
+from fed_app.head import freeze_head, only_head_trainable, ridge_statistics, set_head, solve_ridge
+from fed_app.task import train_steps
+from masking.calibrate import Masks, calibrate
+from masking.fisher import fisher_diagonal
+
+log = logging.getLogger(__name__)
+
+HEAD_STREAM, FISHER_STREAM = 1, 2  # keys that keep step 0's randomness apart from the epochs'
+
+
+def fit_head(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tensor, train_tf: BatchTransform,
+             eval_tf: BatchTransform, precision: contextlib.AbstractContextManager, num_classes: int) -> None:
+    """Step 0: train the head on the frozen backbone, or solve it as ridge regression; then freeze it."""
+    if cfg.head == "ridge":
+        stats = ridge_statistics(model, split, indices, eval_tf, cfg.eval_batch_size, precision, num_classes)
+        set_head(model, *solve_ridge(stats, cfg.ridge_lambda))
+    elif cfg.head == "train":
+        device = indices.device
+        steps = math.ceil(len(indices) / cfg.batch_size)
+        with only_head_trainable(model) as head_params:
+            opt = torch.optim.SGD(head_params, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+            for epoch in range(cfg.head_epochs):
+                generator = make_generator(device, cfg.seed, HEAD_STREAM, epoch)
+                loss = train_steps(model, opt, split, batch_stream(indices, cfg.batch_size, generator), steps,
+                                   train_tf, generator, precision)
+                log.info("head epoch %d/%d  train_loss %.4f", epoch + 1, cfg.head_epochs, loss)
+    if cfg.head != "none":
+        freeze_head(model)
+
+
+def fisher_indices(cfg: RunConfig, indices: Tensor) -> Tensor:
+    """The `fisher-samples` images scored: a seeded choice among `indices`."""
+    generator = make_generator(indices.device, cfg.seed, FISHER_STREAM)
+    order = torch.randperm(len(indices), device=indices.device, generator=generator)
+    return indices[order[: cfg.fisher_samples]]
+
+
+def fisher_sums(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tensor,
+                eval_tf: BatchTransform) -> dict[str, Tensor]:
+    """Fisher sums over `indices`, prepared in slices so that at most a few hundred images exist at once."""
+    generator = make_generator(indices.device, cfg.seed, FISHER_STREAM, 1)
+    total: dict[str, Tensor] = {}
+    for part in indices.split(max(cfg.fisher_chunk, 256)):
+        x = eval_tf(split.images[part])
+        scores = fisher_diagonal(model, x, split.labels[part], mode=cfg.fisher_mode, chunk_size=cfg.fisher_chunk,
+                                 generator=generator)
+        for n, s in scores.items():
+            total[n] = total[n] + s if n in total else s
+    return total
+
+
+def calibrate_masks(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tensor,
+                    eval_tf: BatchTransform) -> Masks:
+    """Masks over the trainable parameters by cfg's rule, sparsity and rounds, scored on `indices`."""
+    scored = fisher_indices(cfg, indices)
+    return calibrate(model, cfg.mask_rule, cfg.sparsity, cfg.calibration_rounds,
+                     score_fn=lambda m: fisher_sums(cfg, m, split, scored, eval_tf),
+                     damping=cfg.mask_damping, seed=cfg.seed)

@@ -1,0 +1,1 @@
+"""Flower strategies: FedAvg with seeded sampling, delta averaging, resume, masks."""
