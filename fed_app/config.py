@@ -46,6 +46,10 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
 }
 
 
+# exclusive upper bounds
+UPPER_BOUNDS: dict[str, float] = {"momentum": 1.0, "sparsity": 1.0}
+
+
 class ConfigError(ValueError):
     """A run-config key or value that cannot be used; the message says which and how to fix it."""
 
@@ -110,10 +114,10 @@ class RunConfig:
                 raise ConfigError(
                     f"run-config {to_kebab(name)}={value!r} is out of range; it must be {relation} {low}."
                 )
-        if self.momentum >= 1.0:
-            raise ConfigError(f"run-config momentum={self.momentum!r} must be below 1; use e.g. 0.9.")
-        if self.sparsity >= 1.0:
-            raise ConfigError(f"run-config sparsity={self.sparsity!r} must be below 1 (it is the frozen fraction).")
+        for name, high in UPPER_BOUNDS.items():
+            value = getattr(self, name)
+            if value >= high:
+                raise ConfigError(f"run-config {to_kebab(name)}={value!r} is out of range; it must be < {high}.")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:

@@ -28,7 +28,8 @@ def test_overrides_parse_like_flwr_and_coerce_ints_to_floats():
     ({"scheduler": "linear"}, ["scheduler='linear'", "cosine"]),
     ({"batch-size": 0}, ["batch-size=0", ">= 1"]),
     ({"lr": 0.0}, ["lr=0.0", "> 0"]),
-    ({"momentum": 1.0}, ["momentum=1.0", "below 1"]),
+    ({"momentum": 1.0}, ["momentum=1.0", "< 1.0"]),
+    ({"sparsity": 1.0}, ["sparsity=1.0", "< 1.0"]),
 ])
 def test_bad_key_or_value_is_one_sentence_naming_it(overrides, words):
     with pytest.raises(ConfigError) as err:

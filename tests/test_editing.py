@@ -1,5 +1,7 @@
 """Step 0 and sparse fine-tuning in the centralized trainer: frozen means bit-identical, ridge is exact."""
 
+import json
+
 import pytest
 import torch
 
@@ -24,6 +26,8 @@ def test_sparse_run_never_moves_frozen_entries_nor_the_head(tiny_cfg):
     model0, _ = build_model(cfg, 100)
     run_dir = centralized.run(cfg)
     masks = load_masks(run_dir.path / "mask.pt")
+    stats = json.loads((run_dir.path / "mask_stats.json").read_text())
+    assert stats[-1]["name"] == "total" and stats[-1]["density"] == pytest.approx(0.2, abs=1e-4)
     rows = run_dir.rows()
     assert rows[0]["epoch"] == 0 and rows[0]["density"] == pytest.approx(0.2, abs=1e-4)
     final = run_dir.load_checkpoint()["model"]
