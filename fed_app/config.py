@@ -20,6 +20,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "head": ("none", "train", "ridge"),
     "mask_rule": ("least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"),
     "fisher_mode": ("sampled", "empirical", "batch"),
+    "partition": ("iid", "noniid"),
+    "on_client_failure": ("retry", "fail"),
 }
 
 # (lowest allowed, whether the lowest is excluded); checked for numeric fields named here.
@@ -43,11 +45,25 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "fisher_samples": (1, False),
     "fisher_chunk": (1, False),
     "mask_damping": (0.0, False),
+    "num_rounds": (1, False),
+    "local_steps": (1, False),
+    "classes_per_client": (1, False),
+    "num_clients": (1, False),
+    "fraction_train": (0.0, True),
+    "eval_every": (1, False),
+    "test_every": (0, False),
+    "checkpoint_every": (1, False),
+    "max_retries": (0, False),
+    "round_timeout": (0.0, True),
 }
 
 
-# exclusive upper bounds
-UPPER_BOUNDS: dict[str, float] = {"momentum": 1.0, "sparsity": 1.0}
+# (highest allowed, whether the highest is excluded)
+UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "momentum": (1.0, True),
+    "sparsity": (1.0, True),
+    "fraction_train": (1.0, False),
+}
 
 
 class ConfigError(ValueError):
@@ -96,6 +112,20 @@ class RunConfig:
     fisher_samples: int = 1024
     fisher_chunk: int = 32
     mask_damping: float = 0.1
+    # federated (FedAvg on Flower)
+    num_rounds: int = 200
+    rounds_scaling: bool = False
+    local_steps: int = 4
+    partition: str = "iid"
+    classes_per_client: int = 10
+    num_clients: int = 100
+    fraction_train: float = 0.1
+    eval_every: int = 10
+    test_every: int = 0
+    checkpoint_every: int = 10
+    on_client_failure: str = "retry"
+    max_retries: int = 2
+    round_timeout: float = 600.0
     # outputs
     run_dir: str = ""
 
@@ -114,10 +144,13 @@ class RunConfig:
                 raise ConfigError(
                     f"run-config {to_kebab(name)}={value!r} is out of range; it must be {relation} {low}."
                 )
-        for name, high in UPPER_BOUNDS.items():
+        for name, (high, strict) in UPPER_BOUNDS.items():
             value = getattr(self, name)
-            if value >= high:
-                raise ConfigError(f"run-config {to_kebab(name)}={value!r} is out of range; it must be < {high}.")
+            if value > high or (strict and value == high):
+                relation = "<" if strict else "<="
+                raise ConfigError(
+                    f"run-config {to_kebab(name)}={value!r} is out of range; it must be {relation} {high}."
+                )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -130,6 +163,15 @@ class RunConfig:
                 raise ConfigError(_unknown_key_message(key, [to_kebab(n) for n in known]))
             values[name] = _coerce(key, value, known[name].type)
         return cls(**values)
+
+    @property
+    def total_rounds(self) -> int:
+        """num-rounds, times 4/J under rounds-scaling so that total local steps match J=4's."""
+        return max(1, round(self.num_rounds * 4 / self.local_steps)) if self.rounds_scaling else self.num_rounds
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, round(self.fraction_train * self.num_clients))
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

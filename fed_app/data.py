@@ -169,6 +169,11 @@ def noniid_shards(labels: np.ndarray, num_clients: int, classes_per_client: int,
             f"classes-per-client={classes_per_client} is impossible with {len(classes)} classes; "
             f"use a value from 1 to {len(classes)}."
         )
+    if num_clients * classes_per_client < len(classes):
+        raise DataError(
+            f"num-clients={num_clients} x classes-per-client={classes_per_client} < {len(classes)} classes, so "
+            f"some classes would belong to no client; raise one of them to cover all {len(classes)}."
+        )
     rng = np.random.default_rng(seed)
     slots = _class_slots(len(classes), num_clients, classes_per_client)  # pieces of each class
     owners = _assign_classes(slots, num_clients, classes_per_client, rng)  # class -> list of clients
@@ -183,6 +188,13 @@ def noniid_shards(labels: np.ndarray, num_clients: int, classes_per_client: int,
         for client, part in zip(rng.permutation(owners[c]), np.array_split(idx, slots[c])):
             shards[client].append(part)
     return [np.sort(np.concatenate(parts)) for parts in shards]
+
+
+def client_shards(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """The K shards of the training split the run config asks for (iid, or Nc classes per client)."""
+    if cfg.partition == "iid":
+        return iid_shards(labels, cfg.num_clients, cfg.seed)
+    return noniid_shards(labels, cfg.num_clients, cfg.classes_per_client, cfg.seed)
 
 
 def _class_slots(num_classes: int, num_clients: int, classes_per_client: int) -> np.ndarray:

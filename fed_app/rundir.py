@@ -68,6 +68,8 @@ class RunDir:
 
     def keep_rows(self, key: str, upto: int) -> None:
         """Drop rows written after the last checkpoint (row[key] > upto), atomically."""
+        if not self.rows_file.exists():
+            return
         kept = [r for r in self.rows() if r[key] <= upto]
         atomic_write_bytes(self.rows_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
 

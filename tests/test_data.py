@@ -86,6 +86,11 @@ def test_impossible_nc_is_one_clear_sentence(nc):
         D.noniid_shards(LABELS_45K, 100, nc, seed=0)
 
 
+def test_too_few_client_class_slots_to_cover_every_class_is_one_sentence():
+    with pytest.raises(DataError, match=r"num-clients=10 x classes-per-client=5 < 100 classes"):
+        D.noniid_shards(LABELS_45K, 10, 5, seed=0)
+
+
 def _write_cifar100(root, n_train=60, n_test=20):
     """A CIFAR-100 copy in the released on-disk format: protocol-2 pickles with str keys, uint8 rows."""
     folder = root / "cifar-100-python"

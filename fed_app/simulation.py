@@ -1,0 +1,104 @@
+"""A private local Flower simulation: its own FLWR_HOME, `flwr run` with run and federation config,
+the run's real status (not the exit code), and a stop that ends exactly its own processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from fed_app.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: the folder with pyproject.toml
+
+
+class SimulationError(RuntimeError):
+    """A Flower run that did not finish successfully."""
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "'" + value + "'"
+    return repr(value)
+
+
+def run_config_arg(cfg: RunConfig) -> str:
+    """The whole config as `--run-config` text, so the run never depends on pyproject defaults drifting."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in cfg.to_run_config().items())
+
+
+class LocalSimulation:
+    """`flwr run` against a local SuperLink that lives under `home` and is stopped by `stop()`."""
+
+    def __init__(self, home: Path):
+        self.home = Path(home).resolve()
+
+    @property
+    def env(self) -> dict[str, str]:
+        bin_dir = str(Path(sys.executable).parent)
+        return {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+                "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+    def command(self, cfg: RunConfig, num_supernodes: int, cpus: float = 1, gpus: float = 0.0) -> list[str]:
+        federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus} "
+                      f"client-resources-num-gpus={gpus}")
+        return [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), "--stream",
+                "--run-config", run_config_arg(cfg), "--federation-config", federation]
+
+    def popen(self, cfg: RunConfig, num_supernodes: int, **resources: float) -> subprocess.Popen:
+        self.home.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(self.command(cfg, num_supernodes, **resources), env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def run(self, cfg: RunConfig, num_supernodes: int, timeout: float | None = None, **resources: float) -> str:
+        """Run to the end; the streamed log. Raises SimulationError unless the run's status is completed."""
+        proc = self.popen(cfg, num_supernodes, **resources)
+        output, _ = proc.communicate(timeout=timeout)
+        match = re.search(r"Successfully started run (\d+)", output)
+        if proc.returncode != 0 or not match:
+            raise SimulationError(f"`flwr run` failed (exit {proc.returncode}): {output[-2000:]}")
+        status = self.status(match.group(1))
+        if status != "finished:completed":
+            raise SimulationError(f"Flower run {match.group(1)} ended as {status!r}; its log:\n{output[-4000:]}")
+        return output
+
+    def status(self, run_id: str) -> str:
+        out = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "--run-id", run_id, "--format",
+                              "json"], env=self.env, capture_output=True, text=True, check=True).stdout
+        runs = json.loads(out).get("runs", [])
+        return runs[0].get("status", "unknown") if runs else "unknown"
+
+    def stop(self) -> list[int]:
+        """SIGKILL every process started under this FLWR_HOME (SuperLink, SuperExec, simulation, Ray)."""
+        mine = f"FLWR_HOME={self.home}".encode()
+        killed = []
+        for pid in _pids():
+            try:
+                if mine in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            except (OSError, PermissionError):
+                continue
+        return killed
+
+    def __enter__(self) -> LocalSimulation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _pids() -> list[int]:
+    own = os.getpid()
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != own]

@@ -1,0 +1,85 @@
+"""One process's cached task state (device, data, model, shards), built once and reused by every message."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fed_app.config import RunConfig
+from fed_app.data import BatchTransform, Dataset, Split, batch_stream, client_shards, load_dataset, make_generator
+from fed_app.model import ModelSpec, build_model
+from fed_app.task import autocast, evaluate, make_optimizer, resolve_device, train_steps
+
+log = logging.getLogger(__name__)
+
+State = dict[str, Tensor]
+
+
+@dataclass
+class Worker:
+    cfg: RunConfig
+    device: torch.device
+    data: Dataset
+    model: torch.nn.Module
+    spec: ModelSpec
+    shards: list[Tensor]
+    builds: int = 0  # how many times this process built a worker: 1 in steady state
+
+    @property
+    def train_tf(self) -> BatchTransform:
+        return BatchTransform(self.spec.input_size, self.spec.mean, self.spec.std, augment=self.cfg.augment)
+
+    @property
+    def eval_tf(self) -> BatchTransform:
+        return BatchTransform(self.spec.input_size, self.spec.mean, self.spec.std)
+
+    def initial_state(self) -> State:
+        """The seeded initial global model, on CPU."""
+        model, _ = build_model(self.cfg, self.data.num_classes)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def load(self, state: State) -> None:
+        self.model.load_state_dict(state)
+
+    def local_update(self, global_state: State, partition_id: int, server_round: int) -> tuple[State, float, int]:
+        """J optimizer steps on this client's shard from the global model: (delta on CPU, mean loss, examples)."""
+        cfg = self.cfg
+        self.load(global_state)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(cfg, trainable)  # fresh each round, as in FedAvg
+        shard = self.shards[partition_id]
+        generator = make_generator(self.device, cfg.seed, server_round, partition_id)
+        loss = train_steps(self.model, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
+                           cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device))
+        delta = {k: v.detach().cpu() - global_state[k] for k, v in self.model.state_dict().items()}
+        return delta, loss, len(shard)
+
+    def shard(self, partition_id: int) -> Split:
+        idx = self.shards[partition_id]
+        return Split(self.data.train.images[idx], self.data.train.labels[idx])
+
+    def evaluate(self, state: State, split: Split) -> dict[str, float]:
+        self.load(state)
+        return evaluate(self.model, split, self.eval_tf, self.cfg.eval_batch_size, autocast(self.cfg, self.device))
+
+
+_CURRENT: Worker | None = None
+_BUILDS = 0
+
+
+def get_worker(cfg: RunConfig) -> Worker:
+    """This process's worker for `cfg`; built on the first message of a run, reused after."""
+    global _CURRENT, _BUILDS
+    if _CURRENT is None or _CURRENT.cfg != cfg:
+        device = resolve_device(cfg)
+        data = load_dataset(cfg, device)
+        model, spec = build_model(cfg, data.num_classes)
+        shards = [torch.as_tensor(s, device=device) for s in client_shards(cfg, data.train.labels.cpu().numpy())]
+        _BUILDS += 1
+        _CURRENT = Worker(cfg, device, data, model.to(device), spec, shards, builds=_BUILDS)
+        log.info("process %d built its worker (%s on %s)", os.getpid(), cfg.model, device)
+    return _CURRENT

@@ -1,0 +1,107 @@
+"""SeededFedAvg: Flower's FedAvg with (seed, round)-keyed sampling over partition ids, retries of failed
+clients, and example-weighted averaging of client deltas in torch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailedError(RuntimeError):
+    """Fewer clients answered than were sampled, after the allowed retries."""
+
+
+def sample_partitions(seed: int, server_round: int, num_clients: int, per_round: int) -> list[int]:
+    """The partition ids trained in a round: a function of (seed, round) alone, so resume repeats it."""
+    rng = np.random.default_rng([seed, server_round])
+    return sorted(int(p) for p in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def weighted_average(deltas: list[dict[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:
+    """sum_i w_i * delta_i / sum_i w_i per tensor, accumulated in float32 in the given order."""
+    total = float(sum(weights))
+    out = {}
+    for name in deltas[0]:
+        acc = torch.zeros_like(deltas[0][name], dtype=torch.float32)
+        for delta, w in zip(deltas, weights):
+            acc.add_(delta[name].float(), alpha=w / total)
+        out[name] = acc
+    return out
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    return sum(len(array.data) for array in record.values())
+
+
+class SeededFedAvg(FedAvg):
+    """FedAvg whose sampling, failure handling and aggregation are reproducible across resume."""
+
+    def __init__(self, seed: int, num_clients: int, per_round: int, nodes: dict[int, int],
+                 max_retries: int, timeout: float):
+        super().__init__(fraction_train=per_round / num_clients, fraction_evaluate=0.0,
+                         min_available_nodes=num_clients)
+        self.seed, self.num_clients, self.per_round = seed, num_clients, per_round
+        self.nodes = nodes  # partition id -> node id
+        self.partition_of = {node: pid for pid, node in nodes.items()}
+        self.max_retries, self.timeout = max_retries, timeout
+        self.bytes_sent = self.bytes_received = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        pids = sample_partitions(self.seed, server_round, self.num_clients, self.per_round)
+        return self._messages(server_round, arrays, config, pids)
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                  pids: list[int]) -> list[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        self.bytes_sent += payload_bytes(arrays) * len(pids)
+        return [Message(record, self.nodes[p], MessageType.TRAIN) for p in pids]
+
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
+                    config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
+        """Send, resend to the clients that failed (up to max-retries), then aggregate all sampled ones."""
+        self.bytes_sent = self.bytes_received = 0
+        messages = list(self.configure_train(server_round, arrays, config, grid))
+        wanted = [self.partition_of[m.metadata.dst_node_id] for m in messages]
+        replies: dict[int, Message] = {}
+        reasons: dict[int, str] = {}
+        for attempt in range(self.max_retries + 1):
+            for reply in grid.send_and_receive(messages, timeout=self.timeout):
+                pid = self.partition_of[reply.metadata.src_node_id]
+                if reply.has_error():
+                    reasons[pid] = reply.error.reason
+                else:
+                    replies[pid] = reply
+            missing = [p for p in wanted if p not in replies]
+            if not missing:
+                break
+            for p in missing:
+                reasons.setdefault(p, f"no reply within round-timeout={self.timeout}s")
+            log.warning("round %d: clients %s failed (attempt %d/%d): %s", server_round, missing, attempt + 1,
+                        self.max_retries + 1, "; ".join(f"{p}: {reasons[p]}" for p in missing))
+            messages = self._messages(server_round, arrays, config, missing)
+        else:
+            raise RoundFailedError(
+                f"round {server_round}: clients {missing} failed after {self.max_retries} retries "
+                f"({reasons[missing[0]]}); rerun the same command to resume, or raise max-retries."
+            )
+        return self.aggregate_train(server_round, [replies[p] for p in wanted])
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        """The example-weighted mean delta, in partition-id order, and the weighted train loss."""
+        contents = sorted((m.content for m in replies), key=lambda c: int(c["metrics"]["partition-id"]))
+        weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
+        self.bytes_received += sum(payload_bytes(c["delta"]) for c in contents)
+        delta = weighted_average([c["delta"].to_torch_state_dict() for c in contents], weights)
+        loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, contents)) / sum(weights)
+        return ArrayRecord(delta), MetricRecord({"train_loss": loss, "clients": len(contents)})

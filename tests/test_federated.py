@@ -1,0 +1,117 @@
+"""FedAvg on Flower: seeded sampling, weighted delta averaging, J steps, real `flwr run` runs and resume."""
+
+import json
+import time
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from fed_app.config import ConfigError, RunConfig
+from fed_app.simulation import LocalSimulation, SimulationError
+from fed_app.worker import get_worker
+from strategies.fedavg import sample_partitions, weighted_average
+
+from .conftest import TINY
+
+FL = {**TINY, "num-clients": 10, "fraction-train": 0.3, "num-rounds": 4, "eval-every": 2, "checkpoint-every": 2,
+      "local-steps": 2}
+TIMING = {"wall_time", "round_time"}
+
+
+def _cfg(tmp_path, name, **changes):
+    return RunConfig.from_run_config({**FL, **changes, "run-dir": str(tmp_path / name)})
+
+
+def _rows(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+
+
+def test_sampling_is_a_function_of_seed_and_round():
+    a = sample_partitions(seed=1, server_round=5, num_clients=100, per_round=10)
+    assert a == sample_partitions(1, 5, 100, 10) and len(set(a)) == 10 and all(0 <= p < 100 for p in a)
+    assert a != sample_partitions(1, 6, 100, 10) and a != sample_partitions(2, 5, 100, 10)
+
+
+def test_weighted_average_of_deltas_matches_a_hand_computation():
+    deltas = [{"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])},
+              {"w": torch.tensor([3.0, -2.0]), "b": torch.tensor([6.0])}]
+    avg = weighted_average(deltas, [1, 3])  # (1*d1 + 3*d2) / 4
+    assert torch.allclose(avg["w"], torch.tensor([2.5, -1.0])) and torch.allclose(avg["b"], torch.tensor([4.5]))
+
+
+def test_a_client_takes_exactly_j_optimizer_steps_on_its_own_shard(tmp_path):
+    cfg = _cfg(tmp_path, "unit", **{"local-steps": 7})
+    worker = get_worker(cfg)
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(1))
+    try:
+        delta, loss, examples = worker.local_update(worker.initial_state(), partition_id=3, server_round=1)
+    finally:
+        handle.remove()
+    assert len(steps) == 7 and examples == len(worker.shards[3]) == 300
+    assert any(d.abs().sum() > 0 for d in delta.values())
+    again, _, _ = worker.local_update(worker.initial_state(), partition_id=3, server_round=1)
+    assert all(torch.equal(delta[k], again[k]) for k in delta)  # (seed, round, client) fixes the batches
+    assert get_worker(cfg) is worker  # built once per process, reused by every message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("partition", ["iid", "noniid"])
+def test_flwr_run_simulation_end_to_end(tmp_path, partition):
+    cfg = _cfg(tmp_path, partition, partition=partition, **{"classes-per-client": 20})
+    with LocalSimulation(tmp_path / "flwr") as sim:
+        sim.run(cfg, num_supernodes=10, timeout=300)
+    rows = _rows(tmp_path / partition)
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["clients"] == 3 for r in rows)
+    assert "val_accuracy" in rows[1] and "val_accuracy" not in rows[2] and "test_accuracy" in rows[3]
+    assert rows[0]["bytes_sent"] == rows[0]["bytes_received"] > 0  # dense: a delta as large as the model
+    assert (tmp_path / partition / "DONE").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights(tmp_path):
+    settings = {"num-rounds": 12, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4}
+    whole, cut = _cfg(tmp_path, "whole", **settings), _cfg(tmp_path, "cut", **settings)
+    with LocalSimulation(tmp_path / "flwr") as sim:
+        sim.run(whole, num_supernodes=10, timeout=300)
+        proc = sim.popen(cut, num_supernodes=10)
+        rows_file, deadline = tmp_path / "cut" / "rows.jsonl", time.time() + 240
+        while time.time() < deadline and not (rows_file.exists() and len(rows_file.read_text().splitlines()) >= 5):
+            time.sleep(0.02)
+        sim.stop()  # the machine goes away: SuperLink, simulation and Ray workers, mid-round
+        proc.wait()
+        assert not (tmp_path / "cut" / "DONE").exists(), "the run finished before it could be killed"
+        sim.run(cut, num_supernodes=10, timeout=300)
+    assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_federation_of_the_wrong_size_fails_the_run_with_one_sentence(tmp_path):
+    cfg = _cfg(tmp_path, "wrong", **{"num-rounds": 1})
+    with LocalSimulation(tmp_path / "flwr") as sim, pytest.raises(SimulationError) as err:
+        sim.run(cfg, num_supernodes=4, timeout=300)
+    assert "num-clients=10 but 4 nodes are connected" in str(err.value)
+    assert "start exactly 10 supernodes" in str(err.value)
+    assert not (tmp_path / "wrong" / "rows.jsonl").exists() and not (tmp_path / "wrong" / "DONE").exists()
+
+
+def test_bad_fl_values_fail_before_any_round():
+    with pytest.raises(ConfigError, match="partition='dirichlet' is not one of iid, noniid"):
+        RunConfig.from_run_config({"partition": "dirichlet"})
+    with pytest.raises(ConfigError, match="local-steps=0 is out of range"):
+        RunConfig.from_run_config({"local-steps": 0})
+    with pytest.raises(ConfigError, match="fraction-train=1.5 is out of range; it must be <= 1.0"):
+        RunConfig.from_run_config({"fraction-train": 1.5})
+
+
+def test_rounds_scaling_keeps_total_local_steps_equal_across_j():
+    for j, rounds in [(4, 500), (8, 250), (16, 125)]:
+        cfg = RunConfig(num_rounds=500, local_steps=j, rounds_scaling=True)
+        assert cfg.total_rounds == rounds and cfg.total_rounds * j == 2000
+    assert RunConfig(num_rounds=500, local_steps=16).total_rounds == 500
