@@ -21,14 +21,19 @@ test: $(STAMP)
 centralized: $(STAMP)
 	$(PY) -m fed_app.centralized --run-config "$(RUN_CONFIG)"
 
-demo: $(STAMP)
-	$(PY) -m fed_app.centralized --run-config "dataset='synthetic' model='vit-tiny-test' \
-	    synthetic-train-size=5000 synthetic-test-size=1000 val-size=500 epochs=3 lr=0.05 \
-	    run-dir='$(CURDIR)/results/demo/centralized'"
+DEMO := dataset='synthetic' model='vit-tiny-test' synthetic-train-size=5000 synthetic-test-size=1000 \
+    val-size=500 device='cpu' lr=0.05
 
+demo: $(STAMP)
+	$(PY) -m fed_app.centralized --run-config "$(DEMO) epochs=3 run-dir='$(CURDIR)/results/demo/centralized'"
+	$(PY) -m fed_app.centralized --run-config "$(DEMO) epochs=3 optimizer='sparse-sgdm' head='ridge' \
+	    sparsity=0.9 calibration-rounds=3 fisher-samples=256 run-dir='$(CURDIR)/results/demo/sparse'"
+	$(PY) -m fed_app.simulation --run-config "$(DEMO) num-clients=20 fraction-train=0.2 num-rounds=20 \
+	    eval-every=5 run-dir='$(CURDIR)/results/demo/fedavg'"
+
+# The headline job: FedAvg, K=100, C=0.1, J=4, iid, CIFAR-100, DINO ViT-S/16 (defaults in pyproject.toml)
 run: $(STAMP)
-	$(VENV)/bin/flwr run . --stream --run-config "$(RUN_CONFIG)" \
-	    --federation-config "num-supernodes=100 client-resources-num-cpus=2 client-resources-num-gpus=0.1"
+	$(PY) -m fed_app.simulation --run-config "$(RUN_CONFIG)"
 
 clean:
 	rm -rf $(VENV)

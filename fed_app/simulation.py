@@ -1,4 +1,4 @@
-"""A private local Flower simulation: its own FLWR_HOME, `flwr run` with run and federation config,
+"""A private local Flower federation (simulation, or a deployment SuperLink): its own FLWR_HOME, `flwr run` with run and federation config,
 the run's real status (not the exit code), and a stop that ends exactly its own processes."""
 
 from __future__ import annotations
@@ -50,20 +50,25 @@ class LocalSimulation:
                 "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
                 "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
-    def command(self, cfg: RunConfig, num_supernodes: int, cpus: float = 1, gpus: float = 0.0) -> list[str]:
+    def command(self, cfg: RunConfig, num_supernodes: int | None = None, cpus: int = 1, gpus: float = 0.0,
+                superlink: str | None = None) -> list[str]:
+        """`flwr run` on the local simulation (num_supernodes), or on a named SuperLink connection."""
+        cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR)]
+        if superlink:
+            return cmd + [superlink, "--stream", "--run-config", run_config_arg(cfg)]
         federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus} "
                       f"client-resources-num-gpus={gpus}")
-        return [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), "--stream",
-                "--run-config", run_config_arg(cfg), "--federation-config", federation]
+        return cmd + ["--stream", "--run-config", run_config_arg(cfg), "--federation-config", federation]
 
-    def popen(self, cfg: RunConfig, num_supernodes: int, **resources: float) -> subprocess.Popen:
+    def popen(self, cfg: RunConfig, num_supernodes: int | None = None, **options) -> subprocess.Popen:
         self.home.mkdir(parents=True, exist_ok=True)
-        return subprocess.Popen(self.command(cfg, num_supernodes, **resources), env=self.env, text=True,
+        return subprocess.Popen(self.command(cfg, num_supernodes, **options), env=self.env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-    def run(self, cfg: RunConfig, num_supernodes: int, timeout: float | None = None, **resources: float) -> str:
+    def run(self, cfg: RunConfig, num_supernodes: int | None = None, timeout: float | None = None,
+            **options) -> str:
         """Run to the end; the streamed log. Raises SimulationError unless the run's status is completed."""
-        proc = self.popen(cfg, num_supernodes, **resources)
+        proc = self.popen(cfg, num_supernodes, **options)
         output, _ = proc.communicate(timeout=timeout)
         match = re.search(r"Successfully started run (\d+)", output)
         if proc.returncode != 0 or not match:
@@ -102,3 +107,41 @@ class LocalSimulation:
 def _pids() -> list[int]:
     own = os.getpid()
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != own]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    import torch
+
+    from fed_app.config import parse_overrides
+    from fed_app.rundir import RunDir
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fed_app.simulation",
+        description="Run the Flower app on a private local simulation (results/.flwr), then stop it.")
+    parser.add_argument("--run-config", default="", help="e.g. \"local-steps=8 partition='noniid'\"")
+    parser.add_argument("--num-supernodes", type=int, default=None, help="default: num-clients")
+    parser.add_argument("--cpus", type=int, default=1, help="CPU cores per client (client-resources-num-cpus)")
+    parser.add_argument("--gpus", type=float, default=None,
+                        help="GPU fraction per client; default 0.1 with CUDA (10 clients share the GPU), else 0")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
+    cfg = cfg.replace(run_dir=str(RunDir.for_config(cfg, group="federated").path))  # absolute for the SuperLink
+    gpus = args.gpus if args.gpus is not None else (0.1 if torch.cuda.is_available() else 0.0)
+    with LocalSimulation(Path("results") / ".flwr") as sim:
+        proc = sim.popen(cfg, args.num_supernodes or cfg.num_clients, cpus=args.cpus, gpus=gpus)
+        for line in proc.stdout:  # stream Flower's log as it comes
+            sys.stdout.write(line)
+        proc.wait()
+    if not (Path(cfg.run_dir) / "DONE").exists():
+        raise SimulationError("the Flower run did not finish; see the log above. Rerun the same command to resume.")
+    log.info("done: %s", cfg.run_dir)
+
+
+if __name__ == "__main__":
+    from fed_app.cli import exit_on_user_error
+    from fed_app.simulation import main as module_main  # the module's own classes, not __main__'s
+
+    exit_on_user_error(module_main)
