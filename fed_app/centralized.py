@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -17,9 +16,9 @@ from fed_app.editing import calibrate_masks, fit_head
 from fed_app.head import freeze_head
 from fed_app.model import build_model
 from fed_app.plots import plot_curves
-from fed_app.rundir import RunDir, atomic_write_bytes
+from fed_app.rundir import RunDir
 from fed_app.task import autocast, evaluate, make_optimizer, make_scheduler, resolve_device, train_steps
-from masking.calibrate import density_of, mask_stats, save_masks
+from masking.calibrate import density_of
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,7 @@ def run(cfg: RunConfig) -> RunDir:
         density = 1.0
         if cfg.optimizer == "sparse-sgdm":
             masks = calibrate_masks(cfg, model, data.train, all_train, eval_tf)
-            save_masks(masks, run_dir.path / "mask.pt")
-            atomic_write_bytes(run_dir.path / "mask_stats.json", json.dumps(mask_stats(masks), indent=1).encode())
+            run_dir.save_mask(masks)
             optimizer.set_masks([masks.get(n) for n, p in model.named_parameters() if p.requires_grad])
             density = density_of(masks)
         finish_epoch(0, density=density)

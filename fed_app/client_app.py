@@ -6,7 +6,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
-from fed_app.worker import get_worker
+from fed_app.worker import Worker, get_worker
+from masking.payload import gather_trainable, unpack_masks
 
 app = ClientApp()
 
@@ -19,6 +20,11 @@ def _partition_id(context: Context, cfg: RunConfig) -> int:
     return pid
 
 
+def _setup(context: Context) -> tuple[RunConfig, int, Worker]:
+    cfg = RunConfig.from_run_config(context.run_config)
+    return cfg, _partition_id(context, cfg), get_worker(cfg)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which shard this node owns."""
@@ -29,23 +35,45 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """J local steps from the received global model; reply with the delta and the example count."""
-    cfg = RunConfig.from_run_config(context.run_config)
-    pid = _partition_id(context, cfg)
-    worker = get_worker(cfg)
-    server_round = int(msg.content["config"]["server-round"])
-    delta, loss, examples = worker.local_update(msg.content["arrays"].to_torch_state_dict(), pid, server_round)
+    """J local steps from the received global model; reply with the delta and the example count.
+    Under a mask (content "mask") only the trainable entries travel back, as one flat vector."""
+    cfg, pid, worker = _setup(context)
+    config = msg.content["config"]
+    masks = None
+    if "mask" in msg.content:
+        masks = unpack_masks(msg.content["mask"]["bits"].numpy(), worker.trainable_shapes())
+    delta, loss, examples = worker.local_update(msg.content["arrays"].to_torch_state_dict(), pid,
+                                                int(config["server-round"]), masks,
+                                                head_only=config.get("phase", "") == "head")
+    payload = ArrayRecord({"values": gather_trainable(delta, masks)}) if masks else ArrayRecord(delta)
     metrics = MetricRecord({"train_loss": loss, "num-examples": examples, "partition-id": pid,
                             "worker-builds": worker.builds})
-    return Message(RecordDict({"delta": ArrayRecord(delta), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"delta": payload, "metrics": metrics}), reply_to=msg)
+
+
+@app.query("ridge")
+def ridge(msg: Message, context: Context) -> Message:
+    """Step 0, head='ridge': X^T X, X^T Y of this shard's backbone features (they add up across clients)."""
+    _, pid, worker = _setup(context)
+    stats = worker.ridge_statistics(msg.content["arrays"].to_torch_state_dict(), pid)
+    metrics = MetricRecord({"num-examples": int(stats["count"]), "partition-id": pid})
+    return Message(RecordDict({"stats": ArrayRecord({k: stats[k] for k in ("xtx", "xty")}), "metrics": metrics}),
+                   reply_to=msg)
+
+
+@app.query("fisher")
+def fisher(msg: Message, context: Context) -> Message:
+    """Calibration: Fisher sums of this shard on the weights received (already damped by the server)."""
+    cfg, pid, worker = _setup(context)
+    sums = worker.fisher_sums(msg.content["arrays"].to_torch_state_dict(), pid)
+    metrics = MetricRecord({"num-examples": min(cfg.fisher_samples, len(worker.shards[pid])), "partition-id": pid})
+    return Message(RecordDict({"sums": ArrayRecord(sums), "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The received model's loss and accuracy on this client's own shard."""
-    cfg = RunConfig.from_run_config(context.run_config)
-    pid = _partition_id(context, cfg)
-    worker = get_worker(cfg)
+    cfg, pid, worker = _setup(context)
     result = worker.evaluate(msg.content["arrays"].to_torch_state_dict(), worker.shard(pid))
     metrics = MetricRecord({"loss": result["loss"], "accuracy": result["accuracy"],
                             "num-examples": len(worker.shards[pid])})

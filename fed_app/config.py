@@ -55,6 +55,8 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "checkpoint_every": (1, False),
     "max_retries": (0, False),
     "round_timeout": (0.0, True),
+    "head_rounds": (1, False),
+    "calibration_fraction": (0.0, True),
 }
 
 
@@ -63,6 +65,7 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
     "momentum": (1.0, True),
     "sparsity": (1.0, True),
     "fraction_train": (1.0, False),
+    "calibration_fraction": (1.0, False),
 }
 
 
@@ -126,6 +129,8 @@ class RunConfig:
     on_client_failure: str = "retry"
     max_retries: int = 2
     round_timeout: float = 600.0
+    head_rounds: int = 10
+    calibration_fraction: float = 1.0
     # outputs
     run_dir: str = ""
 

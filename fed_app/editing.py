@@ -41,17 +41,17 @@ def fit_head(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tens
         freeze_head(model)
 
 
-def fisher_indices(cfg: RunConfig, indices: Tensor) -> Tensor:
-    """The `fisher-samples` images scored: a seeded choice among `indices`."""
-    generator = make_generator(indices.device, cfg.seed, FISHER_STREAM)
+def fisher_indices(cfg: RunConfig, indices: Tensor, *key: int) -> Tensor:
+    """The `fisher-samples` images scored: a seeded choice among `indices` (key: e.g. the partition id)."""
+    generator = make_generator(indices.device, cfg.seed, FISHER_STREAM, *key)
     order = torch.randperm(len(indices), device=indices.device, generator=generator)
     return indices[order[: cfg.fisher_samples]]
 
 
 def fisher_sums(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tensor,
-                eval_tf: BatchTransform) -> dict[str, Tensor]:
+                eval_tf: BatchTransform, *key: int) -> dict[str, Tensor]:
     """Fisher sums over `indices`, prepared in slices so that at most a few hundred images exist at once."""
-    generator = make_generator(indices.device, cfg.seed, FISHER_STREAM, 1)
+    generator = make_generator(indices.device, cfg.seed, FISHER_STREAM, 1, *key)
     total: dict[str, Tensor] = {}
     for part in indices.split(max(cfg.fisher_chunk, 256)):
         x = eval_tf(split.images[part])

@@ -73,6 +73,13 @@ class RunDir:
         kept = [r for r in self.rows() if r[key] <= upto]
         atomic_write_bytes(self.rows_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
+    def save_mask(self, masks: dict[str, torch.Tensor]) -> None:
+        """mask.pt (name -> bool tensor, True = trainable) and its per-layer densities, mask_stats.json."""
+        from masking.calibrate import mask_stats, save_masks
+
+        save_masks(masks, self.path / "mask.pt")
+        atomic_write_bytes(self.path / "mask_stats.json", json.dumps(mask_stats(masks), indent=1).encode())
+
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         tmp = self.checkpoint_file.with_suffix(".pt.tmp")
         torch.save(state, tmp)

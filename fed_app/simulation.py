@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,13 +43,17 @@ class LocalSimulation:
 
     def __init__(self, home: Path):
         self.home = Path(home).resolve()
+        # Flower's local SuperLink listens on fixed ports by default and `flwr run` reuses any SuperLink
+        # answering there, whoever started it: private ports keep two federations from sharing one.
+        self.ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+                      "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
 
     @property
     def env(self) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)
-        return {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-                "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+        return {**os.environ, **self.ports, "FLWR_HOME": str(self.home),
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
     def command(self, cfg: RunConfig, num_supernodes: int | None = None, cpus: int = 1, gpus: float = 0.0,
                 superlink: str | None = None) -> list[str]:
@@ -102,6 +107,12 @@ class LocalSimulation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _pids() -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from torch import Tensor
 
 from fed_app.config import RunConfig
 from fed_app.data import BatchTransform, Dataset, Split, batch_stream, client_shards, load_dataset, make_generator
+from fed_app.editing import fisher_indices, fisher_sums
+from fed_app.head import freeze_head, only_head_trainable, ridge_statistics
 from fed_app.model import ModelSpec, build_model
 from fed_app.task import autocast, evaluate, make_optimizer, resolve_device, train_steps
 
@@ -45,18 +48,38 @@ class Worker:
     def load(self, state: State) -> None:
         self.model.load_state_dict(state)
 
-    def local_update(self, global_state: State, partition_id: int, server_round: int) -> tuple[State, float, int]:
-        """J optimizer steps on this client's shard from the global model: (delta on CPU, mean loss, examples)."""
+    def local_update(self, global_state: State, partition_id: int, server_round: int,
+                     masks: dict[str, Tensor] | None = None, head_only: bool = False) -> tuple[State, float, int]:
+        """J optimizer steps on this client's shard from the global model: (delta on CPU, mean loss, examples).
+        With masks: SparseSGDM under them; head_only: only the head trains (step 0 in FL)."""
         cfg = self.cfg
         self.load(global_state)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(cfg, trainable)  # fresh each round, as in FedAvg
-        shard = self.shards[partition_id]
-        generator = make_generator(self.device, cfg.seed, server_round, partition_id)
-        loss = train_steps(self.model, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
-                           cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device))
+        with only_head_trainable(self.model) if head_only else contextlib.nullcontext():
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            optimizer = make_optimizer(cfg, [p for _, p in named])  # fresh each round, as in FedAvg
+            if masks is not None:
+                optimizer.set_masks([masks.get(n) for n, _ in named])
+            shard = self.shards[partition_id]
+            generator = make_generator(self.device, cfg.seed, server_round, partition_id, int(head_only))
+            loss = train_steps(self.model, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
+                               cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device))
         delta = {k: v.detach().cpu() - global_state[k] for k, v in self.model.state_dict().items()}
         return delta, loss, len(shard)
+
+    def ridge_statistics(self, state: State, partition_id: int) -> dict[str, Tensor]:
+        self.load(state)
+        return ridge_statistics(self.model, self.data.train, self.shards[partition_id], self.eval_tf,
+                                self.cfg.eval_batch_size, autocast(self.cfg, self.device), self.data.num_classes)
+
+    def fisher_sums(self, state: State, partition_id: int) -> dict[str, Tensor]:
+        """Fisher sums over `fisher-samples` images of this client's shard, on the weights received."""
+        self.load(state)
+        scored = fisher_indices(self.cfg, self.shards[partition_id], partition_id)
+        sums = fisher_sums(self.cfg, self.model, self.data.train, scored, self.eval_tf, partition_id)
+        return {n: s.cpu() for n, s in sums.items()}
+
+    def trainable_shapes(self) -> dict[str, torch.Size]:
+        return {n: p.shape for n, p in self.model.named_parameters() if p.requires_grad}
 
     def shard(self, partition_id: int) -> Split:
         idx = self.shards[partition_id]
@@ -78,6 +101,8 @@ def get_worker(cfg: RunConfig) -> Worker:
         device = resolve_device(cfg)
         data = load_dataset(cfg, device)
         model, spec = build_model(cfg, data.num_classes)
+        if cfg.head != "none":
+            freeze_head(model)  # step 0 fits it; afterwards it is neither trained nor masked
         shards = [torch.as_tensor(s, device=device) for s in client_shards(cfg, data.train.labels.cpu().numpy())]
         _BUILDS += 1
         _CURRENT = Worker(cfg, device, data, model.to(device), spec, shards, builds=_BUILDS)

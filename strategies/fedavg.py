@@ -16,13 +16,18 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 
+TRAIN_STREAM, HEAD_STREAM, CALIBRATION_STREAM = 0, 1, 2  # sampling streams: one per phase
+PHASE_STREAMS = {"": TRAIN_STREAM, "head": HEAD_STREAM}
+
+
 class RoundFailedError(RuntimeError):
     """Fewer clients answered than were sampled, after the allowed retries."""
 
 
-def sample_partitions(seed: int, server_round: int, num_clients: int, per_round: int) -> list[int]:
-    """The partition ids trained in a round: a function of (seed, round) alone, so resume repeats it."""
-    rng = np.random.default_rng([seed, server_round])
+def sample_partitions(seed: int, server_round: int, num_clients: int, per_round: int, stream: int = 0) -> list[int]:
+    """The partition ids of a round: a function of (seed, round, stream) alone, so resume repeats it.
+    Stream 0 is training; other phases (head rounds, calibration) use their own stream."""
+    rng = np.random.default_rng([seed, server_round] if stream == 0 else [seed, server_round, stream])
     return sorted(int(p) for p in rng.choice(num_clients, size=per_round, replace=False))
 
 
@@ -54,25 +59,39 @@ class SeededFedAvg(FedAvg):
         self.partition_of = {node: pid for pid, node in nodes.items()}
         self.max_retries, self.timeout = max_retries, timeout
         self.bytes_sent = self.bytes_received = 0
+        self.extra_records: dict[str, ArrayRecord] = {}  # sent with every train message, e.g. the mask
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        pids = sample_partitions(self.seed, server_round, self.num_clients, self.per_round)
-        return self._messages(server_round, arrays, config, pids)
-
-    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                  pids: list[int]) -> list[Message]:
+        stream = PHASE_STREAMS[str(config.get("phase", ""))]
+        pids = sample_partitions(self.seed, server_round, self.num_clients, self.per_round, stream)
         config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        self.bytes_sent += payload_bytes(arrays) * len(pids)
-        return [Message(record, self.nodes[p], MessageType.TRAIN) for p in pids]
+        extra = self.extra_records if stream == TRAIN_STREAM else {}
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config, **extra})
+        return self._messages(record, MessageType.TRAIN, pids)
+
+    def _messages(self, record: RecordDict, message_type: str, pids: list[int]) -> list[Message]:
+        self.bytes_sent += sum(payload_bytes(r) for r in record.values() if isinstance(r, ArrayRecord)) * len(pids)
+        return [Message(record, self.nodes[p], message_type) for p in pids]
 
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
                     config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
-        """Send, resend to the clients that failed (up to max-retries), then aggregate all sampled ones."""
+        """One FedAvg round over the sampled clients (retrying failures), aggregated."""
         self.bytes_sent = self.bytes_received = 0
         messages = list(self.configure_train(server_round, arrays, config, grid))
-        wanted = [self.partition_of[m.metadata.dst_node_id] for m in messages]
+        pids = [self.partition_of[m.metadata.dst_node_id] for m in messages]
+        replies = self.collect(grid, server_round, messages, pids)
+        return self.aggregate_train(server_round, replies)
+
+    def query(self, grid: Grid, server_round: int, action: str, record: RecordDict,
+              pids: list[int]) -> list[Message]:
+        """A `query.<action>` to these clients (with the same retry policy); replies in partition order."""
+        self.bytes_sent = self.bytes_received = 0
+        messages = self._messages(record, f"{MessageType.QUERY}.{action}", pids)
+        return self.collect(grid, server_round, messages, pids)
+
+    def collect(self, grid: Grid, server_round: int, messages: list[Message], pids: list[int]) -> list[Message]:
+        """Send, resend to the clients that failed (up to max-retries); every client's reply, in pid order."""
         replies: dict[int, Message] = {}
         reasons: dict[int, str] = {}
         for attempt in range(self.max_retries + 1):
@@ -82,26 +101,29 @@ class SeededFedAvg(FedAvg):
                     reasons[pid] = reply.error.reason
                 else:
                     replies[pid] = reply
-            missing = [p for p in wanted if p not in replies]
+            missing = [p for p in pids if p not in replies]
             if not missing:
                 break
             for p in missing:
                 reasons.setdefault(p, f"no reply within round-timeout={self.timeout}s")
             log.warning("round %d: clients %s failed (attempt %d/%d): %s", server_round, missing, attempt + 1,
                         self.max_retries + 1, "; ".join(f"{p}: {reasons[p]}" for p in missing))
-            messages = self._messages(server_round, arrays, config, missing)
+            # every message of a round carries the same record: resend it to the failed clients only
+            messages = self._messages(messages[0].content, messages[0].metadata.message_type, missing)
         else:
             raise RoundFailedError(
                 f"round {server_round}: clients {missing} failed after {self.max_retries} retries "
                 f"({reasons[missing[0]]}); rerun the same command to resume, or raise max-retries."
             )
-        return self.aggregate_train(server_round, [replies[p] for p in wanted])
+        self.bytes_received += sum(payload_bytes(r) for m in replies.values() for r in m.content.values()
+                                   if isinstance(r, ArrayRecord))
+        return [replies[p] for p in sorted(pids)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
-        """The example-weighted mean delta, in partition-id order, and the weighted train loss."""
+        """The example-weighted mean delta (dense, or the flat trainable entries), in partition-id order,
+        and the weighted train loss."""
         contents = sorted((m.content for m in replies), key=lambda c: int(c["metrics"]["partition-id"]))
         weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
-        self.bytes_received += sum(payload_bytes(c["delta"]) for c in contents)
         delta = weighted_average([c["delta"].to_torch_state_dict() for c in contents], weights)
         loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, contents)) / sum(weights)
         return ArrayRecord(delta), MetricRecord({"train_loss": loss, "clients": len(contents)})

@@ -1,7 +1,6 @@
 """The same app on Flower's deployment engine: a real flower-superlink and flower-supernodes on localhost."""
 
 import json
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -9,15 +8,9 @@ from pathlib import Path
 import pytest
 
 from fed_app.config import RunConfig
-from fed_app.simulation import LocalSimulation
+from fed_app.simulation import LocalSimulation, free_port
 
 from .conftest import TINY
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -25,7 +18,7 @@ def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path):
     cfg = RunConfig.from_run_config({**TINY, "synthetic-train-size": 700, "val-size": 100, "num-clients": 2,
                                      "fraction-train": 1.0, "num-rounds": 2, "eval-every": 1,
                                      "run-dir": str(tmp_path / "run")})
-    port = _free_port()
+    port = free_port()
     with LocalSimulation(tmp_path / "flwr") as fed:
         fed.home.mkdir(parents=True)
         (fed.home / "config.toml").write_text(
@@ -37,7 +30,7 @@ def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path):
         time.sleep(2)
         for pid in range(2):
             subprocess.Popen([bin_dir / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                              "--host", "127.0.0.1", "--port", str(_free_port()),
+                              "--host", "127.0.0.1", "--port", str(free_port()),
                               "--node-config", f"partition-id={pid} num-partitions=2"],
                              env=fed.env, stdout=logs, stderr=logs)
         fed.run(cfg, superlink="deploy", timeout=300)

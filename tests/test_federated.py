@@ -64,16 +64,20 @@ def test_flwr_run_simulation_end_to_end(tmp_path, partition):
     with LocalSimulation(tmp_path / "flwr") as sim:
         sim.run(cfg, num_supernodes=10, timeout=300)
     rows = _rows(tmp_path / partition)
-    assert [r["round"] for r in rows] == [1, 2, 3, 4]
-    assert all(r["clients"] == 3 for r in rows)
-    assert "val_accuracy" in rows[1] and "val_accuracy" not in rows[2] and "test_accuracy" in rows[3]
-    assert rows[0]["bytes_sent"] == rows[0]["bytes_received"] > 0  # dense: a delta as large as the model
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # round 0: the starting point, evaluated
+    assert all(r["clients"] == 3 for r in rows[1:])
+    assert "val_accuracy" in rows[2] and "val_accuracy" not in rows[3] and "test_accuracy" in rows[4]
+    assert rows[1]["bytes_sent"] == rows[1]["bytes_received"] > 0  # dense: a delta as large as the model
     assert (tmp_path / partition / "DONE").exists()
 
 
+SPARSE = {"optimizer": "sparse-sgdm", "head": "ridge", "sparsity": 0.8, "calibration-rounds": 2, "fisher-samples": 64}
+
+
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights(tmp_path):
-    settings = {"num-rounds": 12, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4}
+@pytest.mark.parametrize("editing", [{}, SPARSE], ids=["dense", "sparse"])
+def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights(tmp_path, editing):
+    settings = {"num-rounds": 12, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4, **editing}
     whole, cut = _cfg(tmp_path, "whole", **settings), _cfg(tmp_path, "cut", **settings)
     with LocalSimulation(tmp_path / "flwr") as sim:
         sim.run(whole, num_supernodes=10, timeout=300)
@@ -84,7 +88,11 @@ def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights
         sim.stop()  # the machine goes away: SuperLink, simulation and Ray workers, mid-round
         proc.wait()
         assert not (tmp_path / "cut" / "DONE").exists(), "the run finished before it could be killed"
+        mask_file = tmp_path / "cut" / "mask.pt"
+        stamp = mask_file.stat().st_mtime_ns if editing else None
         sim.run(cut, num_supernodes=10, timeout=300)
+        if editing:  # the mask came back from the checkpoint: calibration was not redone
+            assert mask_file.stat().st_mtime_ns == stamp
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]

@@ -1,0 +1,61 @@
+"""Step 0 and mask calibration in FL, server side: federated ridge or head rounds, global Fisher masks."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fed_app.config import RunConfig
+from fed_app.head import solve_ridge
+from fed_app.worker import State, Worker
+from masking.calibrate import Masks, calibrate
+from strategies.fedavg import CALIBRATION_STREAM, SeededFedAvg, sample_partitions
+
+log = logging.getLogger(__name__)
+
+
+def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state: State) -> State:
+    """head='ridge': every client's X^T X and X^T Y summed, solved once (equal to ridge on the union);
+    head='train': head-rounds FedAvg rounds in which clients train only the head. Then it stays frozen."""
+    if cfg.head == "ridge":
+        replies = strategy.query(grid, 0, "ridge", RecordDict({"arrays": ArrayRecord(state)}),
+                                 list(range(cfg.num_clients)))
+        parts = [r.content["stats"].to_torch_state_dict() for r in replies]
+        stats = {k: sum(p[k] for p in parts[1:]) + parts[0][k] for k in ("xtx", "xty")}
+        weight, bias = solve_ridge(stats, cfg.ridge_lambda)
+        return {**state, "head.weight": weight.to(state["head.weight"].dtype),
+                "head.bias": bias.to(state["head.bias"].dtype)}
+    if cfg.head == "train":
+        for r in range(1, cfg.head_rounds + 1):
+            delta, metrics = strategy.train_round(grid, r, ArrayRecord(state), ConfigRecord({"phase": "head"}))
+            update = delta.to_torch_state_dict()
+            state = {k: v + update[k] for k, v in state.items()}
+            log.info("head round %d/%d  train_loss %.4f", r, cfg.head_rounds, metrics["train_loss"])
+    return state
+
+
+def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state: State) -> Masks:
+    """TaLoS calibration where each round's Fisher sums come from the clients: the server sends the
+    soft-masked (damped) global model to a `calibration-fraction` of them and adds their sums up."""
+    worker.load(state)
+    per_round = max(1, round(cfg.calibration_fraction * cfg.num_clients))
+    rounds = itertools.count(1)
+
+    def client_fisher(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        r = next(rounds)
+        pids = sample_partitions(cfg.seed, r, cfg.num_clients, per_round, stream=CALIBRATION_STREAM)
+        arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        replies = strategy.query(grid, r, "fisher", RecordDict({"arrays": arrays}), pids)
+        total: dict[str, torch.Tensor] = {}
+        for reply in replies:  # in partition order: the same float sums every time
+            for n, s in reply.content["sums"].to_torch_state_dict().items():
+                total[n] = total[n] + s if n in total else s
+        return {n: s.to(worker.device) for n, s in total.items()}
+
+    masks = calibrate(worker.model, cfg.mask_rule, cfg.sparsity, cfg.calibration_rounds, client_fisher,
+                      damping=cfg.mask_damping, seed=cfg.seed)
+    return {n: m.cpu() for n, m in masks.items()}
