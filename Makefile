@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install test demo run centralized clean
+.PHONY: install test demo run centralized report clean
 
 install: $(STAMP)
 
@@ -21,15 +21,10 @@ test: $(STAMP)
 centralized: $(STAMP)
 	$(PY) -m fed_app.centralized --run-config "$(RUN_CONFIG)"
 
-DEMO := dataset='synthetic' model='vit-tiny-test' synthetic-train-size=5000 synthetic-test-size=1000 \
-    val-size=500 device='cpu' lr=0.05
-
+# The whole pipeline offline on a CPU: centralized, FedAvg (iid, non-iid) and sparse FedAvg runs, then the report
 demo: $(STAMP)
-	$(PY) -m fed_app.centralized --run-config "$(DEMO) epochs=3 run-dir='$(CURDIR)/results/demo/centralized'"
-	$(PY) -m fed_app.centralized --run-config "$(DEMO) epochs=3 optimizer='sparse-sgdm' head='ridge' \
-	    sparsity=0.9 calibration-rounds=3 fisher-samples=256 run-dir='$(CURDIR)/results/demo/sparse'"
-	$(PY) -m fed_app.simulation --run-config "$(DEMO) num-clients=20 fraction-train=0.2 num-rounds=20 \
-	    eval-every=5 run-dir='$(CURDIR)/results/demo/fedavg'"
+	$(PY) -m experiments run experiments/manifests/demo.yaml
+	$(PY) -m experiments report results/demo
 
 # The headline job: FedAvg, K=100, C=0.1, J=4, iid, CIFAR-100, DINO ViT-S/16 (defaults in pyproject.toml)
 run: $(STAMP)

@@ -1,16 +1,27 @@
-"""Command line: `python -m experiments bench fisher [--model ...]`."""
+"""Command line: `python -m experiments run MANIFEST`, `report RESULTS_DIR`, `bench fisher`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 import torch
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments")
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a manifest's grid; resumable: rerun the same command after a stop")
+    run.add_argument("manifest", type=Path)
+    run.add_argument("--results", type=Path, default=Path("results"))
+    run.add_argument("--only", default=None, help="only runs whose id or grid values contain this text")
+    run.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
+    run.add_argument("--cpus", type=int, default=1, help="CPU cores per Flower client")
+    run.add_argument("--gpus", type=float, default=None, help="GPU fraction per client (default 0.1 with CUDA)")
+    report = sub.add_parser("report", help="tables and figures of a results folder (results/<manifest>)")
+    report.add_argument("results_dir", type=Path)
     bench = sub.add_parser("bench", help="benchmarks; print a Markdown table and ratios")
     bench.add_argument("what", choices=["fisher"])
     bench.add_argument("--model", default=None, help="default: vit-small-dino on CUDA, vit-tiny-test on CPU")
@@ -18,17 +29,59 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--chunk", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    return {"run": _run, "report": _report, "bench": _bench}[args.command](args)
 
+
+def _run(args) -> int:
+    from rich.console import Console
+
+    from experiments.manifest import load_manifest
+    from experiments.run import print_plan, run_manifest, select
+
+    manifest = load_manifest(args.manifest, args.results)
+    runs = select(manifest, args.only)
+    if args.dry_run:
+        print_plan(manifest, runs, Console())
+        return 0
+    gpus = args.gpus if args.gpus is not None else (0.1 if torch.cuda.is_available() else 0.0)
+    failed = run_manifest(manifest, runs, args.results, cpus=args.cpus, gpus=gpus)
+    if failed:
+        print(f"error: {len(failed)} runs failed ({', '.join(failed)}); rerun the same command to retry them.",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(args) -> int:
+    from experiments.report import write_report
+
+    print(write_report(args.results_dir))
+    return 0
+
+
+def _bench(args) -> int:
     from experiments.bench import bench_fisher, print_fisher
 
+    logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = args.model or ("vit-small-dino" if device.type == "cuda" else "vit-tiny-test")
     samples = args.samples or (450 if device.type == "cuda" else 128)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     rows = bench_fisher(model, samples, args.chunk, args.repeats, device)
     print_fisher(rows, f"bench fisher: {model}, {samples} samples, chunk {args.chunk}, {name}, fp32")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from experiments.manifest import ManifestError
+    from fed_app.cli import exit_on_user_error
+
+    def entry() -> None:
+        try:
+            code = main()
+        except (ManifestError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            code = 2
+        sys.exit(code)
+
+    exit_on_user_error(entry)

@@ -71,7 +71,7 @@ def run(cfg: RunConfig) -> RunDir:
         lr = optimizer.param_groups[0]["lr"]
         train_loss = train_steps(model, optimizer, data.train, batch_stream(all_train, cfg.batch_size, generator),
                                  steps_per_epoch, train_tf, generator, precision, scheduler)
-        finish_epoch(epoch + 1, lr=lr, train_loss=train_loss)
+        finish_epoch(epoch + 1, learning_rate=lr, train_loss=train_loss)
     plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="epoch", title=f"centralized {cfg.run_id()}")
     run_dir.mark_done()
     return run_dir

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.worker import Worker, get_worker
-from masking.payload import gather_trainable, unpack_masks
+from masking.payload import gather_trainable, pack_masks, unpack_masks
 
 app = ClientApp()
 
@@ -68,6 +69,15 @@ def fisher(msg: Message, context: Context) -> Message:
     sums = worker.fisher_sums(msg.content["arrays"].to_torch_state_dict(), pid)
     metrics = MetricRecord({"num-examples": min(cfg.fisher_samples, len(worker.shards[pid])), "partition-id": pid})
     return Message(RecordDict({"sums": ArrayRecord(sums), "metrics": metrics}), reply_to=msg)
+
+
+@app.query("local_mask")
+def local_mask(msg: Message, context: Context) -> Message:
+    """mask-scope 'local': calibrate this client's own mask on its own shard; reply with it as packed bits."""
+    _, pid, worker = _setup(context)
+    masks = worker.local_masks(msg.content["arrays"].to_torch_state_dict(), pid)
+    bits = ArrayRecord({"bits": torch.from_numpy(pack_masks(masks))})
+    return Message(RecordDict({"mask": bits, "metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
 
 @app.evaluate()

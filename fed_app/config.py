@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fisher_mode": ("sampled", "empirical", "batch"),
     "partition": ("iid", "noniid"),
     "on_client_failure": ("retry", "fail"),
+    "mask_scope": ("global", "local"),
 }
 
 # (lowest allowed, whether the lowest is excluded); checked for numeric fields named here.
@@ -66,6 +67,7 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
     "sparsity": (1.0, True),
     "fraction_train": (1.0, False),
     "calibration_fraction": (1.0, False),
+    "classes_per_client": (100, False),  # CIFAR-100 and the synthetic set both have 100 classes
 }
 
 
@@ -131,6 +133,7 @@ class RunConfig:
     round_timeout: float = 600.0
     head_rounds: int = 10
     calibration_fraction: float = 1.0
+    mask_scope: str = "global"
     # outputs
     run_dir: str = ""
 

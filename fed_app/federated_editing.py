@@ -13,6 +13,7 @@ from fed_app.config import RunConfig
 from fed_app.head import solve_ridge
 from fed_app.worker import State, Worker
 from masking.calibrate import Masks, calibrate
+from masking.payload import unpack_masks
 from strategies.fedavg import CALIBRATION_STREAM, SeededFedAvg, sample_partitions
 
 log = logging.getLogger(__name__)
@@ -59,3 +60,13 @@ def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: 
     masks = calibrate(worker.model, cfg.mask_rule, cfg.sparsity, cfg.calibration_rounds, client_fisher,
                       damping=cfg.mask_damping, seed=cfg.seed)
     return {n: m.cpu() for n, m in masks.items()}
+
+
+def federated_local_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker,
+                          state: State) -> dict[int, Masks]:
+    """mask-scope 'local': every client calibrates its own mask on its own shard; partition id -> mask."""
+    replies = strategy.query(grid, 0, "local_mask", RecordDict({"arrays": ArrayRecord(state)}),
+                             list(range(cfg.num_clients)))
+    shapes = worker.trainable_shapes()
+    return {int(r.content["metrics"]["partition-id"]): unpack_masks(r.content["mask"]["bits"].numpy(), shapes)
+            for r in replies}

@@ -10,12 +10,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from fed_app.config import ConfigError, RunConfig
-from fed_app.federated_editing import federated_head, federated_masks
+from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
 from fed_app.worker import State, get_worker
-from masking.calibrate import density_of
-from masking.payload import add_trainable_, pack_masks
+from masking.calibrate import density_of, load_masks
+from masking.payload import add_trainable_, pack_masks, unpack_masks
 from strategies.fedavg import SeededFedAvg
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
     rounds = cfg.total_rounds
     t0 = time.perf_counter()
 
-    def finish_round(server_round: int, state: State, masks, row: dict) -> None:
+    def finish_round(server_round: int, state: State, row: dict) -> None:
         last = server_round == rounds
         if last or server_round % cfg.eval_every == 0:
             row.update(_prefixed("val", worker.evaluate(state, worker.data.val)))
@@ -51,28 +51,41 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
         row["wall_time"] = time.perf_counter() - t0
         run_dir.append_row(row)
         if last or server_round % cfg.checkpoint_every == 0:
-            run_dir.save_checkpoint({"round": server_round, "model": state, "masks": masks,
-                                     "wall_time": row["wall_time"], "config": cfg.to_dict()})
+            run_dir.save_checkpoint({"round": server_round, "model": state, "wall_time": row["wall_time"],
+                                     "config": cfg.to_dict()})
         log.info("round %d/%d  val_acc %s", server_round, rounds, row.get("val_accuracy", "-"))
 
-    state, masks, start, elapsed = _restore(run_dir)
+    state, start, elapsed = _restore(run_dir)
     t0 -= elapsed
+    masks = client_masks = None
     if start is None:  # fresh: step 0, calibration, and the starting point as round 0
         t_round = time.perf_counter()
         state = federated_head(grid, cfg, strategy, worker, worker.initial_state())
-        masks = federated_masks(grid, cfg, strategy, worker, state) if cfg.optimizer == "sparse-sgdm" else None
-        if masks is not None:
+        if cfg.optimizer == "sparse-sgdm" and cfg.mask_scope == "global":
+            masks = federated_masks(grid, cfg, strategy, worker, state)
             run_dir.save_mask(masks)
-        finish_round(0, state, masks, {"round": 0, "density": density_of(masks) if masks else 1.0,
-                                       "bytes_sent": strategy.bytes_sent, "bytes_received": strategy.bytes_received})
+        elif cfg.optimizer == "sparse-sgdm":
+            client_masks = federated_local_masks(grid, cfg, strategy, worker, state)
+            torch.save({p: pack_masks(m) for p, m in client_masks.items()}, run_dir.path / "client_masks.pt")
+        density = density_of(masks) if masks else (
+            sum(map(density_of, client_masks.values())) / len(client_masks) if client_masks else 1.0)
+        finish_round(0, state, {"round": 0, "density": density, "bytes_sent": strategy.bytes_sent,
+                                "bytes_received": strategy.bytes_received})
         start = 0
+    elif cfg.optimizer == "sparse-sgdm":  # resumed: the masks saved before the round-0 checkpoint
+        masks, client_masks = _load_masks(run_dir, worker.trainable_shapes())
     if masks is not None:
-        strategy.extra_records["mask"] = ArrayRecord({"bits": torch.from_numpy(pack_masks(masks))})
+        record = ArrayRecord({"bits": torch.from_numpy(pack_masks(masks))})
+        strategy.mask_records = {p: record for p in range(cfg.num_clients)}
+    if client_masks is not None:
+        strategy.mask_records = {p: ArrayRecord({"bits": torch.from_numpy(pack_masks(m))})
+                                 for p, m in client_masks.items()}
+        strategy.client_masks = client_masks
     for server_round in range(start + 1, rounds + 1):
         t_round = time.perf_counter()
         delta, metrics = strategy.train_round(grid, server_round, ArrayRecord(state), ConfigRecord())
         state = _apply(state, delta.to_torch_state_dict(), masks)
-        finish_round(server_round, state, masks, {
+        finish_round(server_round, state, {
             "round": server_round, "train_loss": metrics["train_loss"], "clients": metrics["clients"],
             "bytes_sent": strategy.bytes_sent, "bytes_received": strategy.bytes_received})
     plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {cfg.run_id()}")
@@ -81,9 +94,10 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
 
 
 def _apply(state: State, update: State, masks) -> State:
-    """global + averaged delta; under a mask only the trainable entries are touched."""
+    """global + averaged delta; under a global mask only its trainable entries are touched, and with
+    local masks only the parameters that have a mask (the frozen head is never touched)."""
     if masks is None:
-        return {k: v + update[k] for k, v in state.items()}
+        return {k: v + update[k] if k in update else v for k, v in state.items()}
     state = {k: v.clone() for k, v in state.items()}
     add_trainable_(state, update["values"], masks)
     return state
@@ -93,15 +107,23 @@ def _prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{split}_{k}": v for k, v in metrics.items()}
 
 
-def _restore(run_dir: RunDir) -> tuple[State | None, dict | None, int | None, float]:
-    """(global weights, masks, last finished round, wall time so far) from the checkpoint; Nones if fresh."""
+def _restore(run_dir: RunDir) -> tuple[State | None, int | None, float]:
+    """(global weights, last finished round, wall time so far) from the checkpoint; Nones if fresh."""
     ckpt = run_dir.load_checkpoint()
     if ckpt is None:
         run_dir.keep_rows("round", -1)
-        return None, None, None, 0.0
+        return None, None, 0.0
     run_dir.keep_rows("round", ckpt["round"])
     log.info("resuming %s after round %d", run_dir.path, ckpt["round"])
-    return ckpt["model"], ckpt["masks"], ckpt["round"], ckpt["wall_time"]
+    return ckpt["model"], ckpt["round"], ckpt["wall_time"]
+
+
+def _load_masks(run_dir: RunDir, shapes: dict) -> tuple[dict | None, dict | None]:
+    """(global masks, per-client masks) as calibration saved them; one of the two is None."""
+    if (run_dir.path / "mask.pt").exists():
+        return load_masks(run_dir.path / "mask.pt"), None
+    bits = torch.load(run_dir.path / "client_masks.pt", weights_only=False)
+    return None, {p: unpack_masks(b, shapes) for p, b in bits.items()}
 
 
 def discover_partitions(grid: Grid, cfg: RunConfig, wait_s: float = 30.0) -> dict[int, int]:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fed_app.config import RunConfig
 from fed_app.data import BatchTransform, Dataset, Split, batch_stream, client_shards, load_dataset, make_generator
-from fed_app.editing import fisher_indices, fisher_sums
+from fed_app.editing import calibrate_masks, fisher_indices, fisher_sums
 from fed_app.head import freeze_head, only_head_trainable, ridge_statistics
 from fed_app.model import ModelSpec, build_model
 from fed_app.task import autocast, evaluate, make_optimizer, resolve_device, train_steps
@@ -77,6 +77,11 @@ class Worker:
         scored = fisher_indices(self.cfg, self.shards[partition_id], partition_id)
         sums = fisher_sums(self.cfg, self.model, self.data.train, scored, self.eval_tf, partition_id)
         return {n: s.cpu() for n, s in sums.items()}
+
+    def local_masks(self, state: State, partition_id: int) -> dict[str, Tensor]:
+        """mask-scope 'local': this client's own calibration, on its own shard only."""
+        self.load(state)
+        return calibrate_masks(self.cfg, self.model, self.data.train, self.shards[partition_id], self.eval_tf)
 
     def trainable_shapes(self) -> dict[str, torch.Size]:
         return {n: p.shape for n, p in self.model.named_parameters() if p.requires_grad}

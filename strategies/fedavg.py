@@ -13,6 +13,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
+from masking.payload import add_trainable_
+
 log = logging.getLogger(__name__)
 
 
@@ -59,20 +61,24 @@ class SeededFedAvg(FedAvg):
         self.partition_of = {node: pid for pid, node in nodes.items()}
         self.max_retries, self.timeout = max_retries, timeout
         self.bytes_sent = self.bytes_received = 0
-        self.extra_records: dict[str, ArrayRecord] = {}  # sent with every train message, e.g. the mask
+        self.mask_records: dict[int, ArrayRecord] = {}  # partition id -> the mask its train messages carry
+        self.client_masks: dict[int, dict[str, Tensor]] | None = None  # mask-scope 'local': each client's own
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         stream = PHASE_STREAMS[str(config.get("phase", ""))]
         pids = sample_partitions(self.seed, server_round, self.num_clients, self.per_round, stream)
         config["server-round"] = server_round
-        extra = self.extra_records if stream == TRAIN_STREAM else {}
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config, **extra})
-        return self._messages(record, MessageType.TRAIN, pids)
+        base = {self.arrayrecord_key: arrays, self.configrecord_key: config}
+        if stream != TRAIN_STREAM or not self.mask_records:
+            return self._messages({p: RecordDict(base) for p in pids}, MessageType.TRAIN)
+        return self._messages({p: RecordDict({**base, "mask": self.mask_records[p]}) for p in pids},
+                              MessageType.TRAIN)
 
-    def _messages(self, record: RecordDict, message_type: str, pids: list[int]) -> list[Message]:
-        self.bytes_sent += sum(payload_bytes(r) for r in record.values() if isinstance(r, ArrayRecord)) * len(pids)
-        return [Message(record, self.nodes[p], message_type) for p in pids]
+    def _messages(self, records: dict[int, RecordDict], message_type: str) -> list[Message]:
+        for record in records.values():
+            self.bytes_sent += sum(payload_bytes(r) for r in record.values() if isinstance(r, ArrayRecord))
+        return [Message(record, self.nodes[p], message_type) for p, record in records.items()]
 
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
                     config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
@@ -87,7 +93,7 @@ class SeededFedAvg(FedAvg):
               pids: list[int]) -> list[Message]:
         """A `query.<action>` to these clients (with the same retry policy); replies in partition order."""
         self.bytes_sent = self.bytes_received = 0
-        messages = self._messages(record, f"{MessageType.QUERY}.{action}", pids)
+        messages = self._messages({p: record for p in pids}, f"{MessageType.QUERY}.{action}")
         return self.collect(grid, server_round, messages, pids)
 
     def collect(self, grid: Grid, server_round: int, messages: list[Message], pids: list[int]) -> list[Message]:
@@ -108,8 +114,8 @@ class SeededFedAvg(FedAvg):
                 reasons.setdefault(p, f"no reply within round-timeout={self.timeout}s")
             log.warning("round %d: clients %s failed (attempt %d/%d): %s", server_round, missing, attempt + 1,
                         self.max_retries + 1, "; ".join(f"{p}: {reasons[p]}" for p in missing))
-            # every message of a round carries the same record: resend it to the failed clients only
-            messages = self._messages(messages[0].content, messages[0].metadata.message_type, missing)
+            sent = {self.partition_of[m.metadata.dst_node_id]: m for m in messages}
+            messages = self._messages({p: sent[p].content for p in missing}, messages[0].metadata.message_type)
         else:
             raise RoundFailedError(
                 f"round {server_round}: clients {missing} failed after {self.max_retries} retries "
@@ -124,6 +130,16 @@ class SeededFedAvg(FedAvg):
         and the weighted train loss."""
         contents = sorted((m.content for m in replies), key=lambda c: int(c["metrics"]["partition-id"]))
         weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
-        delta = weighted_average([c["delta"].to_torch_state_dict() for c in contents], weights)
+        deltas = [c["delta"].to_torch_state_dict() for c in contents]
+        if self.client_masks is not None:  # each client's trainable entries, scattered to full size
+            deltas = [self._scatter(d["values"], self.client_masks[int(c["metrics"]["partition-id"])])
+                      for d, c in zip(deltas, contents)]
+        delta = weighted_average(deltas, weights)
         loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, contents)) / sum(weights)
         return ArrayRecord(delta), MetricRecord({"train_loss": loss, "clients": len(contents)})
+
+    @staticmethod
+    def _scatter(values: Tensor, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        full = {n: torch.zeros(m.shape) for n, m in masks.items()}
+        add_trainable_(full, values, masks)
+        return full

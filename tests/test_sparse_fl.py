@@ -78,3 +78,29 @@ def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_froze
     backbone = sum(m.numel() for m in fed_masks.values()) / sum(v.numel() for v in final.values())
     for r in rows[1:]:
         assert r["bytes_received"] == pytest.approx(dense_bytes * 0.2 * backbone, rel=0.01)
+
+
+@pytest.mark.slow
+def test_local_masks_each_client_its_own_and_entries_frozen_everywhere_never_move(tmp_path):
+    settings = {**SPARSE_FL, "mask-scope": "local", "partition": "noniid", "classes-per-client": 10,
+                "fisher-samples": 64, "fisher-mode": "sampled"}
+    cfg = RunConfig.from_run_config({**settings, "run-dir": str(tmp_path / "run")})
+    with LocalSimulation(tmp_path / "flwr") as sim:
+        sim.run(cfg, num_supernodes=10, timeout=300)
+    run = tmp_path / "run"
+    model, _ = build_model(cfg, 100)
+    freeze_head(model)
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bits = torch.load(run / "client_masks.pt", weights_only=False)
+    masks = {p: unpack_masks(b, shapes) for p, b in bits.items()}
+    assert sorted(masks) == list(range(10))
+    for m in masks.values():
+        assert sum(int(x.sum()) for x in m.values()) == pytest.approx(0.2 * sum(x.numel() for x in m.values()), abs=1)
+    assert not all(torch.equal(masks[0][n], masks[1][n]) for n in shapes)  # own data, own mask
+    final = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    for name in shapes:
+        frozen_everywhere = ~torch.stack([masks[p][name] for p in masks]).any(0)
+        assert torch.equal(final[name][frozen_everywhere], init[name][frozen_everywhere]), name
+    rows = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
+    assert rows[0]["density"] == pytest.approx(0.2, abs=1e-3) and len(rows) == 4

@@ -1,0 +1,126 @@
+"""Report figures, chosen by which grid axes vary: curves, accuracy per axis, Nc x J heatmap, bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _label(row: pd.Series, axes: list[str]) -> str:
+    return ", ".join(f"{a.replace('_', '-')}={row[a]}" for a in axes) or str(row.get("run_id", ""))
+
+
+def _distinct(frame: pd.DataFrame, axes: list[str]) -> list[str]:
+    """The axes whose values differ within `frame`: the only ones worth a legend entry."""
+    return [a for a in axes if a in frame and frame[a].astype(str).nunique() > 1]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def curves(df: pd.DataFrame, axes: list[str], kind: str, out: Path) -> Path:
+    """Loss and accuracy against epoch (centralized) or round (federated), one line per run; test curves
+    where runs were tested at least 3 times, validation curves otherwise."""
+    df = df[df["kind"] == kind]
+    tested = df.dropna(subset=["test_accuracy"]).groupby("run_id").size() if "test_accuracy" in df else None
+    split = "test" if tested is not None and len(tested) and tested.min() >= 3 else "val"
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    shown = _distinct(df.groupby("run_id").first(), [a for a in axes if a != "kind"] + ["seed"])
+    for run_id, g in df.dropna(subset=[f"{split}_accuracy"]).groupby("run_id"):
+        g = g.sort_values("step")
+        label = _label(g.iloc[0], shown)
+        if f"{split}_loss" in g:
+            ax_loss.plot(g["step"], g[f"{split}_loss"], marker=".", label=label)
+        ax_acc.plot(g["step"], 100 * g[f"{split}_accuracy"], marker=".", label=label)
+    for ax, name in ((ax_loss, f"{split} loss"), (ax_acc, f"{split} accuracy (%)")):
+        ax.set_xlabel("epoch" if kind == "centralized" else "round")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    handles, labels = ax_acc.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"{kind}: {'test' if split == 'test' else 'validation'} loss and accuracy per run")
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
+    fig.savefig(out / f"curves_{kind}.png", dpi=110)
+    plt.close(fig)
+    return out / f"curves_{kind}.png"
+
+
+def per_axis(summary: pd.DataFrame, axis: str, axes: list[str], out: Path) -> Path:
+    """Final test accuracy against one axis; one line (or bar group) per value of the other axes."""
+    others = _distinct(summary, [a for a in axes if a != axis])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    numeric = pd.api.types.is_numeric_dtype(summary[axis]) and summary[axis].nunique() > 2
+    groups = list(summary.groupby(others, dropna=False)) if others else [((), summary)]
+    width = 0.8 / max(1, len(groups))
+    categories = sorted(summary[axis].astype(str).unique())
+    for i, (key, g) in enumerate(groups):
+        g = g.groupby(axis)["final_test_accuracy"].agg(["mean", "std"]).reset_index()
+        label = _label(pd.Series(dict(zip(others, key if isinstance(key, tuple) else (key,)))), others) or None
+        if numeric:
+            ax.errorbar(g[axis], 100 * g["mean"], yerr=100 * g["std"].fillna(0), marker="o", capsize=3, label=label)
+        else:
+            pos = [categories.index(str(v)) + i * width for v in g[axis]]
+            ax.bar(pos, 100 * g["mean"], width=width, label=label)
+    if not numeric:
+        ax.set_xticks([c + width * (len(groups) - 1) / 2 for c in range(len(categories))], categories, rotation=20)
+    ax.set_xlabel(axis.replace("_", "-"))
+    ax.set_ylabel("final test accuracy (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"Test accuracy by {axis.replace('_', '-')}")
+    if not others:
+        return _save(fig, out / f"accuracy_by_{axis}.png")
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * len(labels), 1, 1))
+    fig.savefig(out / f"accuracy_by_{axis}.png", dpi=110)
+    plt.close(fig)
+    return out / f"accuracy_by_{axis}.png"
+
+
+def heterogeneity_heatmap(summary: pd.DataFrame, out: Path) -> Path:
+    """Final test accuracy for each shard setting (iid, Nc) and number of local steps J."""
+    s = summary.copy()
+    s["shards"] = np.where(s["partition"] == "iid", "iid", "Nc=" + s["classes_per_client"].astype(str))
+    order = sorted(s["shards"].unique(), key=lambda v: (v == "iid", int(v[3:]) if v != "iid" else 0))
+    grid = s.pivot_table(index="shards", columns="local_steps", values="final_test_accuracy").reindex(order)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    image = ax.imshow(100 * grid.values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(grid.columns)), [f"J={j}" for j in grid.columns])
+    ax.set_yticks(range(len(grid.index)), grid.index)
+    for (i, j), v in np.ndenumerate(grid.values):
+        ax.text(j, i, "-" if np.isnan(v) else f"{100 * v:.1f}", ha="center", va="center", color="w")
+    fig.colorbar(image, label="final test accuracy (%)")
+    ax.set_title("Test accuracy: heterogeneity x local steps")
+    return _save(fig, out / "heatmap_shards_by_local_steps.png")
+
+
+def bytes_per_round(summary: pd.DataFrame, axes: list[str], out: Path) -> Path:
+    """Bytes clients send back per round, per configuration (dense vs sparse)."""
+    s = summary.dropna(subset=["bytes_per_round"])
+    labels = [_label(r, axes) for _, r in s.iterrows()]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(s) + 1.5))
+    ax.barh(labels, s["bytes_per_round"] / 2**20)
+    ax.set_xlabel("MiB received by the server per round")
+    ax.set_title("Upload per round")
+    return _save(fig, out / "bytes_per_round.png")
+
+
+def make_figures(df: pd.DataFrame, summary: pd.DataFrame, axes: list[str], out: Path) -> list[Path]:
+    made = [curves(df, axes, kind, out) for kind in sorted(df["kind"].unique())]
+    axes = [a for a in axes if a != "kind"]
+    made += [per_axis(summary, axis, axes, out) for axis in axes]
+    if {"partition", "local_steps"} <= set(axes) or {"classes_per_client", "local_steps"} <= set(axes):
+        made.append(heterogeneity_heatmap(summary, out))
+    if summary["bytes_per_round"].notna().any() and len(summary) > 1:
+        made.append(bytes_per_round(summary, axes, out))
+    return made

@@ -1,0 +1,116 @@
+"""Manifests: a YAML grid of run configs (name, kind, base, grid, seeds), expanded and checked up front.
+
+    name: noniid_grid            # results go to results/<name>/<run-id>
+    kind: federated              # centralized | federated
+    base: {model: vit-small-dino, num-rounds: 500}
+    grid:                        # one mapping of axes, or a list of them (their union); a grid may
+      - {partition: [noniid], classes-per-client: [1, 5, 10, 50], local-steps: [4, 8, 16]}
+      - {partition: [iid], local-steps: [4, 8, 16]}   # also set its own kind: [centralized]
+    seeds: [42]
+    rounds-scaling: true         # optional: num-rounds counts rounds at J=4
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fed_app.config import ConfigError, RunConfig
+
+KINDS = ("centralized", "federated")
+TOP_KEYS = {"name", "kind", "base", "grid", "seeds", "rounds-scaling", "description"}
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot run; one sentence naming the manifest, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Run:
+    kind: str
+    cfg: RunConfig
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.kind}-{self.cfg.run_id()}"
+
+    def label(self, axes: list[str]) -> str:
+        """The grid values that tell this run apart, e.g. 'classes-per-client=5 local-steps=8 seed=42'."""
+        values = self.cfg.to_run_config()
+        return " ".join(f"{k}={values[k]}" for k in axes if k in values) or self.run_id
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    path: Path
+    runs: tuple[Run, ...]
+    axes: tuple[str, ...]  # the run-config keys the grid varies (kebab-case), seed last
+
+
+def load_manifest(path: str | Path, results: str | Path = "results") -> Manifest:
+    """Read, check and expand a manifest; every run gets run-dir results/<name>/<run-id>."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ManifestError(f"manifest {path}: cannot be read as YAML ({err}); fix the file.") from err
+    where = f"manifest {path.name}"
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: the top level must be a mapping with name, kind, base, grid and seeds.")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise ManifestError(f"{where}: unknown key '{sorted(unknown)[0]}'; the keys are {', '.join(sorted(TOP_KEYS))}.")
+    name, kind = raw.get("name"), raw.get("kind")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ManifestError(f"{where}: 'name' must be a folder name such as noniid_grid, not {name!r}.")
+    if kind not in KINDS and kind is not None:
+        raise ManifestError(f"{where}: kind={kind!r} is not one of {', '.join(KINDS)}; pick one.")
+    base = raw.get("base") or {}
+    if not isinstance(base, dict):
+        raise ManifestError(f"{where}: 'base' must be a mapping of run-config keys to values.")
+    seeds = raw.get("seeds", [base.get("seed", RunConfig().seed)])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ManifestError(f"{where}: 'seeds' must be a non-empty list of integers, e.g. seeds: [42, 43].")
+    if "rounds-scaling" in raw:
+        base = {**base, "rounds-scaling": raw["rounds-scaling"]}
+    results = Path(results)
+    runs: dict[str, Run] = {}  # by run id: overlapping grids name the same run once
+    axes: list[str] = []
+    for point in _grid_points(where, raw.get("grid") or {}):
+        point_kind = point.pop("kind", kind)
+        if point_kind not in KINDS:
+            raise ManifestError(f"{where}: kind={point_kind!r} is not one of {', '.join(KINDS)}; set it at the "
+                                f"top level or in the grid.")
+        axes += [k for k in point if k not in axes]
+        for seed in seeds:
+            try:
+                cfg = RunConfig.from_run_config({**base, **point, "seed": seed})
+            except ConfigError as err:
+                raise ManifestError(f"{where}: {err}") from None
+            run = Run(point_kind, cfg)
+            runs[run.run_id] = Run(point_kind, cfg.replace(run_dir=str((results / name / run.run_id).resolve())))
+    if len(seeds) > 1:
+        axes.append("seed")
+    return Manifest(name, path, tuple(runs.values()), tuple(axes))
+
+
+def _grid_points(where: str, grid: Any) -> list[dict[str, Any]]:
+    grids = grid if isinstance(grid, list) else [grid]
+    points = []
+    for g in grids:
+        if not isinstance(g, dict):
+            raise ManifestError(f"{where}: each grid must be a mapping of run-config keys to lists of values.")
+        for key, values in g.items():
+            if key == "kind" and isinstance(values, str):
+                values = g[key] = [values]
+            if not isinstance(values, list) or not values:
+                raise ManifestError(
+                    f"{where}: grid axis '{key}' must be a non-empty list, e.g. {key}: [{values!r}].")
+        keys = list(g)
+        points += [dict(zip(keys, combo)) for combo in itertools.product(*(g[k] for k in keys))]
+    return points

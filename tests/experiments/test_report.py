@@ -1,0 +1,58 @@
+"""The report from hand-written rows: the expected table, the best centralized run, the figures."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from experiments.report import load_results, summarize, write_report
+from fed_app.config import RunConfig
+
+
+def _run(root, name, rows, done=True, **cfg):
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(RunConfig(**cfg).to_dict()))
+    (path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if done:
+        (path / "DONE").write_text("")
+
+
+def _epochs(val, test):
+    return [{"epoch": e, "val_accuracy": v, "val_loss": 1 - v, "test_accuracy": t, "test_loss": 1 - t}
+            for e, (v, t) in enumerate(zip(val, test), start=1)]
+
+
+def test_summary_table_means_over_seeds_and_the_best_centralized_run(tmp_path):
+    _run(tmp_path, "centralized-a", _epochs([0.5, 0.7], [0.48, 0.66]), lr=0.01, seed=1)
+    _run(tmp_path, "centralized-b", _epochs([0.5, 0.6], [0.50, 0.62]), lr=0.01, seed=2)
+    _run(tmp_path, "centralized-c", _epochs([0.8, 0.75], [0.70, 0.72]), lr=0.1, seed=1)
+    _run(tmp_path, "centralized-d", _epochs([0.2], [0.9]), lr=0.3, seed=1, done=False)  # best test, bad val
+    df = load_results(tmp_path)
+    assert len(df) == 7 and set(df["kind"]) == {"centralized"}
+    summary = summarize(df).set_index("run_id")
+    assert summary.loc["centralized-c", "best_val_accuracy"] == 0.8
+    assert summary.loc["centralized-c", "final_test_accuracy"] == 0.72
+    report = write_report(tmp_path)
+    by_config = pd.read_csv(tmp_path / "by_config.csv").set_index("lr")
+    assert by_config.loc[0.01, "final_test_accuracy_mean"] == pytest.approx(0.64)
+    assert by_config.loc[0.01, "final_test_accuracy_std"] == pytest.approx(0.0282843, abs=1e-6)
+    assert by_config.loc[0.01, "seeds"] == 2
+    text = report.read_text()
+    assert "**Best centralized hyperparameters by validation accuracy:** lr=0.1: validation 80.00%, test 72.00%." in text
+    assert (tmp_path / "figures" / "curves_centralized.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "accuracy_by_lr.png").exists()
+
+
+def test_a_federated_grid_gets_the_heterogeneity_heatmap_and_bytes(tmp_path):
+    for nc in (1, 5):
+        for j in (4, 8):
+            rows = [{"round": 0, "val_accuracy": 0.01, "test_accuracy": 0.01, "test_loss": 4.6},
+                    {"round": 1, "train_loss": 4.0, "bytes_received": 1000 * j, "val_accuracy": nc / 10,
+                     "test_accuracy": nc / 10 + j / 100, "test_loss": 3.0}]
+            _run(tmp_path, f"federated-{nc}-{j}", rows, partition="noniid", classes_per_client=nc, local_steps=j)
+    write_report(tmp_path)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert sorted(summary["final_test_accuracy"].round(2)) == [0.14, 0.18, 0.54, 0.58]
+    assert (tmp_path / "figures" / "heatmap_shards_by_local_steps.png").exists()
+    assert (tmp_path / "figures" / "bytes_per_round.png").exists()
