@@ -22,9 +22,10 @@ centralized: $(STAMP)
 	$(PY) -m fed_app.centralized --run-config "$(RUN_CONFIG)"
 
 # The whole pipeline offline on a CPU: centralized, FedAvg (iid, non-iid) and sparse FedAvg runs, then the report
+RESULTS ?= results
 demo: $(STAMP)
-	$(PY) -m experiments run experiments/manifests/demo.yaml
-	$(PY) -m experiments report results/demo
+	$(PY) -m experiments run experiments/manifests/demo.yaml --results $(RESULTS)
+	$(PY) -m experiments report $(RESULTS)/demo
 
 # The headline job: FedAvg, K=100, C=0.1, J=4, iid, CIFAR-100, DINO ViT-S/16 (defaults in pyproject.toml)
 run: $(STAMP)
