@@ -1,4 +1,4 @@
-"""Command line: `python -m experiments run MANIFEST`, `report RESULTS_DIR`, `bench fisher`."""
+"""Command line: `python -m experiments run MANIFEST`, `report RESULTS_DIR`, `bench fisher|round|data`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="tables and figures of a results folder (results/<manifest>)")
     report.add_argument("results_dir", type=Path)
     bench = sub.add_parser("bench", help="benchmarks; print a Markdown table and ratios")
-    bench.add_argument("what", choices=["fisher"])
+    bench.add_argument("what", choices=["fisher", "round", "data"])
+    bench.add_argument("--run-config", default="", help="round/data: run-config overrides of the benchmarked setup")
+    bench.add_argument("--rounds", type=int, default=12, help="round: rounds per measurement")
+    bench.add_argument("--warmup", type=int, default=3, help="round: first rounds left out")
     bench.add_argument("--model", default=None, help="default: vit-small-dino on CUDA, vit-tiny-test on CPU")
     bench.add_argument("--samples", type=int, default=None, help="default: 450 (one client's shard) on CUDA, 128 on CPU")
     bench.add_argument("--chunk", type=int, default=32)
@@ -60,13 +63,31 @@ def _report(args) -> int:
 
 
 def _bench(args) -> int:
-    from experiments.bench import bench_fisher, print_fisher
+    import tempfile
+
+    from experiments.bench import bench_data, bench_fisher, bench_round, print_data, print_fisher, print_round
+    from fed_app.config import RunConfig, parse_overrides
 
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    if args.what in ("round", "data"):
+        # default: the headline setup on a GPU; offline on a CPU, the same shapes with synthetic data and the tiny ViT
+        cpu = {} if device.type == "cuda" else {"dataset": "synthetic", "model": "vit-tiny-test",
+                                                "synthetic-train-size": 5500, "synthetic-test-size": 500,
+                                                "val-size": 500}
+        cfg = RunConfig.from_run_config({**cpu, **parse_overrides(args.run_config)})
+        if args.what == "data":
+            print_data(bench_data(cfg, batches=20), f"bench data: {cfg.model}, batch {cfg.batch_size}, {name}")
+            return 0
+        with tempfile.TemporaryDirectory(dir=".") as tmp:
+            rows = bench_round(cfg, args.rounds, args.warmup, Path(tmp), gpus=0.1 if device.type == "cuda" else 0.0)
+        print_round(rows, f"bench round: {cfg.model}, K={cfg.num_clients}, C={cfg.fraction_train}, "
+                          f"J={cfg.local_steps}, batch {cfg.batch_size}, {name}, precision {cfg.precision}, "
+                          f"median of rounds {args.warmup + 1}..{args.rounds - 1}")
+        return 0
     model = args.model or ("vit-small-dino" if device.type == "cuda" else "vit-tiny-test")
     samples = args.samples or (450 if device.type == "cuda" else 128)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     rows = bench_fisher(model, samples, args.chunk, args.repeats, device)
     print_fisher(rows, f"bench fisher: {model}, {samples} samples, chunk {args.chunk}, {name}, fp32")
     return 0

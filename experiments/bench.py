@@ -1,9 +1,12 @@
-"""Benchmarks that print a table and ratios: `python -m experiments bench fisher`."""
+"""Benchmarks that print a table and ratios: `python -m experiments bench fisher | round | data`."""
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -69,3 +72,125 @@ def print_fisher(rows: list[dict], header: str) -> None:
     for r in rows:
         peak = "n/a (CPU)" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         print(f"| {r['method']} | {r['s_per_1000']:.3f} | {peak} | {ref / r['s_per_1000']:.1f}x |")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
+    """Median seconds per round of the same client training in a plain in-process loop: for each sampled
+    client, J steps from the global model, its delta (only trainable entries under a mask), then the
+    example-weighted average added to the global model. No Flower, no serialization."""
+    from fed_app.worker import get_worker
+    from masking.calibrate import calibrate
+    from masking.payload import add_trainable_, gather_trainable
+    from strategies.fedavg import sample_partitions, weighted_average
+
+    worker = get_worker(cfg)
+    state = worker.initial_state()
+    masks = None
+    if cfg.optimizer == "sparse-sgdm":  # which entries are trainable does not change a round's cost
+        masks = {n: m.cpu() for n, m in calibrate(worker.model, "random", cfg.sparsity, 1, None, seed=0).items()}
+    times = []
+    for r in range(1, rounds + 1):
+        t = time.perf_counter()
+        deltas, weights = [], []
+        for pid in sample_partitions(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
+            delta, _, n = worker.local_update(state, pid, r, masks)
+            deltas.append({"values": gather_trainable(delta, masks)} if masks else delta)
+            weights.append(n)
+        avg = weighted_average(deltas, weights)
+        if masks:
+            add_trainable_(state, avg["values"], masks)
+        else:
+            state = {k: v + avg[k] for k, v in state.items()}
+        _sync(worker.device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[warmup:])
+
+
+def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: float) -> tuple[float, float]:
+    """Median seconds per training round of the fedit app under `flwr run` (first `warmup` rounds and the
+    last, which evaluates, excluded), and the mean bytes clients sent back per round."""
+    from fed_app.simulation import LocalSimulation
+
+    run_cfg = cfg.replace(num_rounds=rounds, eval_every=10**6, checkpoint_every=10**6,
+                          run_dir=str((workdir / f"run-{cfg.optimizer}").resolve()))
+    with LocalSimulation(workdir / ".flwr") as sim:
+        sim.run(run_cfg, num_supernodes=cfg.num_clients, gpus=gpus)
+    rows = [json.loads(line) for line in (Path(run_cfg.run_dir) / "rows.jsonl").read_text().splitlines()]
+    steady = [r for r in rows if warmup < r["round"] < rounds]
+    return statistics.median(r["round_time"] for r in steady), statistics.mean(r["bytes_received"] for r in steady)
+
+
+def bench_round(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: float) -> list[dict]:
+    rows = []
+    for optimizer in ("sgdm", "sparse-sgdm"):
+        c = cfg.replace(optimizer=optimizer, mask_rule="random", calibration_rounds=1)
+        limit = round_limit(c, rounds, warmup)
+        flower, uploaded = round_flower(c, rounds, warmup, workdir, gpus)
+        rows.append({"config": f"{optimizer} (sparsity {c.sparsity})" if optimizer != "sgdm" else "dense",
+                     "limit": limit, "flower": flower, "bytes": uploaded})
+    return rows
+
+
+def print_round(rows: list[dict], header: str) -> None:
+    print(header)
+    print("| config | in-process limit (s/round) | fedit on Flower (s/round) | Flower / limit | MiB uploaded/round |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['limit']:.3f} | {r['flower']:.3f} | {r['flower'] / r['limit']:.2f}x | "
+              f"{r['bytes'] / 2**20:.2f} |")
+    if len(rows) == 2:
+        print(f"sparse / dense upload: {rows[1]['bytes'] / rows[0]['bytes']:.3f}")
+
+
+def bench_data(cfg: RunConfig, batches: int) -> list[dict]:
+    """Device-side batch preparation (index, resize, normalize, augment) vs the training step's consumption."""
+    from fed_app.data import BatchTransform, load_dataset
+    from fed_app.model import build_model
+    from fed_app.task import autocast, make_optimizer, resolve_device
+
+    device = resolve_device(cfg)
+    data = load_dataset(cfg, device)
+    model, spec = build_model(cfg.replace(model_weights="random" if cfg.model == "vit-small-dino" else ""), 100)
+    model.to(device).train()
+    g = torch.Generator(device=device).manual_seed(0)
+    idx = [torch.randint(0, len(data.train), (cfg.batch_size,), device=device, generator=g) for _ in range(batches)]
+    rows = []
+    for size in sorted({spec.input_size, 224}):
+        tf = BatchTransform(size, spec.mean, spec.std, augment=True)
+
+        def prepare(tf=tf):
+            for i in idx:
+                tf(data.train.images[i], g)
+
+        seconds, _ = _measure(prepare, device, repeats=3)
+        rows.append({"stage": f"prepare batches at {size} px (crop+flip, resize, normalize)",
+                     "images_per_s": batches * cfg.batch_size / seconds})
+    opt = make_optimizer(cfg, model.parameters())
+    tf = BatchTransform(spec.input_size, spec.mean, spec.std, augment=True)
+    precision = autocast(cfg, device)
+
+    def train():
+        for i in idx:
+            with precision:
+                loss = torch.nn.functional.cross_entropy(model(tf(data.train.images[i], g)), data.train.labels[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    seconds, _ = _measure(train, device, repeats=1)
+    rows.append({"stage": f"training step incl. preparation ({cfg.model}, {spec.input_size} px)",
+                 "images_per_s": batches * cfg.batch_size / seconds})
+    return rows
+
+
+def print_data(rows: list[dict], header: str) -> None:
+    print(header)
+    print("| stage | images / s |")
+    print("|---|---|")
+    for r in rows:
+        print(f"| {r['stage']} | {r['images_per_s']:,.0f} |")

@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
+from fed_app.wire import pack_state, unpack_state
 from fed_app.worker import Worker, get_worker
 from masking.payload import gather_trainable, pack_masks, unpack_masks
 
@@ -43,10 +44,10 @@ def train(msg: Message, context: Context) -> Message:
     masks = None
     if "mask" in msg.content:
         masks = unpack_masks(msg.content["mask"]["bits"].numpy(), worker.trainable_shapes())
-    delta, loss, examples = worker.local_update(msg.content["arrays"].to_torch_state_dict(), pid,
+    delta, loss, examples = worker.local_update(unpack_state(msg.content["arrays"], worker.state_shapes()), pid,
                                                 int(config["server-round"]), masks,
                                                 head_only=config.get("phase", "") == "head")
-    payload = ArrayRecord({"values": gather_trainable(delta, masks)}) if masks else ArrayRecord(delta)
+    payload = ArrayRecord({"values": gather_trainable(delta, masks)}) if masks else pack_state(delta)
     metrics = MetricRecord({"train_loss": loss, "num-examples": examples, "partition-id": pid,
                             "worker-builds": worker.builds})
     return Message(RecordDict({"delta": payload, "metrics": metrics}), reply_to=msg)
@@ -56,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
 def ridge(msg: Message, context: Context) -> Message:
     """Step 0, head='ridge': X^T X, X^T Y of this shard's backbone features (they add up across clients)."""
     _, pid, worker = _setup(context)
-    stats = worker.ridge_statistics(msg.content["arrays"].to_torch_state_dict(), pid)
+    stats = worker.ridge_statistics(unpack_state(msg.content["arrays"], worker.state_shapes()), pid)
     metrics = MetricRecord({"num-examples": int(stats["count"]), "partition-id": pid})
     return Message(RecordDict({"stats": ArrayRecord({k: stats[k] for k in ("xtx", "xty")}), "metrics": metrics}),
                    reply_to=msg)
@@ -66,16 +67,16 @@ def ridge(msg: Message, context: Context) -> Message:
 def fisher(msg: Message, context: Context) -> Message:
     """Calibration: Fisher sums of this shard on the weights received (already damped by the server)."""
     cfg, pid, worker = _setup(context)
-    sums = worker.fisher_sums(msg.content["arrays"].to_torch_state_dict(), pid)
+    sums = worker.fisher_sums(unpack_state(msg.content["arrays"], worker.state_shapes()), pid)
     metrics = MetricRecord({"num-examples": min(cfg.fisher_samples, len(worker.shards[pid])), "partition-id": pid})
-    return Message(RecordDict({"sums": ArrayRecord(sums), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"sums": pack_state(sums), "metrics": metrics}), reply_to=msg)
 
 
 @app.query("local_mask")
 def local_mask(msg: Message, context: Context) -> Message:
     """mask-scope 'local': calibrate this client's own mask on its own shard; reply with it as packed bits."""
     _, pid, worker = _setup(context)
-    masks = worker.local_masks(msg.content["arrays"].to_torch_state_dict(), pid)
+    masks = worker.local_masks(unpack_state(msg.content["arrays"], worker.state_shapes()), pid)
     bits = ArrayRecord({"bits": torch.from_numpy(pack_masks(masks))})
     return Message(RecordDict({"mask": bits, "metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
@@ -84,7 +85,7 @@ def local_mask(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """The received model's loss and accuracy on this client's own shard."""
     cfg, pid, worker = _setup(context)
-    result = worker.evaluate(msg.content["arrays"].to_torch_state_dict(), worker.shard(pid))
+    result = worker.evaluate(unpack_state(msg.content["arrays"], worker.state_shapes()), worker.shard(pid))
     metrics = MetricRecord({"loss": result["loss"], "accuracy": result["accuracy"],
                             "num-examples": len(worker.shards[pid])})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

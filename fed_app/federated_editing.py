@@ -6,11 +6,12 @@ import itertools
 import logging
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fed_app.config import RunConfig
 from fed_app.head import solve_ridge
+from fed_app.wire import pack_state, split_flat, unpack_state
 from fed_app.worker import State, Worker
 from masking.calibrate import Masks, calibrate
 from masking.payload import unpack_masks
@@ -23,7 +24,7 @@ def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: W
     """head='ridge': every client's X^T X and X^T Y summed, solved once (equal to ridge on the union);
     head='train': head-rounds FedAvg rounds in which clients train only the head. Then it stays frozen."""
     if cfg.head == "ridge":
-        replies = strategy.query(grid, 0, "ridge", RecordDict({"arrays": ArrayRecord(state)}),
+        replies = strategy.query(grid, 0, "ridge", RecordDict({"arrays": pack_state(state)}),
                                  list(range(cfg.num_clients)))
         parts = [r.content["stats"].to_torch_state_dict() for r in replies]
         stats = {k: sum(p[k] for p in parts[1:]) + parts[0][k] for k in ("xtx", "xty")}
@@ -32,8 +33,8 @@ def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: W
                 "head.bias": bias.to(state["head.bias"].dtype)}
     if cfg.head == "train":
         for r in range(1, cfg.head_rounds + 1):
-            delta, metrics = strategy.train_round(grid, r, ArrayRecord(state), ConfigRecord({"phase": "head"}))
-            update = delta.to_torch_state_dict()
+            delta, metrics = strategy.train_round(grid, r, pack_state(state), ConfigRecord({"phase": "head"}))
+            update = unpack_state(delta, worker.state_shapes())
             state = {k: v + update[k] for k, v in state.items()}
             log.info("head round %d/%d  train_loss %.4f", r, cfg.head_rounds, metrics["train_loss"])
     return state
@@ -49,13 +50,14 @@ def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: 
     def client_fisher(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         r = next(rounds)
         pids = sample_partitions(cfg.seed, r, cfg.num_clients, per_round, stream=CALIBRATION_STREAM)
-        arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        replies = strategy.query(grid, r, "fisher", RecordDict({"arrays": arrays}), pids)
-        total: dict[str, torch.Tensor] = {}
-        for reply in replies:  # in partition order: the same float sums every time
-            for n, s in reply.content["sums"].to_torch_state_dict().items():
-                total[n] = total[n] + s if n in total else s
-        return {n: s.to(worker.device) for n, s in total.items()}
+        replies = strategy.query(grid, r, "fisher", RecordDict({"arrays": pack_state(model.state_dict())}), pids)
+        total = reply_flat(replies[0])
+        for reply in replies[1:]:  # in partition order: the same float sums every time
+            total += reply_flat(reply)
+        return {n: s.to(worker.device) for n, s in split_flat(total, worker.trainable_shapes()).items()}
+
+    def reply_flat(reply) -> torch.Tensor:
+        return reply.content["sums"].to_torch_state_dict()["flat"]
 
     masks = calibrate(worker.model, cfg.mask_rule, cfg.sparsity, cfg.calibration_rounds, client_fisher,
                       damping=cfg.mask_damping, seed=cfg.seed)
@@ -65,7 +67,7 @@ def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: 
 def federated_local_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker,
                           state: State) -> dict[int, Masks]:
     """mask-scope 'local': every client calibrates its own mask on its own shard; partition id -> mask."""
-    replies = strategy.query(grid, 0, "local_mask", RecordDict({"arrays": ArrayRecord(state)}),
+    replies = strategy.query(grid, 0, "local_mask", RecordDict({"arrays": pack_state(state)}),
                              list(range(cfg.num_clients)))
     shapes = worker.trainable_shapes()
     return {int(r.content["metrics"]["partition-id"]): unpack_masks(r.content["mask"]["bits"].numpy(), shapes)

@@ -13,6 +13,7 @@ from fed_app.config import ConfigError, RunConfig
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
+from fed_app.wire import pack_state, split_flat
 from fed_app.worker import State, get_worker
 from masking.calibrate import density_of, load_masks
 from masking.payload import add_trainable_, pack_masks, unpack_masks
@@ -83,19 +84,22 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
         strategy.client_masks = client_masks
     for server_round in range(start + 1, rounds + 1):
         t_round = time.perf_counter()
-        delta, metrics = strategy.train_round(grid, server_round, ArrayRecord(state), ConfigRecord())
-        state = _apply(state, delta.to_torch_state_dict(), masks)
+        delta, metrics = strategy.train_round(grid, server_round, pack_state(state), ConfigRecord())
+        state = _apply(state, delta.to_torch_state_dict(), masks, worker.state_shapes())
         finish_round(server_round, state, {
             "round": server_round, "train_loss": metrics["train_loss"], "clients": metrics["clients"],
+            "worker_builds": metrics["worker_builds"],
             "bytes_sent": strategy.bytes_sent, "bytes_received": strategy.bytes_received})
     plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {cfg.run_id()}")
     run_dir.mark_done()
     return run_dir
 
 
-def _apply(state: State, update: State, masks) -> State:
-    """global + averaged delta; under a global mask only its trainable entries are touched, and with
-    local masks only the parameters that have a mask (the frozen head is never touched)."""
+def _apply(state: State, update: State, masks, shapes) -> State:
+    """global + averaged delta: a flat dense delta, the flat trainable entries of a global mask, or (local
+    masks) the parameters that have a mask; what no update names (the frozen head) is never touched."""
+    if "flat" in update:
+        update = split_flat(update["flat"], shapes)
     if masks is None:
         return {k: v + update[k] if k in update else v for k, v in state.items()}
     state = {k: v.clone() for k, v in state.items()}

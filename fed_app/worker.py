@@ -83,6 +83,9 @@ class Worker:
         self.load(state)
         return calibrate_masks(self.cfg, self.model, self.data.train, self.shards[partition_id], self.eval_tf)
 
+    def state_shapes(self) -> dict[str, torch.Size]:
+        return {n: t.shape for n, t in self.model.state_dict().items()}
+
     def trainable_shapes(self) -> dict[str, torch.Size]:
         return {n: p.shape for n, p in self.model.named_parameters() if p.requires_grad}
 

@@ -136,7 +136,8 @@ class SeededFedAvg(FedAvg):
                       for d, c in zip(deltas, contents)]
         delta = weighted_average(deltas, weights)
         loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, contents)) / sum(weights)
-        return ArrayRecord(delta), MetricRecord({"train_loss": loss, "clients": len(contents)})
+        builds = max(int(c["metrics"].get("worker-builds", 0)) for c in contents)  # 1: built once per process
+        return ArrayRecord(delta), MetricRecord({"train_loss": loss, "clients": len(contents), "worker_builds": builds})
 
     @staticmethod
     def _scatter(values: Tensor, masks: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -57,6 +57,17 @@ def test_a_client_takes_exactly_j_optimizer_steps_on_its_own_shard(tmp_path):
     assert get_worker(cfg) is worker  # built once per process, reused by every message
 
 
+def test_the_client_path_uses_no_dataloader(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a DataLoader was built in the client path")
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", refuse)
+    worker = get_worker(_cfg(tmp_path, "unit"))
+    state = worker.initial_state()
+    worker.local_update(state, partition_id=0, server_round=1)
+    worker.evaluate(state, worker.shard(0))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("partition", ["iid", "noniid"])
 def test_flwr_run_simulation_end_to_end(tmp_path, partition):
@@ -66,6 +77,7 @@ def test_flwr_run_simulation_end_to_end(tmp_path, partition):
     rows = _rows(tmp_path / partition)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # round 0: the starting point, evaluated
     assert all(r["clients"] == 3 for r in rows[1:])
+    assert all(r["worker_builds"] == 1 for r in rows[1:])  # each worker process built model and data once
     assert "val_accuracy" in rows[2] and "val_accuracy" not in rows[3] and "test_accuracy" in rows[4]
     assert rows[1]["bytes_sent"] == rows[1]["bytes_received"] > 0  # dense: a delta as large as the model
     assert (tmp_path / partition / "DONE").exists()
