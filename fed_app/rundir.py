@@ -80,10 +80,12 @@ class RunDir:
         save_masks(masks, self.path / "mask.pt")
         atomic_write_bytes(self.path / "mask_stats.json", json.dumps(mask_stats(masks), indent=1).encode())
 
+    def save_client_masks(self, bits: dict[int, Any]) -> None:
+        """client_masks.pt: partition id -> packed mask bits (mask-scope 'local')."""
+        _atomic_torch_save(bits, self.path / "client_masks.pt")
+
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        tmp = self.checkpoint_file.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        _fsync_replace(tmp, self.checkpoint_file)
+        _atomic_torch_save(state, self.checkpoint_file)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self.checkpoint_file.exists():
@@ -95,6 +97,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
+    _fsync_replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
     _fsync_replace(tmp, path)
 
 

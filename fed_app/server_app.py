@@ -6,7 +6,7 @@ import logging
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fed_app.config import ConfigError, RunConfig
@@ -42,13 +42,13 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
     rounds = cfg.total_rounds
     t0 = time.perf_counter()
 
-    def finish_round(server_round: int, state: State, row: dict) -> None:
+    def finish_round(server_round: int, state: State, row: dict, started: float) -> None:
         last = server_round == rounds
         if last or server_round % cfg.eval_every == 0:
             row.update(_prefixed("val", worker.evaluate(state, worker.data.val)))
         if last or server_round == 0 or (cfg.test_every and server_round % cfg.test_every == 0):
             row.update(_prefixed("test", worker.evaluate(state, worker.data.test)))
-        row["round_time"] = time.perf_counter() - t_round
+        row["round_time"] = time.perf_counter() - started
         row["wall_time"] = time.perf_counter() - t0
         run_dir.append_row(row)
         if last or server_round % cfg.checkpoint_every == 0:
@@ -58,41 +58,48 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
 
     state, start, elapsed = _restore(run_dir)
     t0 -= elapsed
-    masks = client_masks = None
     if start is None:  # fresh: step 0, calibration, and the starting point as round 0
-        t_round = time.perf_counter()
-        state = federated_head(grid, cfg, strategy, worker, worker.initial_state())
-        if cfg.optimizer == "sparse-sgdm" and cfg.mask_scope == "global":
-            masks = federated_masks(grid, cfg, strategy, worker, state)
-            run_dir.save_mask(masks)
-        elif cfg.optimizer == "sparse-sgdm":
-            client_masks = federated_local_masks(grid, cfg, strategy, worker, state)
-            torch.save({p: pack_masks(m) for p, m in client_masks.items()}, run_dir.path / "client_masks.pt")
-        density = density_of(masks) if masks else (
-            sum(map(density_of, client_masks.values())) / len(client_masks) if client_masks else 1.0)
-        finish_round(0, state, {"round": 0, "density": density, "bytes_sent": strategy.bytes_sent,
-                                "bytes_received": strategy.bytes_received})
+        started = time.perf_counter()
+        state, masks, client_masks = _step_zero(grid, cfg, strategy, worker, run_dir)
+        finish_round(0, state, {"round": 0, "density": _density(masks, client_masks), "bytes_sent":
+                                strategy.bytes_sent, "bytes_received": strategy.bytes_received}, started)
         start = 0
-    elif cfg.optimizer == "sparse-sgdm":  # resumed: the masks saved before the round-0 checkpoint
-        masks, client_masks = _load_masks(run_dir, worker.trainable_shapes())
-    if masks is not None:
-        record = ArrayRecord({"bits": torch.from_numpy(pack_masks(masks))})
-        strategy.mask_records = {p: record for p in range(cfg.num_clients)}
-    if client_masks is not None:
-        strategy.mask_records = {p: ArrayRecord({"bits": torch.from_numpy(pack_masks(m))})
-                                 for p, m in client_masks.items()}
-        strategy.client_masks = client_masks
+    else:  # resumed: the masks were saved before the round-0 checkpoint; calibration is not redone
+        masks, client_masks = _load_masks(run_dir, worker.trainable_shapes(), cfg)
+    strategy.use_masks(masks, client_masks)
     for server_round in range(start + 1, rounds + 1):
-        t_round = time.perf_counter()
+        started = time.perf_counter()
         delta, metrics = strategy.train_round(grid, server_round, pack_state(state), ConfigRecord())
         state = _apply(state, delta.to_torch_state_dict(), masks, worker.state_shapes())
         finish_round(server_round, state, {
             "round": server_round, "train_loss": metrics["train_loss"], "clients": metrics["clients"],
             "worker_builds": metrics["worker_builds"],
-            "bytes_sent": strategy.bytes_sent, "bytes_received": strategy.bytes_received})
+            "bytes_sent": strategy.bytes_sent, "bytes_received": strategy.bytes_received}, started)
     plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {cfg.run_id()}")
     run_dir.mark_done()
     return run_dir
+
+
+def _step_zero(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker, run_dir: RunDir):
+    """(global weights after step 0, global masks or None, per-client masks or None); masks saved."""
+    state = federated_head(grid, cfg, strategy, worker, worker.initial_state())
+    if cfg.optimizer != "sparse-sgdm":
+        return state, None, None
+    if cfg.mask_scope == "global":
+        masks = federated_masks(grid, cfg, strategy, worker, state)
+        run_dir.save_mask(masks)
+        return state, masks, None
+    client_masks = federated_local_masks(grid, cfg, strategy, worker, state)
+    run_dir.save_client_masks({p: pack_masks(m) for p, m in client_masks.items()})
+    return state, None, client_masks
+
+
+def _density(masks, client_masks) -> float:
+    if masks is not None:
+        return density_of(masks)
+    if client_masks is not None:
+        return sum(map(density_of, client_masks.values())) / len(client_masks)
+    return 1.0
 
 
 def _apply(state: State, update: State, masks, shapes) -> State:
@@ -122,9 +129,11 @@ def _restore(run_dir: RunDir) -> tuple[State | None, int | None, float]:
     return ckpt["model"], ckpt["round"], ckpt["wall_time"]
 
 
-def _load_masks(run_dir: RunDir, shapes: dict) -> tuple[dict | None, dict | None]:
-    """(global masks, per-client masks) as calibration saved them; one of the two is None."""
-    if (run_dir.path / "mask.pt").exists():
+def _load_masks(run_dir: RunDir, shapes: dict, cfg: RunConfig) -> tuple[dict | None, dict | None]:
+    """(global masks, per-client masks) as calibration saved them; at most one of the two is set."""
+    if cfg.optimizer != "sparse-sgdm":
+        return None, None
+    if cfg.mask_scope == "global":
         return load_masks(run_dir.path / "mask.pt"), None
     bits = torch.load(run_dir.path / "client_masks.pt", weights_only=False)
     return None, {p: unpack_masks(b, shapes) for p, b in bits.items()}

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from masking.payload import add_trainable_
+from masking.payload import add_trainable_, pack_masks
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,16 @@ class SeededFedAvg(FedAvg):
         self.bytes_sent = self.bytes_received = 0
         self.mask_records: dict[int, ArrayRecord] = {}  # partition id -> the mask its train messages carry
         self.client_masks: dict[int, dict[str, Tensor]] | None = None  # mask-scope 'local': each client's own
+
+    def use_masks(self, masks: dict[str, Tensor] | None, client_masks: dict[int, dict[str, Tensor]] | None) -> None:
+        """Train messages carry the global mask, or each client's own (then replies are scattered per client)."""
+        if masks is not None:
+            record = ArrayRecord({"bits": torch.from_numpy(pack_masks(masks))})
+            self.mask_records = {p: record for p in range(self.num_clients)}
+        if client_masks is not None:
+            self.mask_records = {p: ArrayRecord({"bits": torch.from_numpy(pack_masks(m))})
+                                 for p, m in client_masks.items()}
+            self.client_masks = client_masks
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
