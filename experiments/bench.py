@@ -64,14 +64,20 @@ def bench_fisher(model_name: str, samples: int, chunk: int, repeats: int, device
     return rows
 
 
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table under a title line, as results/benchmarks.md records it."""
+    print(title)
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def print_fisher(rows: list[dict], header: str) -> None:
-    ref = rows[1]["s_per_1000"]
-    print(header)
-    print("| method | s / 1000 samples | peak MiB | loop time / this |")
-    print("|---|---|---|---|")
-    for r in rows:
-        peak = "n/a (CPU)" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        print(f"| {r['method']} | {r['s_per_1000']:.3f} | {peak} | {ref / r['s_per_1000']:.1f}x |")
+    loop = next(r["s_per_1000"] for r in rows if "loop" in r["method"])
+    print_table(header, ["method", "s / 1000 samples", "peak MiB", "loop time / this"], [
+        [r["method"], f"{r['s_per_1000']:.3f}", "n/a (CPU)" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
+         f"{loop / r['s_per_1000']:.1f}x"] for r in rows])
 
 
 def _sync(device: torch.device) -> None:
@@ -137,12 +143,10 @@ def bench_round(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: f
 
 
 def print_round(rows: list[dict], header: str) -> None:
-    print(header)
-    print("| config | in-process limit (s/round) | fedit on Flower (s/round) | Flower / limit | MiB uploaded/round |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['limit']:.3f} | {r['flower']:.3f} | {r['flower'] / r['limit']:.2f}x | "
-              f"{r['bytes'] / 2**20:.2f} |")
+    print_table(header, ["config", "in-process limit (s/round)", "fedit on Flower (s/round)", "Flower / limit",
+                         "MiB uploaded/round"], [
+        [r["config"], f"{r['limit']:.3f}", f"{r['flower']:.3f}", f"{r['flower'] / r['limit']:.2f}x",
+         f"{r['bytes'] / 2**20:.2f}"] for r in rows])
     if len(rows) == 2:
         print(f"sparse / dense upload: {rows[1]['bytes'] / rows[0]['bytes']:.3f}")
 
@@ -189,8 +193,4 @@ def bench_data(cfg: RunConfig, batches: int) -> list[dict]:
 
 
 def print_data(rows: list[dict], header: str) -> None:
-    print(header)
-    print("| stage | images / s |")
-    print("|---|---|")
-    for r in rows:
-        print(f"| {r['stage']} | {r['images_per_s']:,.0f} |")
+    print_table(header, ["stage", "images / s"], [[r["stage"], f"{r['images_per_s']:,.0f}"] for r in rows])
