@@ -153,11 +153,11 @@ def iid_shards(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarr
     if not 1 <= num_clients <= len(labels):
         raise DataError(f"num-clients={num_clients} must be between 1 and the {len(labels)} training images.")
     rng = np.random.default_rng(seed)
-    # shuffle within each class, keep classes contiguous, then deal: client i gets positions i, i+K, ...
+    # shuffle within each class, keep classes contiguous, then deal like cards: pile i gets positions
+    # i, i+K, i+2K, ... so every class is split over the piles within 1; piles go to clients at random
     order = np.lexsort((rng.random(len(labels)), labels))
-    client_of_class_start = rng.permutation(num_clients)  # which client the deal starts from
-    dealt = [order[i::num_clients] for i in range(num_clients)]
-    return [np.sort(dealt[j]) for j in client_of_class_start]
+    piles = [order[i::num_clients] for i in range(num_clients)]
+    return [np.sort(piles[j]) for j in rng.permutation(num_clients)]
 
 
 def noniid_shards(labels: np.ndarray, num_clients: int, classes_per_client: int, seed: int) -> list[np.ndarray]:
