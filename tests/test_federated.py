@@ -135,3 +135,14 @@ def test_rounds_scaling_keeps_total_local_steps_equal_across_j():
         cfg = RunConfig(num_rounds=500, local_steps=j, rounds_scaling=True)
         assert cfg.total_rounds == rounds and cfg.total_rounds * j == 2000
     assert RunConfig(num_rounds=500, local_steps=16).total_rounds == 500
+
+
+def test_make_run_refuses_a_bad_value_in_one_sentence_before_starting_flower(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fed_app.simulation", "--run-config", "partition='dirichlet'"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: run-config partition='dirichlet' is not one of iid, noniid; pick one of those."
+    assert not (tmp_path / "results").exists()  # no SuperLink home, no run directory
