@@ -58,6 +58,7 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "round_timeout": (0.0, True),
     "head_rounds": (1, False),
     "calibration_fraction": (0.0, True),
+    "fraction_evaluate": (0.0, False),
 }
 
 
@@ -67,6 +68,7 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
     "sparsity": (1.0, True),
     "fraction_train": (1.0, False),
     "calibration_fraction": (1.0, False),
+    "fraction_evaluate": (1.0, False),
     "classes_per_client": (100, False),  # CIFAR-100 and the synthetic set both have 100 classes
 }
 
@@ -126,6 +128,7 @@ class RunConfig:
     num_clients: int = 100
     fraction_train: float = 0.1
     eval_every: int = 10
+    fraction_evaluate: float = 0.0
     test_every: int = 0
     checkpoint_every: int = 10
     on_client_failure: str = "retry"

@@ -46,6 +46,9 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
         last = server_round == rounds
         if last or server_round % cfg.eval_every == 0:
             row.update(_prefixed("val", worker.evaluate(state, worker.data.val)))
+            if cfg.fraction_evaluate > 0:  # the global model on the clients' own data (telling when non-iid)
+                row.update(_prefixed("client", strategy.evaluate_round(grid, server_round, pack_state(state),
+                                                                       cfg.fraction_evaluate)))
         if last or server_round == 0 or (cfg.test_every and server_round % cfg.test_every == 0):
             row.update(_prefixed("test", worker.evaluate(state, worker.data.test)))
         row["round_time"] = time.perf_counter() - started

@@ -18,7 +18,7 @@ from masking.payload import add_trainable_, pack_masks
 log = logging.getLogger(__name__)
 
 
-TRAIN_STREAM, HEAD_STREAM, CALIBRATION_STREAM = 0, 1, 2  # sampling streams: one per phase
+TRAIN_STREAM, HEAD_STREAM, CALIBRATION_STREAM, EVALUATE_STREAM = 0, 1, 2, 3  # sampling streams: one per phase
 PHASE_STREAMS = {"": TRAIN_STREAM, "head": HEAD_STREAM}
 
 
@@ -98,6 +98,16 @@ class SeededFedAvg(FedAvg):
         pids = [self.partition_of[m.metadata.dst_node_id] for m in messages]
         replies = self.collect(grid, server_round, messages, pids)
         return self.aggregate_train(server_round, replies)
+
+    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, fraction: float) -> MetricRecord:
+        """A `fraction` of the clients evaluate the global model on their own shards: example-weighted means."""
+        pids = sample_partitions(self.seed, server_round, self.num_clients,
+                                 max(1, round(fraction * self.num_clients)), EVALUATE_STREAM)
+        messages = self._messages({p: RecordDict({self.arrayrecord_key: arrays}) for p in pids}, MessageType.EVALUATE)
+        metrics = [m.content["metrics"] for m in self.collect(grid, server_round, messages, pids)]
+        total = sum(float(m["num-examples"]) for m in metrics)
+        return MetricRecord({k: sum(float(m[k]) * float(m["num-examples"]) for m in metrics) / total
+                             for k in ("loss", "accuracy")})
 
     def query(self, grid: Grid, server_round: int, action: str, record: RecordDict,
               pids: list[int]) -> list[Message]:

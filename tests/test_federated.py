@@ -71,7 +71,7 @@ def test_the_client_path_uses_no_dataloader(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("partition", ["iid", "noniid"])
 def test_flwr_run_simulation_end_to_end(tmp_path, partition):
-    cfg = _cfg(tmp_path, partition, partition=partition, **{"classes-per-client": 20})
+    cfg = _cfg(tmp_path, partition, partition=partition, **{"classes-per-client": 20, "fraction-evaluate": 0.5})
     with LocalSimulation(tmp_path / "flwr") as sim:
         sim.run(cfg, num_supernodes=10, timeout=300)
     rows = _rows(tmp_path / partition)
@@ -79,6 +79,7 @@ def test_flwr_run_simulation_end_to_end(tmp_path, partition):
     assert all(r["clients"] == 3 for r in rows[1:])
     assert all(r["worker_builds"] == 1 for r in rows[1:])  # each worker process built model and data once
     assert "val_accuracy" in rows[2] and "val_accuracy" not in rows[3] and "test_accuracy" in rows[4]
+    assert "client_accuracy" in rows[2] and "client_accuracy" not in rows[3]  # 5 clients on their own shards
     assert rows[1]["bytes_sent"] == rows[1]["bytes_received"] > 0  # dense: a delta as large as the model
     assert (tmp_path / partition / "DONE").exists()
 
