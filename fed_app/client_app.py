@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from fed_app.config import ConfigError, RunConfig
 from fed_app.wire import pack_state, unpack_state
 from fed_app.worker import Worker, get_worker
-from masking.payload import gather_trainable, pack_masks, unpack_masks
+from masking.payload import gather_trainable, pack_masks
 
 app = ClientApp()
 
@@ -43,7 +43,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     masks = None
     if "mask" in msg.content:
-        masks = unpack_masks(msg.content["mask"]["bits"].numpy(), worker.trainable_shapes())
+        masks = worker.masks_from_bits(msg.content["mask"]["bits"].numpy())
     delta, loss, examples = worker.local_update(unpack_state(msg.content["arrays"], worker.state_shapes()), pid,
                                                 int(config["server-round"]), masks,
                                                 head_only=config.get("phase", "") == "head")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -16,6 +18,7 @@ from fed_app.editing import calibrate_masks, fisher_indices, fisher_sums
 from fed_app.head import freeze_head, only_head_trainable, ridge_statistics
 from fed_app.model import ModelSpec, build_model
 from fed_app.task import autocast, evaluate, make_optimizer, resolve_device, train_steps
+from masking.payload import unpack_masks
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class Worker:
     spec: ModelSpec
     shards: list[Tensor]
     builds: int = 0  # how many times this process built a worker: 1 in steady state
+    _mask_cache: tuple[bytes, dict[str, Tensor]] | None = None
 
     @property
     def train_tf(self) -> BatchTransform:
@@ -82,6 +86,13 @@ class Worker:
         """mask-scope 'local': this client's own calibration, on its own shard only."""
         self.load(state)
         return calibrate_masks(self.cfg, self.model, self.data.train, self.shards[partition_id], self.eval_tf)
+
+    def masks_from_bits(self, bits: np.ndarray) -> dict[str, Tensor]:
+        """Masks from their packed bits; the last ones are kept, as a global mask repeats every round."""
+        key = hashlib.sha1(bits.tobytes()).digest()
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            self._mask_cache = (key, unpack_masks(bits, self.trainable_shapes()))
+        return self._mask_cache[1]
 
     def state_shapes(self) -> dict[str, torch.Size]:
         return {n: t.shape for n, t in self.model.state_dict().items()}
