@@ -16,7 +16,7 @@ from rich.table import Table
 from experiments.manifest import Manifest, Run
 from fed_app import centralized
 from fed_app.cli import USER_ERRORS
-from fed_app.simulation import LocalSimulation, SimulationError
+from fed_app.simulation import LocalSimulation, SimulationError, preflight
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
     (results / manifest.name).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(manifest.path, results / manifest.name / "manifest.yaml")  # the report reads its axes
     logging.basicConfig(level=logging.INFO, handlers=[RichHandler(console=console, show_path=False)], force=True)
-    failed = []
+    failed, checked = [], set()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with LocalSimulation(results / manifest.name / ".flwr") as sim, Progress(*columns, console=console) as bar:
@@ -66,6 +66,8 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
             watcher = threading.Thread(target=_watch, args=(run, bar, task, label, stop), daemon=True)
             watcher.start()
             try:
+                if run.kind == "federated" and _needs_preflight(run.cfg, checked):
+                    preflight(run.cfg)
                 if run.kind == "centralized":
                     centralized.run(run.cfg)
                 else:
@@ -79,6 +81,14 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
                 bar.remove_task(task)
             bar.advance(overall)
     return failed
+
+
+def _needs_preflight(cfg, checked: set) -> bool:
+    """Data and model are checked once per distinct source, not before every run."""
+    key = (cfg.dataset, cfg.data_root, cfg.model, cfg.model_weights)
+    new = key not in checked
+    checked.add(key)
+    return new
 
 
 def _watch(run: Run, bar: Progress, task, label: str, stop: threading.Event) -> None:

@@ -120,6 +120,18 @@ def _pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != own]
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Load the data and build the model once here, so a missing dataset or weights file is one sentence
+    before Flower starts, not a traceback inside the ServerApp."""
+    import torch
+
+    from fed_app.data import load_dataset
+    from fed_app.model import build_model
+
+    load_dataset(cfg, torch.device("cpu"))
+    build_model(cfg, 100)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
     cfg = cfg.replace(run_dir=str(RunDir.for_config(cfg, group="federated").path))  # absolute for the SuperLink
+    preflight(cfg)
     gpus = args.gpus if args.gpus is not None else (0.1 if torch.cuda.is_available() else 0.0)
     with LocalSimulation(Path("results") / ".flwr") as sim:
         proc = sim.popen(cfg, args.num_supernodes or cfg.num_clients, cpus=args.cpus, gpus=gpus)

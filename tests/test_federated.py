@@ -147,3 +147,15 @@ def test_make_run_refuses_a_bad_value_in_one_sentence_before_starting_flower(tmp
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: run-config partition='dirichlet' is not one of iid, noniid; pick one of those."
     assert not (tmp_path / "results").exists()  # no SuperLink home, no run directory
+
+
+def test_make_run_without_cifar_offline_says_where_to_put_it_before_starting_flower(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fed_app.simulation", "--run-config",
+                           f"data-root='{tmp_path / 'nowhere'}' download=false"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: CIFAR-100 is not under data-root=") and "cifar-100-python" in proc.stderr
+    assert not (tmp_path / "results" / ".flwr").exists()
