@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,9 +238,7 @@ class BatchTransform:
         if x.shape[-1] != self.size:
             x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
                                                 align_corners=False)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return (x - _channel_stats(self.mean, x.device)) / _channel_stats(self.std, x.device)
 
     def _crop_and_flip(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -252,6 +251,12 @@ class BatchTransform:
         bi = torch.arange(b, device=x.device)[:, None, None, None]
         ci = torch.arange(c, device=x.device)[None, :, None, None]
         return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(values: tuple[float, float, float], device: torch.device) -> torch.Tensor:
+    """Normalization constants, made once per device rather than copied to it every batch."""
+    return torch.tensor(values, device=device).view(1, 3, 1, 1)
 
 
 def batch_stream(indices: torch.Tensor, batch_size: int, generator: torch.Generator):
