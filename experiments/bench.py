@@ -117,9 +117,9 @@ def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
     return statistics.median(times[warmup:])
 
 
-def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: float) -> tuple[float, float]:
+def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: float) -> tuple[float, float, float]:
     """Median seconds per training round of the fedit app under `flwr run` (first `warmup` rounds and the
-    last, which evaluates, excluded), and the mean bytes clients sent back per round."""
+    last, which evaluates, excluded), and the mean bytes per round sent to and received from clients."""
     from fed_app.simulation import LocalSimulation
 
     run_cfg = cfg.replace(num_rounds=rounds, eval_every=10**6, checkpoint_every=10**6,
@@ -128,7 +128,8 @@ def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: 
         sim.run(run_cfg, num_supernodes=cfg.num_clients, gpus=gpus)
     rows = [json.loads(line) for line in (Path(run_cfg.run_dir) / "rows.jsonl").read_text().splitlines()]
     steady = [r for r in rows if warmup < r["round"] < rounds]
-    return statistics.median(r["round_time"] for r in steady), statistics.mean(r["bytes_received"] for r in steady)
+    return (statistics.median(r["round_time"] for r in steady), statistics.mean(r["bytes_sent"] for r in steady),
+            statistics.mean(r["bytes_received"] for r in steady))
 
 
 def bench_round(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: float) -> list[dict]:
@@ -136,19 +137,20 @@ def bench_round(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: f
     for optimizer in ("sgdm", "sparse-sgdm"):
         c = cfg.replace(optimizer=optimizer, mask_rule="random", calibration_rounds=1)
         limit = round_limit(c, rounds, warmup)
-        flower, uploaded = round_flower(c, rounds, warmup, workdir, gpus)
+        flower, downloaded, uploaded = round_flower(c, rounds, warmup, workdir, gpus)
         rows.append({"config": f"{optimizer} (sparsity {c.sparsity})" if optimizer != "sgdm" else "dense",
-                     "limit": limit, "flower": flower, "bytes": uploaded})
+                     "limit": limit, "flower": flower, "down": downloaded, "bytes": uploaded})
     return rows
 
 
 def print_round(rows: list[dict], header: str) -> None:
     print_table(header, ["config", "in-process limit (s/round)", "fedit on Flower (s/round)", "Flower / limit",
-                         "MiB uploaded/round"], [
+                         "MiB to clients/round", "MiB from clients/round"], [
         [r["config"], f"{r['limit']:.3f}", f"{r['flower']:.3f}", f"{r['flower'] / r['limit']:.2f}x",
-         f"{r['bytes'] / 2**20:.2f}"] for r in rows])
+         f"{r['down'] / 2**20:.2f}", f"{r['bytes'] / 2**20:.2f}"] for r in rows])
     if len(rows) == 2:
-        print(f"sparse / dense upload: {rows[1]['bytes'] / rows[0]['bytes']:.3f}")
+        print(f"sparse / dense upload: {rows[1]['bytes'] / rows[0]['bytes']:.3f}, "
+              f"download: {rows[1]['down'] / rows[0]['down']:.3f}")
 
 
 def bench_data(cfg: RunConfig, batches: int) -> list[dict]:

@@ -44,7 +44,7 @@ def train(msg: Message, context: Context) -> Message:
     masks = None
     if "mask" in msg.content:
         masks = worker.masks_from_bits(msg.content["mask"]["bits"].numpy())
-    delta, loss, examples = worker.local_update(unpack_state(msg.content["arrays"], worker.state_shapes()), pid,
+    delta, loss, examples = worker.local_update(worker.global_state(msg.content["arrays"], masks), pid,
                                                 int(config["server-round"]), masks,
                                                 head_only=config.get("phase", "") == "head")
     payload = ArrayRecord({"values": gather_trainable(delta, masks)}) if masks else pack_state(delta)

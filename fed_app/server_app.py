@@ -13,7 +13,7 @@ from fed_app.config import ConfigError, RunConfig
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
-from fed_app.wire import pack_state, split_flat
+from fed_app.wire import pack_masked_state, pack_state, split_flat
 from fed_app.worker import State, get_worker
 from masking.calibrate import density_of, load_masks
 from masking.payload import add_trainable_, pack_masks, unpack_masks
@@ -70,9 +70,11 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
     else:  # resumed: the masks were saved before the round-0 checkpoint; calibration is not redone
         masks, client_masks = _load_masks(run_dir, worker.trainable_shapes(), cfg)
     strategy.use_masks(masks, client_masks)
+    compact = masks is not None and _frozen_as_initial(state, masks, worker.initial_state())
     for server_round in range(start + 1, rounds + 1):
         started = time.perf_counter()
-        delta, metrics = strategy.train_round(grid, server_round, pack_state(state), ConfigRecord())
+        arrays = pack_masked_state(state, masks) if compact else pack_state(state)
+        delta, metrics = strategy.train_round(grid, server_round, arrays, ConfigRecord())
         state = _apply(state, delta.to_torch_state_dict(), masks, worker.state_shapes())
         finish_round(server_round, state, {
             "round": server_round, "train_loss": metrics["train_loss"], "clients": metrics["clients"],
@@ -95,6 +97,15 @@ def _step_zero(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker, run_d
     client_masks = federated_local_masks(grid, cfg, strategy, worker, state)
     run_dir.save_client_masks({p: pack_masks(m) for p, m in client_masks.items()})
     return state, None, client_masks
+
+
+def _frozen_as_initial(state: State, masks, initial: State) -> bool:
+    """Whether every frozen entry still equals the seeded initial model, so that clients can rebuild the
+    global model from their own copy of it plus the trainable entries (the compact downlink)."""
+    same = all(torch.equal(state[n][~m], initial[n][~m]) for n, m in masks.items())
+    if not same:
+        log.warning("frozen entries differ from the initial model; sending the dense model every round")
+    return same
 
 
 def _density(masks, client_masks) -> float:

@@ -1,10 +1,13 @@
-"""Models on the wire as one flat float32 buffer instead of one array per tensor (~150 for a ViT)."""
+"""Models on the wire: one flat float32 buffer instead of one array per tensor (~150 for a ViT); under a
+global mask, only the entries that can differ from the initial model."""
 
 from __future__ import annotations
 
 import torch
 from flwr.app import ArrayRecord
 from torch import Tensor
+
+from masking.payload import gather_trainable
 
 State = dict[str, Tensor]
 Shapes = dict[str, torch.Size]
@@ -25,3 +28,26 @@ def split_flat(flat: Tensor, shapes: Shapes) -> State:
     if flat.numel() != sum(sizes):
         raise ValueError(f"a flat model of {flat.numel()} values does not fit {sum(sizes)}; the two sides differ.")
     return {n: part.view(s) for (n, s), part in zip(shapes.items(), flat.split(sizes))}
+
+
+def pack_masked_state(state: State, masks: dict[str, Tensor]) -> ArrayRecord:
+    """A model under a global mask, as only what can differ from the seeded initial model: its trainable
+    entries ('values', in mask order) and every parameter the mask does not cover ('rest', e.g. the head)."""
+    rest = [t.detach().reshape(-1).float() for n, t in state.items() if n not in masks]
+    return ArrayRecord({"values": gather_trainable(state, masks),
+                        "rest": torch.cat(rest) if rest else torch.zeros(0)})
+
+
+def unpack_masked_state(record: ArrayRecord, base: State, masks: dict[str, Tensor]) -> State:
+    """Inverse of pack_masked_state: `base` (the initial model, whose frozen entries the global model
+    keeps bit for bit) with the trainable entries and the uncovered parameters put back."""
+    arrays = record.to_torch_state_dict()
+    state = {n: t.clone() for n, t in base.items()}
+    offset = 0
+    for n, m in masks.items():
+        k = int(m.sum())
+        state[n].view(-1)[m.flatten()] = arrays["values"][offset:offset + k].to(state[n].dtype)
+        offset += k
+    rest = split_flat(arrays["rest"], {n: t.shape for n, t in base.items() if n not in masks})
+    state.update({n: t.to(base[n].dtype) for n, t in rest.items()})
+    return state

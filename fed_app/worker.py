@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
 from torch import Tensor
 
 from fed_app.config import RunConfig
@@ -18,6 +19,7 @@ from fed_app.editing import calibrate_masks, fisher_indices, fisher_sums
 from fed_app.head import freeze_head, only_head_trainable, ridge_statistics
 from fed_app.model import ModelSpec, build_model
 from fed_app.task import autocast, evaluate, make_optimizer, resolve_device, train_steps
+from fed_app.wire import unpack_masked_state, unpack_state
 from masking.payload import unpack_masks
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class Worker:
     shards: list[Tensor]
     builds: int = 0  # how many times this process built a worker: 1 in steady state
     _mask_cache: tuple[bytes, dict[str, Tensor]] | None = None
+    _base: State | None = None
 
     @property
     def train_tf(self) -> BatchTransform:
@@ -45,9 +48,17 @@ class Worker:
         return BatchTransform(self.spec.input_size, self.spec.mean, self.spec.std)
 
     def initial_state(self) -> State:
-        """The seeded initial global model, on CPU."""
-        model, _ = build_model(self.cfg, self.data.num_classes)
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        """The seeded initial global model, on CPU (built once per process; callers get a copy)."""
+        if self._base is None:
+            model, _ = build_model(self.cfg, self.data.num_classes)
+            self._base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {k: v.clone() for k, v in self._base.items()}
+
+    def global_state(self, arrays: ArrayRecord, masks: dict[str, Tensor] | None) -> State:
+        """The global model from a message: a flat dense buffer, or (global mask) its compact form."""
+        if "values" in arrays:
+            return unpack_masked_state(arrays, self.initial_state(), masks)
+        return unpack_state(arrays, self.state_shapes())
 
     def load(self, state: State) -> None:
         self.model.load_state_dict(state)

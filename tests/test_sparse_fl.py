@@ -13,6 +13,7 @@ from fed_app.head import freeze_head, ridge_statistics, set_head, solve_ridge
 from fed_app.model import build_model
 from fed_app.simulation import LocalSimulation
 from masking.calibrate import load_masks
+from fed_app.wire import pack_masked_state, unpack_masked_state
 from masking.payload import add_trainable_, gather_trainable, pack_masks, unpack_masks
 
 from .conftest import TINY
@@ -36,6 +37,19 @@ def test_masks_and_sparse_updates_round_trip_on_the_wire():
     for n, m in masks.items():
         base = torch.ones(3, 5) if n == "a" else torch.zeros(7)
         assert torch.equal(state[n][~m], base[~m]) and torch.allclose(state[n][m], base[m] + delta[n][m])
+
+
+def test_a_masked_model_travels_as_its_trainable_entries_and_comes_back_exact():
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g), "head": torch.randn(2, generator=g)}
+    masks = {"w": torch.rand(4, 3, generator=g) < 0.4, "b": torch.rand(3, generator=g) < 0.4}
+    state = {n: t.clone() for n, t in base.items()}
+    state["w"][masks["w"]] += 1.0  # training moved trainable entries; frozen ones stay as in the base
+    state["head"] = torch.tensor([7.0, 8.0])  # step 0 set the head, outside the mask
+    record = pack_masked_state(state, masks)
+    assert record["values"].numpy().size == int(masks["w"].sum() + masks["b"].sum())
+    back = unpack_masked_state(record, base, masks)
+    assert all(torch.equal(back[n], state[n]) for n in state)
 
 
 @pytest.mark.slow
@@ -76,8 +90,14 @@ def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_froze
     assert rows[0]["round"] == 0 and rows[0]["density"] == pytest.approx(0.2, abs=1e-4)
     dense_bytes = 4 * sum(v.numel() for v in final.values()) * 3  # 3 clients' full deltas in fp32
     backbone = sum(m.numel() for m in fed_masks.values()) / sum(v.numel() for v in final.values())
+    masked = sum(m.numel() for m in fed_masks.values())
+    trainable = sum(int(m.sum()) for m in fed_masks.values())
+    head = final["head.weight"].numel() + final["head.bias"].numel()
+    compact_down = 3 * (4 * (trainable + head) + masked / 8)  # trainable entries, frozen head, mask bits
     for r in rows[1:]:
         assert r["bytes_received"] == pytest.approx(dense_bytes * 0.2 * backbone, rel=0.01)
+        assert r["bytes_sent"] == pytest.approx(compact_down, rel=0.02)  # not the whole model
+        assert r["bytes_sent"] < 0.4 * dense_bytes
 
 
 @pytest.mark.slow
