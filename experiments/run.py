@@ -66,8 +66,10 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
             watcher = threading.Thread(target=_watch, args=(run, bar, task, label, stop), daemon=True)
             watcher.start()
             try:
-                if run.kind == "federated" and _needs_preflight(run.cfg, checked):
-                    preflight(run.cfg)
+                source = (run.cfg.dataset, run.cfg.data_root, run.cfg.model, run.cfg.model_weights)
+                if run.kind == "federated" and source not in checked:
+                    preflight(run.cfg)  # data and model once per source, before Flower starts
+                    checked.add(source)
                 if run.kind == "centralized":
                     centralized.run(run.cfg)
                 else:
@@ -81,14 +83,6 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
                 bar.remove_task(task)
             bar.advance(overall)
     return failed
-
-
-def _needs_preflight(cfg, checked: set) -> bool:
-    """Data and model are checked once per distinct source, not before every run."""
-    key = (cfg.dataset, cfg.data_root, cfg.model, cfg.model_weights)
-    new = key not in checked
-    checked.add(key)
-    return new
 
 
 def _watch(run: Run, bar: Progress, task, label: str, stop: threading.Event) -> None:

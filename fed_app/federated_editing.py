@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 
 from fed_app.config import RunConfig
 from fed_app.head import solve_ridge
-from fed_app.wire import pack_state, split_flat, unpack_state
+from fed_app.wire import apply_update, pack_state, split_flat
 from fed_app.worker import State, Worker
 from masking.calibrate import Masks, calibrate
 from masking.payload import unpack_masks
@@ -26,16 +26,15 @@ def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: W
     if cfg.head == "ridge":
         replies = strategy.query(grid, 0, "ridge", RecordDict({"arrays": pack_state(state)}),
                                  list(range(cfg.num_clients)))
-        parts = [r.content["stats"].to_torch_state_dict() for r in replies]
-        stats = {k: sum(p[k] for p in parts[1:]) + parts[0][k] for k in ("xtx", "xty")}
+        parts = [r.content["stats"].to_torch_state_dict() for r in replies]  # in partition order
+        stats = {k: sum(p[k] for p in parts) for k in ("xtx", "xty")}
         weight, bias = solve_ridge(stats, cfg.ridge_lambda)
         return {**state, "head.weight": weight.to(state["head.weight"].dtype),
                 "head.bias": bias.to(state["head.bias"].dtype)}
     if cfg.head == "train":
         for r in range(1, cfg.head_rounds + 1):
             delta, metrics = strategy.train_round(grid, r, pack_state(state), ConfigRecord({"phase": "head"}))
-            update = unpack_state(delta, worker.state_shapes())
-            state = {k: v + update[k] for k, v in state.items()}
+            state = apply_update(state, delta.to_torch_state_dict(), None)
             log.info("head round %d/%d  train_loss %.4f", r, cfg.head_rounds, metrics["train_loss"])
     return state
 

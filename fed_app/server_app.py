@@ -13,10 +13,10 @@ from fed_app.config import ConfigError, RunConfig
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
-from fed_app.wire import pack_masked_state, pack_state, split_flat
+from fed_app.wire import apply_update, pack_masked_state, pack_state
 from fed_app.worker import State, get_worker
 from masking.calibrate import density_of, load_masks
-from masking.payload import add_trainable_, pack_masks, unpack_masks
+from masking.payload import pack_masks, unpack_masks
 from strategies.fedavg import SeededFedAvg
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
         started = time.perf_counter()
         arrays = pack_masked_state(state, masks) if compact else pack_state(state)
         delta, metrics = strategy.train_round(grid, server_round, arrays, ConfigRecord())
-        state = _apply(state, delta.to_torch_state_dict(), masks, worker.state_shapes())
+        state = apply_update(state, delta.to_torch_state_dict(), masks)
         finish_round(server_round, state, {
             "round": server_round, "train_loss": metrics["train_loss"], "clients": metrics["clients"],
             "worker_builds": metrics["worker_builds"],
@@ -114,18 +114,6 @@ def _density(masks, client_masks) -> float:
     if client_masks is not None:
         return sum(map(density_of, client_masks.values())) / len(client_masks)
     return 1.0
-
-
-def _apply(state: State, update: State, masks, shapes) -> State:
-    """global + averaged delta: a flat dense delta, the flat trainable entries of a global mask, or (local
-    masks) the parameters that have a mask; what no update names (the frozen head) is never touched."""
-    if "flat" in update:
-        update = split_flat(update["flat"], shapes)
-    if masks is None:
-        return {k: v + update[k] if k in update else v for k, v in state.items()}
-    state = {k: v.clone() for k, v in state.items()}
-    add_trainable_(state, update["values"], masks)
-    return state
 
 
 def _prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import Tensor
 
-from masking.payload import gather_trainable
+from masking.payload import add_trainable_, gather_trainable
 
 State = dict[str, Tensor]
 Shapes = dict[str, torch.Size]
@@ -50,4 +50,17 @@ def unpack_masked_state(record: ArrayRecord, base: State, masks: dict[str, Tenso
         offset += k
     rest = split_flat(arrays["rest"], {n: t.shape for n, t in base.items() if n not in masks})
     state.update({n: t.to(base[n].dtype) for n, t in rest.items()})
+    return state
+
+
+def apply_update(state: State, update: State, masks: dict[str, Tensor] | None) -> State:
+    """global + averaged delta, in place: a flat dense delta, the flat trainable entries of a global mask,
+    or (local masks) the parameters that have a mask; what no update names (the frozen head) is untouched."""
+    if "values" in update:
+        add_trainable_(state, update["values"], masks)
+        return state
+    if "flat" in update:
+        update = split_flat(update["flat"], {n: t.shape for n, t in state.items()})
+    for name, delta in update.items():
+        state[name] += delta.to(state[name].dtype)
     return state

@@ -47,17 +47,21 @@ class Worker:
     def eval_tf(self) -> BatchTransform:
         return BatchTransform(self.spec.input_size, self.spec.mean, self.spec.std)
 
-    def initial_state(self) -> State:
-        """The seeded initial global model, on CPU (built once per process; callers get a copy)."""
+    def _initial(self) -> State:
+        """The seeded initial model on CPU, built once per process; shared, never modified."""
         if self._base is None:
             model, _ = build_model(self.cfg, self.data.num_classes)
             self._base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return {k: v.clone() for k, v in self._base.items()}
+        return self._base
+
+    def initial_state(self) -> State:
+        """A copy of the seeded initial global model, on CPU."""
+        return {k: v.clone() for k, v in self._initial().items()}
 
     def global_state(self, arrays: ArrayRecord, masks: dict[str, Tensor] | None) -> State:
         """The global model from a message: a flat dense buffer, or (global mask) its compact form."""
         if "values" in arrays:
-            return unpack_masked_state(arrays, self.initial_state(), masks)
+            return unpack_masked_state(arrays, self._initial(), masks)  # copies the base once
         return unpack_state(arrays, self.state_shapes())
 
     def load(self, state: State) -> None:

@@ -13,7 +13,7 @@ from fed_app.head import freeze_head, ridge_statistics, set_head, solve_ridge
 from fed_app.model import build_model
 from fed_app.simulation import LocalSimulation
 from masking.calibrate import load_masks
-from fed_app.wire import pack_masked_state, unpack_masked_state
+from fed_app.wire import apply_update, pack_masked_state, pack_state, unpack_masked_state
 from masking.payload import add_trainable_, gather_trainable, pack_masks, unpack_masks
 
 from .conftest import TINY
@@ -50,6 +50,20 @@ def test_a_masked_model_travels_as_its_trainable_entries_and_comes_back_exact():
     assert record["values"].numpy().size == int(masks["w"].sum() + masks["b"].sum())
     back = unpack_masked_state(record, base, masks)
     assert all(torch.equal(back[n], state[n]) for n in state)
+
+
+def test_apply_update_reads_each_wire_form_and_leaves_what_it_does_not_name():
+    def fresh():
+        return {"w": torch.ones(2, 2), "head": torch.full((2,), 5.0)}
+
+    dense = apply_update(fresh(), pack_state({"w": torch.full((2, 2), 0.5), "head": torch.ones(2)})
+                         .to_torch_state_dict(), None)
+    assert torch.equal(dense["w"], torch.full((2, 2), 1.5)) and torch.equal(dense["head"], torch.full((2,), 6.0))
+    masks = {"w": torch.tensor([[True, False], [False, True]])}
+    masked = apply_update(fresh(), {"values": torch.tensor([2.0, 3.0])}, masks)
+    assert masked["w"].tolist() == [[3.0, 1.0], [1.0, 4.0]] and torch.equal(masked["head"], torch.full((2,), 5.0))
+    local = apply_update(fresh(), {"w": torch.ones(2, 2)}, None)  # per-name: the head is not named
+    assert torch.equal(local["w"], torch.full((2, 2), 2.0)) and torch.equal(local["head"], torch.full((2,), 5.0))
 
 
 @pytest.mark.slow
@@ -124,3 +138,19 @@ def test_local_masks_each_client_its_own_and_entries_frozen_everywhere_never_mov
         assert torch.equal(final[name][frozen_everywhere], init[name][frozen_everywhere]), name
     rows = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
     assert rows[0]["density"] == pytest.approx(0.2, abs=1e-3) and len(rows) == 4
+
+
+@pytest.mark.slow
+def test_head_rounds_train_the_head_and_no_backbone_entry(tmp_path):
+    settings = {**SPARSE_FL, "head": "train", "head-rounds": 2, "num-rounds": 2, "fisher-samples": 64,
+                "mask-rule": "random", "calibration-rounds": 1}
+    cfg = RunConfig.from_run_config({**settings, "run-dir": str(tmp_path / "run")})
+    with LocalSimulation(tmp_path / "flwr") as sim:
+        sim.run(cfg, num_supernodes=10, timeout=300)
+    model, _ = build_model(cfg, 100)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    masks = load_masks(tmp_path / "run" / "mask.pt")
+    assert "head.weight" not in masks and not torch.equal(final["head.weight"], init["head.weight"])
+    for name, mask in masks.items():  # head rounds moved no backbone entry; sparse rounds only trainable ones
+        assert torch.equal(final[name][~mask], init[name][~mask]), name
