@@ -1,4 +1,4 @@
-"""Command line: `python -m experiments run MANIFEST`, `report RESULTS_DIR`, `bench fisher|round|data`."""
+"""Command line: `python -m experiments run MANIFEST`, `report RESULTS_DIR`, `bench fisher|round|data|grid`."""
 
 from __future__ import annotations
 
@@ -23,8 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="tables and figures of a results folder (results/<manifest>)")
     report.add_argument("results_dir", type=Path)
     bench = sub.add_parser("bench", help="benchmarks; print a Markdown table and ratios")
-    bench.add_argument("what", choices=["fisher", "round", "data"])
-    bench.add_argument("--run-config", default="", help="round/data: run-config overrides of the benchmarked setup")
+    bench.add_argument("what", choices=["fisher", "round", "data", "grid"])
+    bench.add_argument("--run-config", default="",
+                       help="round/data/grid: run-config overrides of the benchmarked setup")
+    bench.add_argument("--local-steps", default="4,16", help="round: the J values to measure, comma-separated")
+    bench.add_argument("--manifest", type=Path, default=Path("experiments/manifests/noniid_grid.yaml"),
+                       help="grid: the manifest whose wall time to project")
     bench.add_argument("--rounds", type=int, default=12, help="round: rounds per measurement")
     bench.add_argument("--warmup", type=int, default=3, help="round: first rounds left out")
     bench.add_argument("--model", default=None, help="default: vit-small-dino on CUDA, vit-tiny-test on CPU")
@@ -65,25 +69,42 @@ def _report(args) -> int:
 def _bench(args) -> int:
     import tempfile
 
-    from experiments.bench import bench_data, bench_fisher, bench_round, print_data, print_fisher, print_round
+    from experiments.bench import (bench_data, bench_fisher, bench_grid, bench_round, print_data, print_fisher,
+                                   print_grid, print_round)
     from fed_app.config import RunConfig, parse_overrides
 
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    if args.what in ("round", "data"):
-        # default: the headline setup on a GPU; offline on a CPU, the same shapes with synthetic data and the tiny ViT
-        cpu = {} if device.type == "cuda" else {"dataset": "synthetic", "model": "vit-tiny-test",
-                                                "synthetic-train-size": 5500, "synthetic-test-size": 500,
-                                                "val-size": 500}
-        cfg = RunConfig.from_run_config({**cpu, **parse_overrides(args.run_config)})
+    if args.what in ("round", "data", "grid"):
+        # Timings do not depend on pixel values or weights, so the benchmarks run offline by default: on a
+        # GPU the headline shapes (ViT-S/16, CIFAR-100-sized synthetic data); on a CPU the tiny ViT.
+        offline = {"dataset": "synthetic", "model-weights": "random"} if device.type == "cuda" else {
+            "dataset": "synthetic", "model": "vit-tiny-test", "synthetic-train-size": 5500,
+            "synthetic-test-size": 500, "val-size": 500}
+        overrides = {**offline, **parse_overrides(args.run_config)}
+        cfg = RunConfig.from_run_config(overrides)
+        gpus = 0.1 if device.type == "cuda" else 0.0
         if args.what == "data":
             print_data(bench_data(cfg, batches=20), f"bench data: {cfg.model}, batch {cfg.batch_size}, {name}")
             return 0
-        with tempfile.TemporaryDirectory(dir=".") as tmp:
-            rows = bench_round(cfg, args.rounds, args.warmup, Path(tmp), gpus=0.1 if device.type == "cuda" else 0.0)
+        if args.what == "grid":
+            from experiments.manifest import load_manifest
+
+            manifest = load_manifest(args.manifest)
+            runs = [RunConfig.from_run_config({**r.cfg.to_run_config(), **overrides}) for r in manifest.runs
+                    if r.kind == "federated"]
+            with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
+                rows = bench_grid(runs, args.rounds, args.warmup, Path(tmp), gpus)
+            print_grid(rows, f"bench grid: {manifest.name} ({len(runs)} federated runs), {cfg.model}, {name}, "
+                             f"precision {cfg.precision}, s/round = median of rounds {args.warmup + 1}.."
+                             f"{args.rounds - 1}")
+            return 0
+        steps = [int(j) for j in args.local_steps.split(",")]
+        with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
+            rows = bench_round(cfg, steps, args.rounds, args.warmup, Path(tmp), gpus)
         print_round(rows, f"bench round: {cfg.model}, K={cfg.num_clients}, C={cfg.fraction_train}, "
-                          f"J={cfg.local_steps}, batch {cfg.batch_size}, {name}, precision {cfg.precision}, "
+                          f"batch {cfg.batch_size}, {name}, precision {cfg.precision}, "
                           f"median of rounds {args.warmup + 1}..{args.rounds - 1}")
         return 0
     model = args.model or ("vit-small-dino" if device.type == "cuda" else "vit-tiny-test")

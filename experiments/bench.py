@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fed_app.config import RunConfig
+from fed_app.config import RunConfig, to_snake
 from fed_app.model import build_model
 from masking.fisher import fisher_diagonal
 
@@ -117,29 +117,37 @@ def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
     return statistics.median(times[warmup:])
 
 
-def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: float) -> tuple[float, float, float]:
-    """Median seconds per training round of the fedit app under `flwr run` (first `warmup` rounds and the
-    last, which evaluates, excluded), and the mean bytes per round sent to and received from clients."""
+def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: float) -> dict[str, float]:
+    """The fedit app under `flwr run` for `rounds` rounds: median seconds per training round (first `warmup`
+    rounds and the last, which evaluates, excluded), mean bytes per round to and from clients, and the
+    run's fixed cost (wall time of the whole `flwr run` less its rounds: start-up, step 0, shut-down)."""
     from fed_app.simulation import LocalSimulation
 
-    run_cfg = cfg.replace(num_rounds=rounds, eval_every=10**6, checkpoint_every=10**6,
-                          run_dir=str((workdir / f"run-{cfg.optimizer}").resolve()))
+    run_cfg = cfg.replace(num_rounds=rounds, rounds_scaling=False, eval_every=10**6, test_every=0,
+                          checkpoint_every=10**6, run_dir=str((workdir / f"run-{cfg.run_id()}").resolve()))
+    started = time.perf_counter()
     with LocalSimulation(workdir / ".flwr") as sim:
         sim.run(run_cfg, num_supernodes=cfg.num_clients, gpus=gpus)
+    wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (Path(run_cfg.run_dir) / "rows.jsonl").read_text().splitlines()]
     steady = [r for r in rows if warmup < r["round"] < rounds]
-    return (statistics.median(r["round_time"] for r in steady), statistics.mean(r["bytes_sent"] for r in steady),
-            statistics.mean(r["bytes_received"] for r in steady))
+    return {"round": statistics.median(r["round_time"] for r in steady),
+            "down": statistics.mean(r["bytes_sent"] for r in steady),
+            "up": statistics.mean(r["bytes_received"] for r in steady),
+            "fixed": wall - sum(r["round_time"] for r in rows if r["round"] > 0)}
 
 
-def bench_round(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: float) -> list[dict]:
+def bench_round(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: int, workdir: Path,
+                gpus: float) -> list[dict]:
     rows = []
-    for optimizer in ("sgdm", "sparse-sgdm"):
-        c = cfg.replace(optimizer=optimizer, mask_rule="random", calibration_rounds=1)
-        limit = round_limit(c, rounds, warmup)
-        flower, downloaded, uploaded = round_flower(c, rounds, warmup, workdir, gpus)
-        rows.append({"config": f"{optimizer} (sparsity {c.sparsity})" if optimizer != "sgdm" else "dense",
-                     "limit": limit, "flower": flower, "down": downloaded, "bytes": uploaded})
+    for j in local_steps:
+        for optimizer in ("sgdm", "sparse-sgdm"):
+            c = cfg.replace(optimizer=optimizer, local_steps=j, mask_rule="random", calibration_rounds=1)
+            limit = round_limit(c, rounds, warmup)
+            flower = round_flower(c, rounds, warmup, workdir, gpus)
+            name = f"{optimizer} (sparsity {c.sparsity})" if optimizer != "sgdm" else "dense"
+            rows.append({"config": f"J={j}, {name}", "limit": limit, "flower": flower["round"],
+                         "down": flower["down"], "bytes": flower["up"]})
     return rows
 
 
@@ -148,9 +156,64 @@ def print_round(rows: list[dict], header: str) -> None:
                          "MiB to clients/round", "MiB from clients/round"], [
         [r["config"], f"{r['limit']:.3f}", f"{r['flower']:.3f}", f"{r['flower'] / r['limit']:.2f}x",
          f"{r['down'] / 2**20:.2f}", f"{r['bytes'] / 2**20:.2f}"] for r in rows])
-    if len(rows) == 2:
-        print(f"sparse / dense upload: {rows[1]['bytes'] / rows[0]['bytes']:.3f}, "
-              f"download: {rows[1]['down'] / rows[0]['down']:.3f}")
+    for dense, sparse in zip(rows[::2], rows[1::2]):
+        print(f"{dense['config'].split(',')[0]}: sparse / dense upload: {sparse['bytes'] / dense['bytes']:.3f}, "
+              f"download: {sparse['down'] / dense['down']:.3f}")
+
+
+# Run-config keys that change what a run learns but not what a round costs: runs that differ only in
+# these share one measurement in `bench grid`.
+COST_FREE = {"seed", "split_seed", "partition", "classes_per_client", "num_rounds", "rounds_scaling", "eval_every",
+             "test_every", "checkpoint_every", "run_dir", "lr", "momentum", "weight_decay", "ridge_lambda"}
+
+
+def group_by_cost(runs: list[RunConfig]) -> list[list[RunConfig]]:
+    """Runs grouped so that the runs of a group differ only in COST_FREE keys, in first-seen order."""
+    groups: dict[tuple, list[RunConfig]] = {}
+    for cfg in runs:
+        groups.setdefault(tuple((k, v) for k, v in sorted(cfg.to_dict().items()) if k not in COST_FREE), []).append(cfg)
+    return list(groups.values())
+
+
+def projected_seconds(cfg: RunConfig, round_s: float, fixed_s: float, val_s: float, test_s: float) -> float:
+    """One run's wall time: fixed cost, every round, and the server's evaluations on its schedule."""
+    from fed_app.server_app import evaluates_test, evaluates_val
+
+    rounds = range(cfg.total_rounds + 1)
+    return (fixed_s + cfg.total_rounds * round_s + val_s * sum(evaluates_val(cfg, r) for r in rounds)
+            + test_s * sum(evaluates_test(cfg, r) for r in rounds))
+
+
+def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, gpus: float) -> list[dict]:
+    """Project a manifest's wall time from measurements: per group of runs that cost the same per round, one
+    short `flwr run` (median s/round, fixed cost per run) and the server's evaluations timed in process."""
+    from fed_app.worker import get_worker
+
+    groups = group_by_cost(runs)
+    probes = [g[0].to_run_config() for g in groups]
+    varying = [k for k in probes[0] if to_snake(k) not in COST_FREE and len({str(p[k]) for p in probes}) > 1]
+    rows = []
+    for members, values in zip(groups, probes):
+        probe = members[0]
+        flower = round_flower(probe, rounds, warmup, workdir, gpus)
+        worker = get_worker(probe)
+        state = worker.initial_state()
+        val_s, _ = _measure(lambda: worker.evaluate(state, worker.data.val), worker.device, repeats=1)
+        test_s, _ = _measure(lambda: worker.evaluate(state, worker.data.test), worker.device, repeats=1)
+        total = sum(projected_seconds(c, flower["round"], flower["fixed"], val_s, test_s) for c in members)
+        rows.append({"config": " ".join(f"{k}={values[k]}" for k in varying) or "all runs", "runs": len(members),
+                     "rounds": sum(c.total_rounds for c in members), "round": flower["round"],
+                     "fixed": flower["fixed"], "val": val_s, "test": test_s, "hours": total / 3600})
+    return rows
+
+
+def print_grid(rows: list[dict], header: str) -> None:
+    print_table(header, ["runs that cost alike", "runs", "rounds", "s/round (Flower)", "fixed s/run",
+                         "val eval s", "test eval s", "projected hours"], [
+        [r["config"], str(r["runs"]), str(r["rounds"]), f"{r['round']:.3f}", f"{r['fixed']:.1f}",
+         f"{r['val']:.2f}", f"{r['test']:.2f}", f"{r['hours']:.2f}"] for r in rows])
+    print(f"projected wall time of the whole manifest: {sum(r['hours'] for r in rows):.2f} h "
+          f"({sum(r['runs'] for r in rows)} runs, one after another; checkpoint writes not counted)")
 
 
 def bench_data(cfg: RunConfig, batches: int) -> list[dict]:

@@ -44,12 +44,12 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
 
     def finish_round(server_round: int, state: State, row: dict, started: float) -> None:
         last = server_round == rounds
-        if last or server_round % cfg.eval_every == 0:
+        if evaluates_val(cfg, server_round):
             row.update(_prefixed("val", worker.evaluate(state, worker.data.val)))
             if cfg.fraction_evaluate > 0:  # the global model on the clients' own data (telling when non-iid)
                 row.update(_prefixed("client", strategy.evaluate_round(grid, server_round, pack_state(state),
                                                                        cfg.fraction_evaluate)))
-        if last or server_round == 0 or (cfg.test_every and server_round % cfg.test_every == 0):
+        if evaluates_test(cfg, server_round):
             row.update(_prefixed("test", worker.evaluate(state, worker.data.test)))
         row["round_time"] = time.perf_counter() - started
         row["wall_time"] = time.perf_counter() - t0
@@ -83,6 +83,16 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
     plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {cfg.run_id()}")
     run_dir.mark_done()
     return run_dir
+
+
+def evaluates_val(cfg: RunConfig, server_round: int) -> bool:
+    """Whether the round's row holds validation metrics: every eval-every rounds (round 0 too) and the last."""
+    return server_round == cfg.total_rounds or server_round % cfg.eval_every == 0
+
+
+def evaluates_test(cfg: RunConfig, server_round: int) -> bool:
+    """Whether the round's row holds test metrics: round 0, the last round, and every test-every rounds."""
+    return server_round in (0, cfg.total_rounds) or bool(cfg.test_every and server_round % cfg.test_every == 0)
 
 
 def _step_zero(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker, run_dir: RunDir):

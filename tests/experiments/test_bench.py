@@ -5,6 +5,9 @@ import sys
 
 import pytest
 
+from experiments.bench import group_by_cost, projected_seconds
+from fed_app.config import RunConfig
+
 
 def test_bench_fisher_prints_a_table_with_the_three_methods():
     out = subprocess.run([sys.executable, "-m", "experiments", "bench", "fisher", "--samples", "8", "--repeats", "1"],
@@ -24,4 +27,33 @@ def test_bench_round_prints_limit_flower_and_ratio_for_dense_and_sparse():
     out = subprocess.run([sys.executable, "-m", "experiments", "bench", "round", "--rounds", "4", "--warmup", "1",
                           "--run-config", "num-clients=20 synthetic-train-size=2500"],
                          capture_output=True, text=True, check=True).stdout
-    assert "| dense |" in out and "| sparse-sgdm (sparsity 0.9) |" in out and "sparse / dense upload: 0.1" in out
+    assert "| J=4, dense |" in out and "| J=4, sparse-sgdm (sparsity 0.9) |" in out
+    assert "J=4: sparse / dense upload: 0.1" in out
+
+
+def test_grid_groups_runs_that_cost_the_same_per_round():
+    base = RunConfig(model="vit-tiny-test")
+    runs = [base.replace(local_steps=j, partition=p, seed=s) for j in (4, 16) for p in ("iid", "noniid")
+            for s in (1, 2)] + [base.replace(optimizer="sparse-sgdm")]
+    groups = group_by_cost(runs)
+    assert [len(g) for g in groups] == [4, 4, 1]
+    assert [{c.local_steps for c in g} for g in groups] == [{4}, {16}, {4}]
+
+
+def test_projection_counts_every_round_and_each_evaluation_on_the_server_schedule():
+    cfg = RunConfig(num_rounds=500, local_steps=16, rounds_scaling=True, eval_every=10, test_every=0)
+    # 125 rounds; validation at rounds 0, 10, ..., 120 and the last (125): 14; test at rounds 0 and 125: 2
+    assert projected_seconds(cfg, round_s=2.0, fixed_s=30.0, val_s=1.0, test_s=3.0) == 30 + 125 * 2 + 14 + 6
+    cfg = cfg.replace(test_every=50)  # and at 50, 100
+    assert projected_seconds(cfg, round_s=2.0, fixed_s=30.0, val_s=1.0, test_s=3.0) == 30 + 125 * 2 + 14 + 12
+
+
+@pytest.mark.slow
+def test_bench_grid_measures_once_per_cost_group_and_prints_the_projection(tmp_path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("name: m\nkind: federated\nbase: {num-clients: 10, fraction-train: 0.2, num-rounds: 40}\n"
+                        "grid: {partition: [iid, noniid], classes-per-client: [5]}\nseeds: [1, 2]\n")
+    out = subprocess.run([sys.executable, "-m", "experiments", "bench", "grid", "--manifest", str(manifest),
+                          "--rounds", "4", "--warmup", "1", "--run-config", "synthetic-train-size=1500"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| all runs | 4 | 160 |" in out and "projected wall time of the whole manifest:" in out
