@@ -220,7 +220,7 @@ def bench_data(cfg: RunConfig, batches: int) -> list[dict]:
     """Device-side batch preparation (index, resize, normalize, augment) vs the training step's consumption."""
     from fed_app.data import BatchTransform, load_dataset
     from fed_app.model import build_model
-    from fed_app.task import autocast, make_optimizer, resolve_device
+    from fed_app.task import autocast, make_optimizer, resolve_device, training_module
 
     device = resolve_device(cfg)
     data = load_dataset(cfg, device)
@@ -243,16 +243,24 @@ def bench_data(cfg: RunConfig, batches: int) -> list[dict]:
     tf = BatchTransform(spec.input_size, spec.mean, spec.std, augment=True)
     precision = autocast(cfg, device)
 
-    def train():
-        for i in idx:
+    def train(module: torch.nn.Module, batches: list[torch.Tensor] = idx) -> None:
+        for i in batches:
             with precision:
-                loss = torch.nn.functional.cross_entropy(model(tf(data.train.images[i], g)), data.train.labels[i])
+                loss = torch.nn.functional.cross_entropy(module(tf(data.train.images[i], g)), data.train.labels[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-    seconds, _ = _measure(train, device, repeats=1)
-    rows.append({"stage": f"training step incl. preparation ({cfg.model}, {spec.input_size} px)",
+    seconds, _ = _measure(lambda: train(model), device, repeats=1)
+    what = f"training step incl. preparation ({cfg.model}, {spec.input_size} px"
+    rows.append({"stage": f"{what}, eager)", "images_per_s": batches * cfg.batch_size / seconds})
+    compiled = training_module(cfg.replace(compile=True), model)
+    started = time.perf_counter()
+    train(compiled, idx[:1])  # the compilation, paid once per worker process
+    _sync(device)
+    first = time.perf_counter() - started
+    seconds, _ = _measure(lambda: train(compiled), device, repeats=1)
+    rows.append({"stage": f"{what}, torch.compile; compiling took {first:.1f} s)",
                  "images_per_s": batches * cfg.batch_size / seconds})
     return rows
 

@@ -17,7 +17,8 @@ from fed_app.head import freeze_head
 from fed_app.model import build_model
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
-from fed_app.task import autocast, evaluate, make_optimizer, make_scheduler, resolve_device, train_steps
+from fed_app.task import (autocast, evaluate, make_optimizer, make_scheduler, resolve_device, train_steps,
+                          training_module)
 from masking.calibrate import density_of
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,11 @@ def run(cfg: RunConfig) -> RunDir:
             density = density_of(masks)
         finish_epoch(0, density=density)
         start = 0
+    trainer = training_module(cfg, model)
     for epoch in range(start, cfg.epochs):
         generator = make_generator(device, cfg.seed, epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_steps(model, optimizer, data.train, batch_stream(all_train, cfg.batch_size, generator),
+        train_loss = train_steps(trainer, optimizer, data.train, batch_stream(all_train, cfg.batch_size, generator),
                                  steps_per_epoch, train_tf, generator, precision, scheduler)
         finish_epoch(epoch + 1, learning_rate=lr, train_loss=train_loss)
     plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="epoch", title=f"centralized {cfg.run_id()}")

@@ -95,6 +95,7 @@ class RunConfig:
     model_weights: str = ""
     precision: str = "auto"
     device: str = "auto"
+    compile: bool = False
     # optimization
     seed: int = 42
     batch_size: int = 64

@@ -27,6 +27,13 @@ def autocast(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
+def training_module(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """The module training steps call: `model`, or with compile=true a torch.compile wrapper sharing its
+    parameters, with static shapes: one graph for full batches and one for a pass's short last batch. Fisher,
+    ridge and evaluation keep the eager model."""
+    return torch.compile(model, dynamic=False) if cfg.compile else model
+
+
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.SGD:
     """SGD with momentum, or SparseSGDM (dense until masks are set) for optimizer='sparse-sgdm'."""
     if cfg.optimizer == "sparse-sgdm":

@@ -18,7 +18,7 @@ from fed_app.data import BatchTransform, Dataset, Split, batch_stream, client_sh
 from fed_app.editing import calibrate_masks, fisher_indices, fisher_sums
 from fed_app.head import freeze_head, only_head_trainable, ridge_statistics
 from fed_app.model import ModelSpec, build_model
-from fed_app.task import autocast, evaluate, make_optimizer, resolve_device, train_steps
+from fed_app.task import autocast, evaluate, make_optimizer, resolve_device, train_steps, training_module
 from fed_app.wire import unpack_masked_state, unpack_state
 from masking.payload import unpack_masks
 
@@ -38,6 +38,14 @@ class Worker:
     builds: int = 0  # how many times this process built a worker: 1 in steady state
     _mask_cache: tuple[bytes, dict[str, Tensor]] | None = None
     _base: State | None = None
+    _trainer: torch.nn.Module | None = None
+
+    @property
+    def trainer(self) -> torch.nn.Module:
+        """The module local training calls (compiled once per process with compile=true)."""
+        if self._trainer is None:
+            self._trainer = training_module(self.cfg, self.model)
+        return self._trainer
 
     @property
     def train_tf(self) -> BatchTransform:
@@ -80,7 +88,7 @@ class Worker:
                 optimizer.set_masks([masks.get(n) for n, _ in named])
             shard = self.shards[partition_id]
             generator = make_generator(self.device, cfg.seed, server_round, partition_id, int(head_only))
-            loss = train_steps(self.model, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
+            loss = train_steps(self.trainer, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
                                cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device))
         delta = {k: v.detach().cpu() - global_state[k] for k, v in self.model.state_dict().items()}
         return delta, loss, len(shard)

@@ -57,6 +57,21 @@ def test_a_client_takes_exactly_j_optimizer_steps_on_its_own_shard(tmp_path):
     assert get_worker(cfg) is worker  # built once per process, reused by every message
 
 
+@pytest.mark.slow
+def test_compile_gives_the_eager_update_and_compiles_once_per_worker(tmp_path):
+    cfg = _cfg(tmp_path, "unit", **{"local-steps": 12})  # 300 images, batch 32: a pass's short batch too
+    eager = get_worker(cfg)
+    state = eager.initial_state()
+    expected, expected_loss, _ = eager.local_update(state, partition_id=3, server_round=1)
+    compiled = get_worker(cfg.replace(compile=True))
+    delta, loss, _ = compiled.local_update(state, partition_id=3, server_round=1)
+    assert compiled.trainer is not compiled.model and loss == pytest.approx(expected_loss, rel=1e-5)
+    assert all(torch.allclose(delta[k], expected[k], atol=1e-6) for k in delta)
+    trainer = compiled.trainer
+    compiled.local_update(state, partition_id=4, server_round=2)
+    assert compiled.trainer is trainer and get_worker(cfg.replace(compile=True)) is compiled
+
+
 def test_the_client_path_uses_no_dataloader(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a DataLoader was built in the client path")

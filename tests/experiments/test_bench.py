@@ -19,7 +19,8 @@ def test_bench_fisher_prints_a_table_with_the_three_methods():
 def test_bench_data_prints_preparation_and_training_rates():
     out = subprocess.run([sys.executable, "-m", "experiments", "bench", "data"], capture_output=True, text=True,
                          check=True).stdout
-    assert "| prepare batches at 224 px" in out and "| training step incl. preparation" in out
+    assert "| prepare batches at 224 px" in out and "| training step incl. preparation (vit-tiny-test, 32 px, eager)" in out
+    assert "32 px, torch.compile; compiling took" in out
 
 
 @pytest.mark.slow
