@@ -27,10 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--run-config", default="",
                        help="round/data/grid: run-config overrides of the benchmarked setup")
     bench.add_argument("--local-steps", default="4,16", help="round: the J values to measure, comma-separated")
+    bench.add_argument("--cpus", type=int, default=1, help="round/grid: CPU cores per Flower client")
+    bench.add_argument("--gpus", type=float, default=None,
+                       help="round/grid: GPU fraction per Flower client (default 0.1 with CUDA: 10 at a time)")
     bench.add_argument("--manifest", type=Path, default=Path("experiments/manifests/noniid_grid.yaml"),
                        help="grid: the manifest whose wall time to project")
-    bench.add_argument("--rounds", type=int, default=12, help="round: rounds per measurement")
-    bench.add_argument("--warmup", type=int, default=3, help="round: first rounds left out")
+    bench.add_argument("--rounds", type=int, default=12, help="round/grid: rounds per measurement")
+    bench.add_argument("--warmup", type=int, default=3, help="round/grid: first rounds left out")
     bench.add_argument("--model", default=None, help="default: vit-small-dino on CUDA, vit-tiny-test on CPU")
     bench.add_argument("--samples", type=int, default=None, help="default: 450 (one client's shard) on CUDA, 128 on CPU")
     bench.add_argument("--chunk", type=int, default=32)
@@ -84,7 +87,7 @@ def _bench(args) -> int:
             "synthetic-test-size": 500, "val-size": 500}
         overrides = {**offline, **parse_overrides(args.run_config)}
         cfg = RunConfig.from_run_config(overrides)
-        gpus = 0.1 if device.type == "cuda" else 0.0
+        gpus = args.gpus if args.gpus is not None else (0.1 if device.type == "cuda" else 0.0)
         if args.what == "data":
             print_data(bench_data(cfg, batches=20), f"bench data: {cfg.model}, batch {cfg.batch_size}, {name}")
             return 0
@@ -95,14 +98,14 @@ def _bench(args) -> int:
             runs = [RunConfig.from_run_config({**r.cfg.to_run_config(), **overrides}) for r in manifest.runs
                     if r.kind == "federated"]
             with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
-                rows = bench_grid(runs, args.rounds, args.warmup, Path(tmp), gpus)
+                rows = bench_grid(runs, args.rounds, args.warmup, Path(tmp), args.cpus, gpus)
             print_grid(rows, f"bench grid: {manifest.name} ({len(runs)} federated runs), {cfg.model}, {name}, "
                              f"precision {cfg.precision}, s/round = median of rounds {args.warmup + 1}.."
                              f"{args.rounds - 1}")
             return 0
         steps = [int(j) for j in args.local_steps.split(",")]
         with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
-            rows = bench_round(cfg, steps, args.rounds, args.warmup, Path(tmp), gpus)
+            rows = bench_round(cfg, steps, args.rounds, args.warmup, Path(tmp), args.cpus, gpus)
         print_round(rows, f"bench round: {cfg.model}, K={cfg.num_clients}, C={cfg.fraction_train}, "
                           f"batch {cfg.batch_size}, {name}, precision {cfg.precision}, "
                           f"median of rounds {args.warmup + 1}..{args.rounds - 1}")

@@ -87,8 +87,9 @@ def _sync(device: torch.device) -> None:
 
 def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
     """Median seconds per round of the same client training in a plain in-process loop: for each sampled
-    client, J steps from the global model, its delta (only trainable entries under a mask), then the
-    example-weighted average added to the global model. No Flower, no serialization."""
+    client in turn, J steps from the global model, its delta (only trainable entries under a mask), then
+    the example-weighted average added to the global model. No Flower, no serialization; on a CPU, torch's
+    default threads (all cores), where the simulation runs one single-threaded client per core."""
     from fed_app.worker import get_worker
     from masking.calibrate import calibrate
     from masking.payload import add_trainable_, gather_trainable
@@ -117,7 +118,7 @@ def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
     return statistics.median(times[warmup:])
 
 
-def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: float) -> dict[str, float]:
+def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: int, gpus: float) -> dict[str, float]:
     """The fedit app under `flwr run` for `rounds` rounds: median seconds per training round (first `warmup`
     rounds and the last, which evaluates, excluded), mean bytes per round to and from clients, and the
     run's fixed cost (wall time of the whole `flwr run` less its rounds: start-up, step 0, shut-down)."""
@@ -127,7 +128,7 @@ def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: 
                           checkpoint_every=10**6, run_dir=str((workdir / f"run-{cfg.run_id()}").resolve()))
     started = time.perf_counter()
     with LocalSimulation(workdir / ".flwr") as sim:
-        sim.run(run_cfg, num_supernodes=cfg.num_clients, gpus=gpus)
+        sim.run(run_cfg, num_supernodes=cfg.num_clients, cpus=cpus, gpus=gpus)
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (Path(run_cfg.run_dir) / "rows.jsonl").read_text().splitlines()]
     steady = [r for r in rows if warmup < r["round"] < rounds]
@@ -137,17 +138,19 @@ def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, gpus: 
             "fixed": wall - sum(r["round_time"] for r in rows if r["round"] > 0)}
 
 
-def bench_round(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: int, workdir: Path,
+def bench_round(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: int, workdir: Path, cpus: int,
                 gpus: float) -> list[dict]:
+    """Each configuration's in-process limit, all of them before the first `flwr run` (so that no Flower
+    process shares the machine with them), then each configuration on Flower."""
+    configs = [cfg.replace(optimizer=o, local_steps=j, mask_rule="random", calibration_rounds=1)
+               for j in local_steps for o in ("sgdm", "sparse-sgdm")]
+    limits = [round_limit(c, rounds, warmup) for c in configs]
     rows = []
-    for j in local_steps:
-        for optimizer in ("sgdm", "sparse-sgdm"):
-            c = cfg.replace(optimizer=optimizer, local_steps=j, mask_rule="random", calibration_rounds=1)
-            limit = round_limit(c, rounds, warmup)
-            flower = round_flower(c, rounds, warmup, workdir, gpus)
-            name = f"{optimizer} (sparsity {c.sparsity})" if optimizer != "sgdm" else "dense"
-            rows.append({"config": f"J={j}, {name}", "limit": limit, "flower": flower["round"],
-                         "down": flower["down"], "bytes": flower["up"]})
+    for c, limit in zip(configs, limits):
+        flower = round_flower(c, rounds, warmup, workdir, cpus, gpus)
+        name = f"{c.optimizer} (sparsity {c.sparsity})" if c.optimizer != "sgdm" else "dense"
+        rows.append({"config": f"J={c.local_steps}, {name}", "limit": limit, "flower": flower["round"],
+                     "down": flower["down"], "bytes": flower["up"]})
     return rows
 
 
@@ -184,7 +187,7 @@ def projected_seconds(cfg: RunConfig, round_s: float, fixed_s: float, val_s: flo
             + test_s * sum(evaluates_test(cfg, r) for r in rounds))
 
 
-def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, gpus: float) -> list[dict]:
+def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, cpus: int, gpus: float) -> list[dict]:
     """Project a manifest's wall time from measurements: per group of runs that cost the same per round, one
     short `flwr run` (median s/round, fixed cost per run) and the server's evaluations timed in process."""
     from fed_app.worker import get_worker
@@ -195,7 +198,7 @@ def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, g
     rows = []
     for members, values in zip(groups, probes):
         probe = members[0]
-        flower = round_flower(probe, rounds, warmup, workdir, gpus)
+        flower = round_flower(probe, rounds, warmup, workdir, cpus, gpus)
         worker = get_worker(probe)
         state = worker.initial_state()
         val_s, _ = _measure(lambda: worker.evaluate(state, worker.data.val), worker.device, repeats=1)

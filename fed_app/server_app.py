@@ -157,10 +157,7 @@ def discover_partitions(grid: Grid, cfg: RunConfig, wait_s: float = 30.0) -> dic
     while len(node_ids := list(grid.get_node_ids())) < cfg.num_clients and time.monotonic() < deadline:
         time.sleep(0.5)
     if len(node_ids) != cfg.num_clients:
-        raise ConfigError(
-            f"num-clients={cfg.num_clients} but {len(node_ids)} nodes are connected after {wait_s:.0f}s; start "
-            f"exactly {cfg.num_clients} supernodes (--federation-config \"num-supernodes={cfg.num_clients}\")."
-        )
+        raise _wrong_federation(cfg, f"{len(node_ids)} nodes are connected after {wait_s:.0f}s")
     queries = [Message(RecordDict(), node, MessageType.QUERY) for node in node_ids]
     nodes = {}
     for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
@@ -169,9 +166,11 @@ def discover_partitions(grid: Grid, cfg: RunConfig, wait_s: float = 30.0) -> dic
                                f"{reply.error.reason}")
         nodes[int(reply.content["info"]["partition-id"])] = reply.metadata.src_node_id
     if sorted(nodes) != list(range(cfg.num_clients)):
-        raise ConfigError(
-            f"num-clients={cfg.num_clients} but the federation's {len(node_ids)} nodes hold partitions "
-            f"{sorted(nodes)[:5]}...; start exactly {cfg.num_clients} supernodes "
-            f"(--federation-config \"num-supernodes={cfg.num_clients}\")."
-        )
+        raise _wrong_federation(cfg, f"the federation's {len(node_ids)} nodes hold partitions {sorted(nodes)[:5]}...")
     return nodes
+
+
+def _wrong_federation(cfg: RunConfig, found: str) -> ConfigError:
+    return ConfigError(f"num-clients={cfg.num_clients} but {found}; start exactly {cfg.num_clients} supernodes "
+                       f"with partition-id 0..{cfg.num_clients - 1} (simulation: --federation-config "
+                       f"\"num-supernodes={cfg.num_clients}\").")

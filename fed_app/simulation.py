@@ -123,12 +123,11 @@ def _pids() -> list[int]:
 def preflight(cfg: RunConfig) -> None:
     """Load the data and build the model once here, so a missing dataset or weights file is one sentence
     before Flower starts, not a traceback inside the ServerApp."""
-    import torch
-
-    from fed_app.data import load_dataset
+    from fed_app.data import read_cifar100
     from fed_app.model import build_model
 
-    load_dataset(cfg, torch.device("cpu"))
+    if cfg.dataset == "cifar100":  # read and dropped: this process keeps no copy of the data
+        read_cifar100(cfg.data_root, cfg.download)
     build_model(cfg, 100)
 
 

@@ -63,3 +63,16 @@ def test_a_bad_manifest_stops_the_runner_before_any_run(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: manifest bad.yaml: run-config lr=-1.0 is out of range; it must be > 0.0."
     assert not (tmp_path / "results").exists()
+
+
+def test_missing_cifar_fails_each_federated_run_with_the_fix_before_flower_starts(tmp_path):
+    manifest = tmp_path / "offline.yaml"
+    manifest.write_text(f"name: offline\nkind: federated\nbase: {{data-root: '{tmp_path / 'nowhere'}', "
+                        f"download: false, model: vit-tiny-test, num-clients: 10}}\ngrid: {{local-steps: [4, 8]}}\n")
+    proc = subprocess.run(_runner(manifest, tmp_path / "results"), capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode == 1
+    assert proc.stdout.count("CIFAR-100 is not under data-root=") == 2 and "cifar-100-python" in proc.stdout
+    assert "2 runs failed" in proc.stderr
+    assert not list((tmp_path / "results" / "offline").glob("federated-*/rows.jsonl"))
+    assert not (tmp_path / "results" / "offline" / ".flwr").exists()  # no flwr run was started
