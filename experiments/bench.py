@@ -254,7 +254,7 @@ def bench_data(cfg: RunConfig, batches: int) -> list[dict]:
             loss.backward()
             opt.step()
 
-    seconds, _ = _measure(lambda: train(model), device, repeats=1)
+    seconds, _ = _measure(lambda: train(model), device, repeats=5)
     what = f"training step incl. preparation ({cfg.model}, {spec.input_size} px"
     rows.append({"stage": f"{what}, eager)", "images_per_s": batches * cfg.batch_size / seconds})
     compiled = training_module(cfg.replace(compile=True), model)
@@ -262,7 +262,7 @@ def bench_data(cfg: RunConfig, batches: int) -> list[dict]:
     train(compiled, idx[:1])  # the compilation, paid once per worker process
     _sync(device)
     first = time.perf_counter() - started
-    seconds, _ = _measure(lambda: train(compiled), device, repeats=1)
+    seconds, _ = _measure(lambda: train(compiled), device, repeats=5)
     rows.append({"stage": f"{what}, torch.compile; compiling took {first:.1f} s)",
                  "images_per_s": batches * cfg.batch_size / seconds})
     return rows
