@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
+from fed_app.transport import carry, folder_of, take
 from fed_app.wire import pack_state, unpack_state
 from fed_app.worker import Worker, get_worker
 from masking.payload import gather_trainable, pack_masks
@@ -38,19 +39,20 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """J local steps from the received global model; reply with the delta and the example count.
-    Under a mask (content "mask") only the trainable entries travel back, as one flat vector."""
+    Under a mask (content "mask") only the trainable entries travel back, as one flat vector. A model that
+    came as a file (transport='files') is answered with a file in the same folder."""
     cfg, pid, worker = _setup(context)
     config = msg.content["config"]
     masks = None
     if "mask" in msg.content:
         masks = worker.masks_from_bits(msg.content["mask"]["bits"].numpy())
-    delta, loss, examples = worker.local_update(worker.global_state(msg.content["arrays"], masks), pid,
+    delta, loss, examples = worker.local_update(worker.global_state(take(msg.content, "arrays"), masks), pid,
                                                 int(config["server-round"]), masks,
                                                 head_only=config.get("phase", "") == "head")
     payload = ArrayRecord({"values": gather_trainable(delta, masks)}) if masks else pack_state(delta)
     metrics = MetricRecord({"train_loss": loss, "num-examples": examples, "partition-id": pid,
                             "worker-builds": worker.builds})
-    return Message(RecordDict({"delta": payload, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({**carry("delta", payload, folder_of(msg.content)), "metrics": metrics}), reply_to=msg)
 
 
 @app.query("ridge")

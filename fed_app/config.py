@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fisher_mode": ("sampled", "empirical", "batch"),
     "partition": ("iid", "noniid"),
     "on_client_failure": ("retry", "fail"),
+    "transport": ("files", "messages"),
     "mask_scope": ("global", "local"),
 }
 
@@ -71,6 +72,10 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
     "fraction_evaluate": (1.0, False),
     "classes_per_client": (100, False),  # CIFAR-100 and the synthetic set both have 100 classes
 }
+
+
+# Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes.
+NOT_RESULTS = frozenset({"run_dir", "transport"})
 
 
 class ConfigError(ValueError):
@@ -135,6 +140,7 @@ class RunConfig:
     on_client_failure: str = "retry"
     max_retries: int = 2
     round_timeout: float = 600.0
+    transport: str = "files"
     head_rounds: int = 10
     calibration_fraction: float = 1.0
     mask_scope: str = "global"
@@ -196,8 +202,8 @@ class RunConfig:
         return {to_kebab(k): v for k, v in self.to_dict().items()}
 
     def run_id(self) -> str:
-        """Stable id of everything that shapes the results (the output location excluded)."""
-        payload = {k: v for k, v in self.to_dict().items() if k != "run_dir"}
+        """Stable id of everything that shapes the results (where they go and how models travel excluded)."""
+        payload = {k: v for k, v in self.to_dict().items() if k not in NOT_RESULTS}
         digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         return digest[:10]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fed_app.config import ConfigError, RunConfig, to_kebab
+from fed_app.config import NOT_RESULTS, ConfigError, RunConfig, to_kebab
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class RunDir:
         mine = cfg.to_dict()
         if self.config_file.exists():
             theirs = json.loads(self.config_file.read_text())
-            diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v and k != "run_dir"}
+            diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v and k not in NOT_RESULTS}
             if diff:
                 key, (old, new) = next(iter(diff.items()))
                 raise ConfigError(

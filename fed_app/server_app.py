@@ -13,6 +13,7 @@ from fed_app.config import ConfigError, RunConfig
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
+from fed_app.transport import SharedFiles
 from fed_app.wire import apply_update, pack_masked_state, pack_state
 from fed_app.worker import State, get_worker
 from masking.calibrate import density_of, load_masks
@@ -37,8 +38,23 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
         log.info("run %s is already done; nothing to do", run_dir.path)
         return run_dir
     worker = get_worker(cfg)  # the server evaluates the global model with the same task code
-    strategy = SeededFedAvg(cfg.seed, cfg.num_clients, cfg.clients_per_round, discover_partitions(grid, cfg),
-                            cfg.max_retries if cfg.on_client_failure == "retry" else 0, cfg.round_timeout)
+    files = None
+    if cfg.transport == "files":  # room for a round: the global model and every client's update
+        model_bytes = 4 * sum(t.numel() for t in worker.model.state_dict().values())
+        files = SharedFiles(cfg.run_id(), (cfg.clients_per_round + 2) * model_bytes)
+    try:
+        strategy = SeededFedAvg(cfg.seed, cfg.num_clients, cfg.clients_per_round, discover_partitions(grid, cfg),
+                                cfg.max_retries if cfg.on_client_failure == "retry" else 0, cfg.round_timeout,
+                                files)
+        _rounds(grid, cfg, run_dir, worker, strategy)
+    finally:
+        if files is not None:
+            files.close()
+    return run_dir
+
+
+def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: SeededFedAvg) -> None:
+    """Step 0 and calibration when fresh, then the FedAvg rounds left; rows, checkpoints, DONE."""
     rounds = cfg.total_rounds
     t0 = time.perf_counter()
 
@@ -82,7 +98,6 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
             "bytes_sent": strategy.bytes_sent, "bytes_received": strategy.bytes_received}, started)
     plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {cfg.run_id()}")
     run_dir.mark_done()
-    return run_dir
 
 
 def evaluates_val(cfg: RunConfig, server_round: int) -> bool:

@@ -38,10 +38,9 @@ def pack_masked_state(state: State, masks: dict[str, Tensor]) -> ArrayRecord:
                         "rest": torch.cat(rest) if rest else torch.zeros(0)})
 
 
-def unpack_masked_state(record: ArrayRecord, base: State, masks: dict[str, Tensor]) -> State:
-    """Inverse of pack_masked_state: `base` (the initial model, whose frozen entries the global model
-    keeps bit for bit) with the trainable entries and the uncovered parameters put back."""
-    arrays = record.to_torch_state_dict()
+def unpack_masked_state(arrays: State, base: State, masks: dict[str, Tensor]) -> State:
+    """Inverse of pack_masked_state (given its tensors): `base` (the initial model, whose frozen entries the
+    global model keeps bit for bit) with the trainable entries and the uncovered parameters put back."""
     state = {n: t.clone() for n, t in base.items()}
     offset = 0
     for n, m in masks.items():

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 from torch import Tensor
 
 from fed_app.config import RunConfig
@@ -19,7 +18,7 @@ from fed_app.editing import calibrate_masks, fisher_indices, fisher_sums
 from fed_app.head import freeze_head, only_head_trainable, ridge_statistics
 from fed_app.model import ModelSpec, build_model
 from fed_app.task import autocast, evaluate, make_optimizer, resolve_device, train_steps, training_module
-from fed_app.wire import unpack_masked_state, unpack_state
+from fed_app.wire import split_flat, unpack_masked_state
 from masking.payload import unpack_masks
 
 log = logging.getLogger(__name__)
@@ -66,11 +65,11 @@ class Worker:
         """A copy of the seeded initial global model, on CPU."""
         return {k: v.clone() for k, v in self._initial().items()}
 
-    def global_state(self, arrays: ArrayRecord, masks: dict[str, Tensor] | None) -> State:
-        """The global model from a message: a flat dense buffer, or (global mask) its compact form."""
+    def global_state(self, arrays: dict[str, Tensor], masks: dict[str, Tensor] | None) -> State:
+        """The global model from a message's tensors: a flat dense buffer, or (global mask) its compact form."""
         if "values" in arrays:
             return unpack_masked_state(arrays, self._initial(), masks)  # copies the base once
-        return unpack_state(arrays, self.state_shapes())
+        return split_flat(arrays["flat"], self.state_shapes())
 
     def load(self, state: State) -> None:
         self.model.load_state_dict(state)

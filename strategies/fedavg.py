@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
+from fed_app.transport import SharedFiles, carry, discard, payload_bytes, take
 from masking.payload import add_trainable_, pack_masks
 
 log = logging.getLogger(__name__)
@@ -45,21 +46,18 @@ def weighted_average(deltas: list[dict[str, Tensor]], weights: list[float]) -> d
     return out
 
 
-def payload_bytes(record: ArrayRecord) -> int:
-    return sum(len(array.data) for array in record.values())
-
-
 class SeededFedAvg(FedAvg):
     """FedAvg whose sampling, failure handling and aggregation are reproducible across resume."""
 
     def __init__(self, seed: int, num_clients: int, per_round: int, nodes: dict[int, int],
-                 max_retries: int, timeout: float):
+                 max_retries: int, timeout: float, files: SharedFiles | None = None):
         super().__init__(fraction_train=per_round / num_clients, fraction_evaluate=0.0,
                          min_available_nodes=num_clients)
         self.seed, self.num_clients, self.per_round = seed, num_clients, per_round
         self.nodes = nodes  # partition id -> node id
         self.partition_of = {node: pid for pid, node in nodes.items()}
         self.max_retries, self.timeout = max_retries, timeout
+        self.files = files  # transport='files': train payloads go through this folder, not the messages
         self.bytes_sent = self.bytes_received = 0
         self.mask_records: dict[int, ArrayRecord] = {}  # partition id -> the mask its train messages carry
         self.client_masks: dict[int, dict[str, Tensor]] | None = None  # mask-scope 'local': each client's own
@@ -79,7 +77,8 @@ class SeededFedAvg(FedAvg):
         stream = PHASE_STREAMS[str(config.get("phase", ""))]
         pids = sample_partitions(self.seed, server_round, self.num_clients, self.per_round, stream)
         config["server-round"] = server_round
-        base = {self.arrayrecord_key: arrays, self.configrecord_key: config}
+        base = {**carry(self.arrayrecord_key, arrays, self.files.root if self.files else None),
+                self.configrecord_key: config}
         if stream != TRAIN_STREAM or not self.mask_records:
             return self._messages({p: RecordDict(base) for p in pids}, MessageType.TRAIN)
         return self._messages({p: RecordDict({**base, "mask": self.mask_records[p]}) for p in pids},
@@ -87,7 +86,7 @@ class SeededFedAvg(FedAvg):
 
     def _messages(self, records: dict[int, RecordDict], message_type: str) -> list[Message]:
         for record in records.values():
-            self.bytes_sent += sum(payload_bytes(r) for r in record.values() if isinstance(r, ArrayRecord))
+            self.bytes_sent += sum(payload_bytes(r) for r in record.values())
         return [Message(record, self.nodes[p], message_type) for p, record in records.items()]
 
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
@@ -96,7 +95,10 @@ class SeededFedAvg(FedAvg):
         self.bytes_sent = self.bytes_received = 0
         messages = list(self.configure_train(server_round, arrays, config, grid))
         pids = [self.partition_of[m.metadata.dst_node_id] for m in messages]
-        replies = self.collect(grid, server_round, messages, pids)
+        try:
+            replies = self.collect(grid, server_round, messages, pids)
+        finally:
+            discard(messages[0].content)  # this round's global model file, if it went as one
         return self.aggregate_train(server_round, replies)
 
     def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, fraction: float) -> MetricRecord:
@@ -141,8 +143,7 @@ class SeededFedAvg(FedAvg):
                 f"round {server_round}: clients {missing} failed after {self.max_retries} retries "
                 f"({reasons[missing[0]]}); rerun the same command to resume, or raise max-retries."
             )
-        self.bytes_received += sum(payload_bytes(r) for m in replies.values() for r in m.content.values()
-                                   if isinstance(r, ArrayRecord))
+        self.bytes_received += sum(payload_bytes(r) for m in replies.values() for r in m.content.values())
         return [replies[p] for p in sorted(pids)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
@@ -150,7 +151,7 @@ class SeededFedAvg(FedAvg):
         and the weighted train loss."""
         contents = sorted((m.content for m in replies), key=lambda c: int(c["metrics"]["partition-id"]))
         weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
-        deltas = [c["delta"].to_torch_state_dict() for c in contents]
+        deltas = [take(c, "delta", delete=True) for c in contents]
         if self.client_masks is not None:  # each client's trainable entries, scattered to full size
             deltas = [self._scatter(d["values"], self.client_masks[int(c["metrics"]["partition-id"])])
                       for d, c in zip(deltas, contents)]

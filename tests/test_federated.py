@@ -9,6 +9,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.simulation import LocalSimulation, SimulationError
+from fed_app.transport import SharedFiles
 from fed_app.worker import get_worker
 from strategies.fedavg import sample_partitions, weighted_average
 
@@ -106,7 +107,10 @@ SPARSE = {"optimizer": "sparse-sgdm", "head": "ridge", "sparsity": 0.8, "calibra
 @pytest.mark.parametrize("editing", [{}, SPARSE], ids=["dense", "sparse"])
 def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights(tmp_path, editing):
     settings = {"num-rounds": 12, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4, **editing}
-    whole, cut = _cfg(tmp_path, "whole", **settings), _cfg(tmp_path, "cut", **settings)
+    # the reference moves models inside Flower messages, the killed run through files: same numbers
+    whole = _cfg(tmp_path, "whole", transport="messages", **settings)
+    cut = _cfg(tmp_path, "cut", **settings)
+    assert cut.transport == "files"
     with LocalSimulation(tmp_path / "flwr") as sim:
         sim.run(whole, num_supernodes=10, timeout=300)
         proc = sim.popen(cut, num_supernodes=10)
@@ -122,6 +126,7 @@ def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights
         if editing:  # the mask came back from the checkpoint: calibration was not redone
             assert mask_file.stat().st_mtime_ns == stamp
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
+    assert not list(SharedFiles.base_for(0).glob(f"fedit-{cut.run_id()}-*"))  # the killed server's folder too
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -48,7 +48,7 @@ def test_a_masked_model_travels_as_its_trainable_entries_and_comes_back_exact():
     state["head"] = torch.tensor([7.0, 8.0])  # step 0 set the head, outside the mask
     record = pack_masked_state(state, masks)
     assert record["values"].numpy().size == int(masks["w"].sum() + masks["b"].sum())
-    back = unpack_masked_state(record, base, masks)
+    back = unpack_masked_state(record.to_torch_state_dict(), base, masks)
     assert all(torch.equal(back[n], state[n]) for n in state)
 
 

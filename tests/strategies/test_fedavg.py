@@ -5,6 +5,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fed_app.transport import SharedFiles, TransportError, carry, folder_of, take
 from strategies.fedavg import RoundFailedError, SeededFedAvg, sample_partitions
 
 
@@ -68,3 +69,61 @@ def test_fail_policy_means_no_retry():
     with pytest.raises(RoundFailedError):
         strategy.train_round(grid, 1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord())
     assert len(grid.sent) == 4
+
+
+class FileClients:
+    """Clients that answer the way the ClientApp does: in the form they were asked in."""
+
+    def __init__(self, nodes):
+        self.pid_of = {node: pid for pid, node in nodes.items()}
+        self.contents = []
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            pid = self.pid_of[msg.metadata.dst_node_id]
+            self.contents.append(msg.content)
+            delta = ArrayRecord({"w": take(msg.content, "arrays")["w"] + pid})
+            metrics = MetricRecord({"train_loss": float(pid), "num-examples": pid + 1, "partition-id": pid})
+            replies.append(Message(RecordDict({**carry("delta", delta, folder_of(msg.content)), "metrics": metrics}),
+                                   reply_to=msg))
+        return replies
+
+
+def test_files_transport_gives_the_message_result_with_tiny_messages_and_leaves_no_file(tmp_path):
+    nodes = {pid: 1000 + pid for pid in range(10)}
+    files = SharedFiles("test-transport", 10**6)
+    results = {}
+    for name, via in (("messages", None), ("files", files)):
+        strategy = SeededFedAvg(3, 10, 4, nodes, max_retries=0, timeout=5, files=via)
+        grid = FileClients(nodes)
+        delta, _ = strategy.train_round(grid, 1, ArrayRecord({"w": torch.arange(3.0)}), ConfigRecord())
+        results[name] = (delta.to_torch_state_dict()["w"], strategy.bytes_sent, strategy.bytes_received, grid)
+    sampled = sample_partitions(3, 1, 10, 4)
+    expected = torch.arange(3.0) + sum((p + 1) * p for p in sampled) / sum(p + 1 for p in sampled)
+    assert torch.equal(results["files"][0], results["messages"][0]) and torch.allclose(results["files"][0], expected)
+    assert results["files"][1:3] == results["messages"][1:3]  # payload bytes count the same either way
+    assert results["files"][1] >= 4 * 12
+    sent = results["files"][3].contents
+    assert all("arrays" not in c and str(c["arrays-file"]["path"]).startswith(str(files.root)) for c in sent)
+    assert len({str(c["arrays-file"]["path"]) for c in sent}) == 1  # the global model is written once a round
+    assert list(files.root.iterdir()) == []  # the round's model and the clients' updates are gone
+    files.close()
+    assert not files.root.exists()
+
+
+def test_a_client_on_another_machine_is_told_to_use_messages(tmp_path):
+    content = RecordDict({"arrays-file": ConfigRecord({"path": str(tmp_path / "gone.pt"), "bytes": 12})})
+    with pytest.raises(TransportError, match=r"transport='files' needs every client on the server's machine; "
+                                             r"pass --run-config \"transport='messages'\""):
+        take(content, "arrays")
+
+
+def test_a_killed_servers_payload_folder_is_removed_by_the_next_one():
+    dead = SharedFiles("test-stale", 10**6)
+    stale = dead.root.with_name("fedit-test-stale-999999999")  # no such process
+    dead.root.rename(stale)
+    (stale / "arrays-x.pt").write_bytes(b"0" * 10)
+    fresh = SharedFiles("test-stale", 10**6)
+    assert not stale.exists() and fresh.root.exists()
+    fresh.close()
