@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from fed_app.transport import SharedFiles, carry, discard, payload_bytes, take
+from fed_app.transport import SharedFiles, TransportError, carry, discard, payload_bytes, take
 from masking.payload import add_trainable_, pack_masks
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,13 @@ class SeededFedAvg(FedAvg):
         pids = [self.partition_of[m.metadata.dst_node_id] for m in messages]
         try:
             replies = self.collect(grid, server_round, messages, pids)
+        except RoundFailedError as err:
+            if self.files is None or TransportError.__name__ not in str(err):
+                raise
+            # a client cannot see the server's files (another machine): models go inside messages from now on
+            log.warning("round %d: %s; sending models inside the messages from now on", server_round, err)
+            self.files = None
+            return self.train_round(grid, server_round, arrays, config)
         finally:
             discard(messages[0].content)  # this round's global model file, if it went as one
         return self.aggregate_train(server_round, replies)

@@ -127,3 +127,29 @@ def test_a_killed_servers_payload_folder_is_removed_by_the_next_one():
     fresh = SharedFiles("test-stale", 10**6)
     assert not stale.exists() and fresh.root.exists()
     fresh.close()
+
+
+class RemoteClients(FileClients):
+    """Clients on another machine: a model sent as a file cannot be read there."""
+
+    def send_and_receive(self, messages, timeout=None):
+        if any("arrays-file" in m.content for m in messages):
+            self.contents += [m.content for m in messages]
+            return [Message(Error(code=0, reason=f"<class 'fed_app.transport.TransportError'>:<'no {m.content}'>"),
+                            reply_to=m) for m in messages]
+        return super().send_and_receive(messages, timeout)
+
+
+def test_when_clients_cannot_read_the_files_the_round_is_redone_inside_messages(caplog):
+    nodes = {pid: 1000 + pid for pid in range(10)}
+    files = SharedFiles("test-remote", 10**6)
+    strategy = SeededFedAvg(3, 10, 4, nodes, max_retries=1, timeout=5, files=files)
+    grid = RemoteClients(nodes)
+    delta, metrics = strategy.train_round(grid, 1, ArrayRecord({"w": torch.arange(3.0)}), ConfigRecord())
+    sampled = sample_partitions(3, 1, 10, 4)
+    expected = torch.arange(3.0) + sum((p + 1) * p for p in sampled) / sum(p + 1 for p in sampled)
+    assert torch.allclose(delta.to_torch_state_dict()["w"], expected) and metrics["clients"] == 4
+    assert strategy.files is None and "arrays" in grid.contents[-1]  # later rounds send models in messages
+    assert "sending models inside the messages from now on" in caplog.text
+    assert list(files.root.iterdir()) == []
+    files.close()
