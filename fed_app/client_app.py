@@ -8,7 +8,7 @@ from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.transport import carry, folder_of, take
-from fed_app.wire import pack_state, unpack_state
+from fed_app.wire import flat_state, pack_state, unpack_state
 from fed_app.worker import Worker, get_worker
 from masking.payload import gather_trainable, pack_masks
 
@@ -49,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     delta, loss, examples = worker.local_update(worker.global_state(take(msg.content, "arrays"), masks), pid,
                                                 int(config["server-round"]), masks,
                                                 head_only=config.get("phase", "") == "head")
-    payload = ArrayRecord({"values": gather_trainable(delta, masks)}) if masks else pack_state(delta)
+    payload = {"values": gather_trainable(delta, masks)} if masks else flat_state(delta)
     metrics = MetricRecord({"train_loss": loss, "num-examples": examples, "partition-id": pid,
                             "worker-builds": worker.builds})
     return Message(RecordDict({**carry("delta", payload, folder_of(msg.content)), "metrics": metrics}), reply_to=msg)

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 
 from fed_app.config import RunConfig
 from fed_app.head import solve_ridge
-from fed_app.wire import apply_update, pack_state, split_flat
+from fed_app.wire import apply_update, flat_state, pack_state, split_flat
 from fed_app.worker import State, Worker
 from masking.calibrate import Masks, calibrate
 from masking.payload import unpack_masks
@@ -33,7 +33,7 @@ def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: W
                 "head.bias": bias.to(state["head.bias"].dtype)}
     if cfg.head == "train":
         for r in range(1, cfg.head_rounds + 1):
-            delta, metrics = strategy.train_round(grid, r, pack_state(state), ConfigRecord({"phase": "head"}))
+            delta, metrics = strategy.train_round(grid, r, flat_state(state), ConfigRecord({"phase": "head"}))
             state = apply_update(state, delta.to_torch_state_dict(), None)
             log.info("head round %d/%d  train_loss %.4f", r, cfg.head_rounds, metrics["train_loss"])
     return state

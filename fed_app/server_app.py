@@ -14,7 +14,7 @@ from fed_app.federated_editing import federated_head, federated_local_masks, fed
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
 from fed_app.transport import SharedFiles
-from fed_app.wire import apply_update, pack_masked_state, pack_state
+from fed_app.wire import apply_update, flat_state, masked_state, pack_state
 from fed_app.worker import State, get_worker
 from masking.calibrate import density_of, load_masks
 from masking.payload import pack_masks, unpack_masks
@@ -89,8 +89,8 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: Seede
     compact = masks is not None and _frozen_as_initial(state, masks, worker.initial_state())
     for server_round in range(start + 1, rounds + 1):
         started = time.perf_counter()
-        arrays = pack_masked_state(state, masks) if compact else pack_state(state)
-        delta, metrics = strategy.train_round(grid, server_round, arrays, ConfigRecord())
+        payload = masked_state(state, masks) if compact else flat_state(state)
+        delta, metrics = strategy.train_round(grid, server_round, payload, ConfigRecord())
         state = apply_update(state, delta.to_torch_state_dict(), masks)
         finish_round(server_round, state, {
             "round": server_round, "train_loss": metrics["train_loss"], "clients": metrics["clients"],

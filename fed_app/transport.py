@@ -16,6 +16,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
@@ -29,24 +30,25 @@ class TransportError(RuntimeError):
 
 
 def payload_bytes(record) -> int:
-    """Bytes of model payload a record carries or references (a file counts as its contents)."""
+    """Bytes of tensor data a record carries or references (the same count either way)."""
     if isinstance(record, ArrayRecord):
-        return sum(len(array.data) for array in record.values())
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in record.values())
     if isinstance(record, ConfigRecord) and "bytes" in record and "path" in record:
         return int(record["bytes"])
     return 0
 
 
-def carry(key: str, record: ArrayRecord, folder: Path | None) -> dict:
-    """Message content for `record` under `key`: itself, or (with a folder) a reference to a file holding it."""
+def carry(key: str, tensors: dict[str, Tensor], folder: Path | None) -> dict:
+    """Message content for `tensors` under `key`: an ArrayRecord, or (with a folder) a reference to a file
+    holding them."""
     if folder is None:
-        return {key: record}
-    tensors = record.to_torch_state_dict()
+        return {key: ArrayRecord(tensors)}
     path = folder / f"{key}-{uuid.uuid4().hex}.pt"
     tmp = path.with_name(path.name + ".part")
     torch.save(tensors, tmp)
     os.replace(tmp, path)  # a reader never sees a partial file
-    return {key + FILE_SUFFIX: ConfigRecord({"path": str(path), "bytes": payload_bytes(record)})}
+    return {key + FILE_SUFFIX: ConfigRecord({"path": str(path),
+                                             "bytes": sum(t.numel() * t.element_size() for t in tensors.values())})}
 
 
 def folder_of(content: RecordDict) -> Path | None:
@@ -68,7 +70,7 @@ def take(content: RecordDict, key: str, delete: bool = False) -> dict[str, Tenso
         return content[key].to_torch_state_dict()
     path = Path(str(content[key + FILE_SUFFIX]["path"]))
     try:
-        tensors = torch.load(path, weights_only=True)
+        tensors = torch.load(path, weights_only=True, mmap=True)  # pages of /dev/shm, not a copy
     except FileNotFoundError:
         raise TransportError(
             f"the payload file {path} is not on this machine: transport='files' needs every client on the "

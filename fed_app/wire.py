@@ -13,9 +13,14 @@ State = dict[str, Tensor]
 Shapes = dict[str, torch.Size]
 
 
-def pack_state(state: State) -> ArrayRecord:
+def flat_state(state: State) -> State:
     """Every tensor, in the dict's order, flattened into one float32 vector under the key 'flat'."""
-    return ArrayRecord({"flat": torch.cat([t.detach().reshape(-1).float().cpu() for t in state.values()])})
+    return {"flat": torch.cat([t.detach().reshape(-1).float().cpu() for t in state.values()])}
+
+
+def pack_state(state: State) -> ArrayRecord:
+    """flat_state as a Flower ArrayRecord."""
+    return ArrayRecord(flat_state(state))
 
 
 def unpack_state(record: ArrayRecord, shapes: Shapes) -> State:
@@ -30,16 +35,15 @@ def split_flat(flat: Tensor, shapes: Shapes) -> State:
     return {n: part.view(s) for (n, s), part in zip(shapes.items(), flat.split(sizes))}
 
 
-def pack_masked_state(state: State, masks: dict[str, Tensor]) -> ArrayRecord:
+def masked_state(state: State, masks: dict[str, Tensor]) -> State:
     """A model under a global mask, as only what can differ from the seeded initial model: its trainable
     entries ('values', in mask order) and every parameter the mask does not cover ('rest', e.g. the head)."""
     rest = [t.detach().reshape(-1).float() for n, t in state.items() if n not in masks]
-    return ArrayRecord({"values": gather_trainable(state, masks),
-                        "rest": torch.cat(rest) if rest else torch.zeros(0)})
+    return {"values": gather_trainable(state, masks), "rest": torch.cat(rest) if rest else torch.zeros(0)}
 
 
 def unpack_masked_state(arrays: State, base: State, masks: dict[str, Tensor]) -> State:
-    """Inverse of pack_masked_state (given its tensors): `base` (the initial model, whose frozen entries the
+    """Inverse of masked_state: `base` (the initial model, whose frozen entries the
     global model keeps bit for bit) with the trainable entries and the uncovered parameters put back."""
     state = {n: t.clone() for n, t in base.items()}
     offset = 0

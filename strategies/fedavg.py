@@ -72,8 +72,10 @@ class SeededFedAvg(FedAvg):
                                  for p, m in client_masks.items()}
             self.client_masks = client_masks
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+    def configure_train(self, server_round: int, arrays: dict[str, Tensor], config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """Train messages to the sampled clients: the model `arrays` (inside each message, or written once
+        as a file they all reference), the config, and each client's mask if any."""
         stream = PHASE_STREAMS[str(config.get("phase", ""))]
         pids = sample_partitions(self.seed, server_round, self.num_clients, self.per_round, stream)
         config["server-round"] = server_round
@@ -89,7 +91,7 @@ class SeededFedAvg(FedAvg):
             self.bytes_sent += sum(payload_bytes(r) for r in record.values())
         return [Message(record, self.nodes[p], message_type) for p, record in records.items()]
 
-    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
+    def train_round(self, grid: Grid, server_round: int, arrays: dict[str, Tensor],
                     config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
         """One FedAvg round over the sampled clients (retrying failures), aggregated."""
         self.bytes_sent = self.bytes_received = 0

@@ -13,7 +13,7 @@ from fed_app.head import freeze_head, ridge_statistics, set_head, solve_ridge
 from fed_app.model import build_model
 from fed_app.simulation import LocalSimulation
 from masking.calibrate import load_masks
-from fed_app.wire import apply_update, pack_masked_state, pack_state, unpack_masked_state
+from fed_app.wire import apply_update, masked_state, pack_state, unpack_masked_state
 from masking.payload import add_trainable_, gather_trainable, pack_masks, unpack_masks
 
 from .conftest import TINY
@@ -46,9 +46,9 @@ def test_a_masked_model_travels_as_its_trainable_entries_and_comes_back_exact():
     state = {n: t.clone() for n, t in base.items()}
     state["w"][masks["w"]] += 1.0  # training moved trainable entries; frozen ones stay as in the base
     state["head"] = torch.tensor([7.0, 8.0])  # step 0 set the head, outside the mask
-    record = pack_masked_state(state, masks)
-    assert record["values"].numpy().size == int(masks["w"].sum() + masks["b"].sum())
-    back = unpack_masked_state(record.to_torch_state_dict(), base, masks)
+    sent = masked_state(state, masks)
+    assert sent["values"].numel() == int(masks["w"].sum() + masks["b"].sum())
+    back = unpack_masked_state(sent, base, masks)
     assert all(torch.equal(back[n], state[n]) for n in state)
 
 

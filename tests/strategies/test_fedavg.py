@@ -46,7 +46,7 @@ def test_a_failed_client_is_retried_and_the_round_averages_every_sampled_client(
     strategy, nodes = _strategy(max_retries=2)
     sampled = sample_partitions(3, 1, 10, 4)
     grid = FlakyGrid(nodes, fail=[sampled[0]], times=1)
-    delta, metrics = strategy.train_round(grid, 1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord())
+    delta, metrics = strategy.train_round(grid, 1, {"w": torch.zeros(2)}, ConfigRecord())
     assert grid.sent == sampled + [sampled[0]]  # resent to the failed client only
     weights = [p + 1 for p in sampled]
     expected = sum(w * p for w, p in zip(weights, sampled)) / sum(weights)
@@ -60,14 +60,14 @@ def test_a_client_failing_past_the_retries_fails_the_round_with_a_clear_message(
     grid = FlakyGrid(nodes, fail=[sampled[2]], times=5)
     with pytest.raises(RoundFailedError, match=rf"round 1: clients \[{sampled[2]}\] failed after 1 retries "
                                                r"\(worker killed \(out of memory\)\); rerun the same command"):
-        strategy.train_round(grid, 1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord())
+        strategy.train_round(grid, 1, {"w": torch.zeros(2)}, ConfigRecord())
 
 
 def test_fail_policy_means_no_retry():
     strategy, nodes = _strategy(max_retries=0)
     grid = FlakyGrid(nodes, fail=sample_partitions(3, 1, 10, 4)[:1], times=1)
     with pytest.raises(RoundFailedError):
-        strategy.train_round(grid, 1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord())
+        strategy.train_round(grid, 1, {"w": torch.zeros(2)}, ConfigRecord())
     assert len(grid.sent) == 4
 
 
@@ -83,7 +83,7 @@ class FileClients:
         for msg in messages:
             pid = self.pid_of[msg.metadata.dst_node_id]
             self.contents.append(msg.content)
-            delta = ArrayRecord({"w": take(msg.content, "arrays")["w"] + pid})
+            delta = {"w": take(msg.content, "arrays")["w"] + pid}
             metrics = MetricRecord({"train_loss": float(pid), "num-examples": pid + 1, "partition-id": pid})
             replies.append(Message(RecordDict({**carry("delta", delta, folder_of(msg.content)), "metrics": metrics}),
                                    reply_to=msg))
@@ -97,7 +97,7 @@ def test_files_transport_gives_the_message_result_with_tiny_messages_and_leaves_
     for name, via in (("messages", None), ("files", files)):
         strategy = SeededFedAvg(3, 10, 4, nodes, max_retries=0, timeout=5, files=via)
         grid = FileClients(nodes)
-        delta, _ = strategy.train_round(grid, 1, ArrayRecord({"w": torch.arange(3.0)}), ConfigRecord())
+        delta, _ = strategy.train_round(grid, 1, {"w": torch.arange(3.0)}, ConfigRecord())
         results[name] = (delta.to_torch_state_dict()["w"], strategy.bytes_sent, strategy.bytes_received, grid)
     sampled = sample_partitions(3, 1, 10, 4)
     expected = torch.arange(3.0) + sum((p + 1) * p for p in sampled) / sum(p + 1 for p in sampled)
@@ -145,7 +145,7 @@ def test_when_clients_cannot_read_the_files_the_round_is_redone_inside_messages(
     files = SharedFiles("test-remote", 10**6)
     strategy = SeededFedAvg(3, 10, 4, nodes, max_retries=1, timeout=5, files=files)
     grid = RemoteClients(nodes)
-    delta, metrics = strategy.train_round(grid, 1, ArrayRecord({"w": torch.arange(3.0)}), ConfigRecord())
+    delta, metrics = strategy.train_round(grid, 1, {"w": torch.arange(3.0)}, ConfigRecord())
     sampled = sample_partitions(3, 1, 10, 4)
     expected = torch.arange(3.0) + sum((p + 1) * p for p in sampled) / sum(p + 1 for p in sampled)
     assert torch.allclose(delta.to_torch_state_dict()["w"], expected) and metrics["clients"] == 4
