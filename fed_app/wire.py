@@ -14,8 +14,18 @@ Shapes = dict[str, torch.Size]
 
 
 def flat_state(state: State) -> State:
-    """Every tensor, in the dict's order, flattened into one float32 vector under the key 'flat'."""
-    return {"flat": torch.cat([t.detach().reshape(-1).float().cpu() for t in state.values()])}
+    """Every tensor, in the dict's order, flattened into one float32 vector under the key 'flat'. Tensors
+    that already are, in order, the whole of one such vector (split_flat's views) give it without a copy."""
+    tensors = list(state.values())
+    base = tensors[0]._base if tensors else None
+    if base is not None and base.dim() == 1 and base.dtype == torch.float32 and base.device.type == "cpu":
+        offsets = [base.storage_offset()]
+        for t in tensors:
+            offsets.append(offsets[-1] + t.numel())
+        if offsets[-1] - offsets[0] == base.numel() and all(
+                t._base is base and t.is_contiguous() and t.storage_offset() == o for t, o in zip(tensors, offsets)):
+            return {"flat": base}
+    return {"flat": torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])}
 
 
 def pack_state(state: State) -> ArrayRecord:

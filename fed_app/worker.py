@@ -89,7 +89,11 @@ class Worker:
             generator = make_generator(self.device, cfg.seed, server_round, partition_id, int(head_only))
             loss = train_steps(self.trainer, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
                                cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device))
-        delta = {k: v.detach().cpu() - global_state[k] for k, v in self.model.state_dict().items()}
+        trained = self.model.state_dict()
+        flat = torch.empty(sum(v.numel() for v in trained.values()))
+        delta = split_flat(flat, {k: v.shape for k, v in trained.items()})  # views of one buffer: sent as is
+        for k, v in trained.items():
+            torch.sub(v.detach().cpu(), global_state[k], out=delta[k])
         return delta, loss, len(shard)
 
     def ridge_statistics(self, state: State, partition_id: int) -> dict[str, Tensor]:

@@ -13,7 +13,7 @@ from fed_app.head import freeze_head, ridge_statistics, set_head, solve_ridge
 from fed_app.model import build_model
 from fed_app.simulation import LocalSimulation
 from masking.calibrate import load_masks
-from fed_app.wire import apply_update, masked_state, pack_state, unpack_masked_state
+from fed_app.wire import apply_update, flat_state, masked_state, pack_state, split_flat, unpack_masked_state
 from masking.payload import add_trainable_, gather_trainable, pack_masks, unpack_masks
 
 from .conftest import TINY
@@ -154,3 +154,14 @@ def test_head_rounds_train_the_head_and_no_backbone_entry(tmp_path):
     assert "head.weight" not in masks and not torch.equal(final["head.weight"], init["head.weight"])
     for name, mask in masks.items():  # head rounds moved no backbone entry; sparse rounds only trainable ones
         assert torch.equal(final[name][~mask], init[name][~mask]), name
+
+
+def test_a_state_of_views_into_one_vector_goes_on_the_wire_without_a_copy():
+    flat = torch.arange(10.0)
+    shapes = {"a": torch.Size([2, 3]), "b": torch.Size([4])}
+    views = split_flat(flat, shapes)
+    assert flat_state(views)["flat"] is flat
+    swapped = {"b": views["b"], "a": views["a"]}  # same buffer, other order: copied, in the dict's order
+    assert torch.equal(flat_state(swapped)["flat"], torch.cat([flat[6:], flat[:6]]))
+    part = split_flat(flat[:6], {"a": shapes["a"]})  # a view of part of a bigger vector: copied
+    assert flat_state(part)["flat"] is not flat and torch.equal(flat_state(part)["flat"], flat[:6])
