@@ -47,14 +47,14 @@ def _run(args) -> int:
 
     from experiments.manifest import load_manifest
     from experiments.run import print_plan, run_manifest, select
+    from fed_app.simulation import client_gpus
 
     manifest = load_manifest(args.manifest, args.results)
     runs = select(manifest, args.only)
     if args.dry_run:
         print_plan(manifest, runs, Console())
         return 0
-    gpus = args.gpus if args.gpus is not None else (0.1 if torch.cuda.is_available() else 0.0)
-    failed = run_manifest(manifest, runs, args.results, cpus=args.cpus, gpus=gpus)
+    failed = run_manifest(manifest, runs, args.results, cpus=args.cpus, gpus=client_gpus(args.gpus))
     if failed:
         print(f"error: {len(failed)} runs failed ({', '.join(failed)}); rerun the same command to retry them.",
               file=sys.stderr)
@@ -75,6 +75,7 @@ def _bench(args) -> int:
     from experiments.bench import (bench_data, bench_fisher, bench_grid, bench_round, print_data, print_fisher,
                                    print_grid, print_round)
     from fed_app.config import RunConfig, parse_overrides
+    from fed_app.simulation import client_gpus
 
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +88,7 @@ def _bench(args) -> int:
             "synthetic-test-size": 500, "val-size": 500}
         overrides = {**offline, **parse_overrides(args.run_config)}
         cfg = RunConfig.from_run_config(overrides)
-        gpus = args.gpus if args.gpus is not None else (0.1 if device.type == "cuda" else 0.0)
+        gpus = client_gpus(args.gpus)
         if args.what == "data":
             print_data(bench_data(cfg, batches=20), f"bench data: {cfg.model}, batch {cfg.batch_size}, {name}")
             return 0

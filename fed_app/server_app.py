@@ -14,7 +14,7 @@ from fed_app.federated_editing import federated_head, federated_local_masks, fed
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
 from fed_app.transport import SharedFiles
-from fed_app.wire import apply_update, flat_state, masked_state, pack_state
+from fed_app.wire import apply_update, flat_state, masked_state, pack_state, split_flat
 from fed_app.worker import State, get_worker
 from masking.calibrate import density_of, load_masks
 from masking.payload import pack_masks, unpack_masks
@@ -86,6 +86,8 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: Seede
     else:  # resumed: the masks were saved before the round-0 checkpoint; calibration is not redone
         masks, client_masks = _load_masks(run_dir, worker.trainable_shapes(), cfg)
     strategy.use_masks(masks, client_masks)
+    if all(t.dtype == torch.float32 for t in state.values()):  # one buffer: a round's payload is not a copy
+        state = split_flat(flat_state(state)["flat"], {n: t.shape for n, t in state.items()})
     compact = masks is not None and _frozen_as_initial(state, masks, worker.initial_state())
     for server_round in range(start + 1, rounds + 1):
         started = time.perf_counter()

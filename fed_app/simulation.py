@@ -120,6 +120,15 @@ def _pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != own]
 
 
+def client_gpus(asked: float | None) -> float:
+    """The GPU fraction per simulated client: as asked, else 0.1 with CUDA (ten clients share it), else 0."""
+    if asked is not None:
+        return asked
+    import torch
+
+    return 0.1 if torch.cuda.is_available() else 0.0
+
+
 def preflight(cfg: RunConfig) -> None:
     """Load the data and build the model once here, so a missing dataset or weights file is one sentence
     before Flower starts, not a traceback inside the ServerApp."""
@@ -133,8 +142,6 @@ def preflight(cfg: RunConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-
-    import torch
 
     from fed_app.config import parse_overrides
     from fed_app.rundir import RunDir
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
     cfg = cfg.replace(run_dir=str(RunDir.for_config(cfg, group="federated").path))  # absolute for the SuperLink
     preflight(cfg)
-    gpus = args.gpus if args.gpus is not None else (0.1 if torch.cuda.is_available() else 0.0)
+    gpus = client_gpus(args.gpus)
     with LocalSimulation(Path("results") / ".flwr") as sim:
         proc = sim.popen(cfg, args.num_supernodes or cfg.num_clients, cpus=args.cpus, gpus=gpus)
         for line in proc.stdout:  # stream Flower's log as it comes

@@ -2,9 +2,9 @@
 in shared memory whose path the message carries.
 
 Through Flower, an 87 MB model crosses several processes per message (ServerApp, SuperLink, the simulation
-engine, a Ray actor) and is serialized and hashed on each hop; ten clients a round make that seconds per
+engine, a Ray actor) and is serialized and copied along the way; ten clients a round make that seconds per
 round (`bench round` on ViT-S/16-sized payloads). With files the server writes the global model once per
-round, clients read it and write their updates next to it, and the messages stay a few hundred bytes.
+round, clients read it and write their updates next to it, and the messages carry only the paths.
 The client needs no setting: it answers in the form it was asked in.
 """
 
