@@ -142,7 +142,8 @@ def bench_round(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: int
                 gpus: float) -> list[dict]:
     """Each configuration's in-process limit, all of them before the first `flwr run` (so that no Flower
     process shares the machine with them), then each configuration on Flower."""
-    configs = [cfg.replace(optimizer=o, local_steps=j, mask_rule="random", calibration_rounds=1)
+    configs = [cfg.replace(optimizer=o, head="ridge" if o == "sparse-sgdm" else cfg.head, local_steps=j,
+                           mask_rule="random", calibration_rounds=1)
                for j in local_steps for o in ("sgdm", "sparse-sgdm")]
     limits = [round_limit(c, rounds, warmup) for c in configs]
     rows = []
@@ -233,7 +234,7 @@ def bench_data(cfg: RunConfig, batches: int) -> list[dict]:
     idx = [torch.randint(0, len(data.train), (cfg.batch_size,), device=device, generator=g) for _ in range(batches)]
     rows = []
     for size in sorted({spec.input_size, 224}):
-        tf = BatchTransform(size, spec.mean, spec.std, augment=True)
+        tf = BatchTransform(size, spec.mean, spec.std, augment=True, interpolation=spec.interpolation)
 
         def prepare(tf=tf):
             for i in idx:
@@ -242,8 +243,8 @@ def bench_data(cfg: RunConfig, batches: int) -> list[dict]:
         seconds, _ = _measure(prepare, device, repeats=3)
         rows.append({"stage": f"prepare batches at {size} px (crop+flip, resize, normalize)",
                      "images_per_s": batches * cfg.batch_size / seconds})
-    opt = make_optimizer(cfg, model.parameters())
-    tf = BatchTransform(spec.input_size, spec.mean, spec.std, augment=True)
+    opt = make_optimizer(cfg, model)
+    tf = BatchTransform.for_model(spec, augment=True)
     precision = autocast(cfg, device)
 
     def train(module: torch.nn.Module, batches: list[torch.Tensor] = idx) -> None:

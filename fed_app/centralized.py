@@ -17,8 +17,8 @@ from fed_app.head import freeze_head
 from fed_app.model import build_model
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
-from fed_app.task import (autocast, evaluate, make_optimizer, make_scheduler, resolve_device, train_steps,
-                          training_module)
+from fed_app.task import (autocast, evaluate, make_optimizer, make_scheduler, resolve_device, set_masks_by_name,
+                          train_steps, training_module)
 from masking.calibrate import density_of
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,13 @@ def run(cfg: RunConfig) -> RunDir:
     data = load_dataset(cfg, device)
     model, spec = build_model(cfg, data.num_classes)
     model.to(device)
-    if cfg.head != "none":
+    if cfg.head != "none" and cfg.freeze_head:
         freeze_head(model)  # before the optimizer is built: the head stays out of it
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    optimizer = make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
-    train_tf = BatchTransform(spec.input_size, spec.mean, spec.std, augment=cfg.augment)
-    eval_tf = BatchTransform(spec.input_size, spec.mean, spec.std)
+    train_tf = BatchTransform.for_model(spec, augment=cfg.augment)
+    eval_tf = BatchTransform.for_model(spec)
     precision = autocast(cfg, device)
     all_train = torch.arange(len(data.train), device=device)
 
@@ -58,14 +58,14 @@ def run(cfg: RunConfig) -> RunDir:
     t0 = time.perf_counter()
     start = _restore(run_dir, model, optimizer, scheduler)
     if start is None:  # a fresh run: step 0, calibration, and the starting point as epoch 0
-        fit_head(cfg, model, data.train, all_train, train_tf, eval_tf, precision, data.num_classes)
+        found = fit_head(cfg, model, data.train, all_train, train_tf, eval_tf, precision, data.num_classes)
         density = 1.0
         if cfg.optimizer == "sparse-sgdm":
             masks = calibrate_masks(cfg, model, data.train, all_train, eval_tf)
             run_dir.save_mask(masks)
-            optimizer.set_masks([masks.get(n) for n, p in model.named_parameters() if p.requires_grad])
+            set_masks_by_name(optimizer, model, masks)
             density = density_of(masks)
-        finish_epoch(0, density=density)
+        finish_epoch(0, density=density, **found)
         start = 0
     trainer = training_module(cfg, model)
     for epoch in range(start, cfg.epochs):

@@ -65,13 +65,23 @@ def ridge(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
+@app.query("temperature")
+def temperature(msg: Message, context: Context) -> Message:
+    """Step 0, head='ridge': this shard's cross-entropy sums of the solved head at each candidate temperature."""
+    _, pid, worker = _setup(context)
+    losses = worker.temperature_losses(unpack_state(msg.content["arrays"], worker.state_shapes()), pid)
+    metrics = MetricRecord({"num-examples": len(worker.shards[pid]), "partition-id": pid})
+    return Message(RecordDict({"losses": ArrayRecord({"sums": losses}), "metrics": metrics}), reply_to=msg)
+
+
 @app.query("fisher")
 def fisher(msg: Message, context: Context) -> Message:
     """Calibration: Fisher sums of this shard on the weights received (already damped by the server)."""
     cfg, pid, worker = _setup(context)
     sums = worker.fisher_sums(unpack_state(msg.content["arrays"], worker.state_shapes()), pid)
     metrics = MetricRecord({"num-examples": min(cfg.fisher_samples, len(worker.shards[pid])), "partition-id": pid})
-    return Message(RecordDict({"sums": pack_state(sums), "metrics": metrics}), reply_to=msg)
+    flat = torch.cat([s.flatten() for s in sums.values()])  # float64, as summed: the server adds these up
+    return Message(RecordDict({"sums": ArrayRecord({"flat": flat}), "metrics": metrics}), reply_to=msg)
 
 
 @app.query("local_mask")

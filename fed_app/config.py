@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": ("cifar100", "synthetic"),
+    "dataset": ("cifar100", "synthetic", "digits"),
     "model": ("vit-small-dino", "vit-tiny-test"),
     "precision": ("auto", "bf16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "on_client_failure": ("retry", "fail"),
     "transport": ("files", "messages"),
     "mask_scope": ("global", "local"),
+    "round_scheduler": ("constant", "cosine"),
 }
 
 # (lowest allowed, whether the lowest is excluded); checked for numeric fields named here.
@@ -74,6 +75,40 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
 }
 
 
+# Keys that shape only one kind of run, and keys that shape a run only when another key says so.
+ONLY_FOR_KIND: dict[str, frozenset[str]] = {
+    "centralized": frozenset({"epochs", "scheduler", "warmup_epochs", "step_size", "gamma", "head_epochs"}),
+    "federated": frozenset({"num_rounds", "rounds_scaling", "local_steps", "round_scheduler", "partition",
+                            "classes_per_client", "num_clients", "fraction_train", "eval_every", "fraction_evaluate",
+                            "test_every", "checkpoint_every", "on_client_failure", "max_retries", "round_timeout",
+                            "transport", "head_rounds", "calibration_fraction", "mask_scope"}),
+}
+SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")
+ONLY_WHEN: dict[str, Any] = {
+    "data_root": lambda c: c.dataset == "cifar100",
+    "download": lambda c: c.dataset == "cifar100",
+    "synthetic_train_size": lambda c: c.dataset == "synthetic",
+    "synthetic_test_size": lambda c: c.dataset == "synthetic",
+    "warmup_epochs": lambda c: c.scheduler == "warmup-cosine",
+    "step_size": lambda c: c.scheduler == "step",
+    "gamma": lambda c: c.scheduler in ("step", "exponential"),
+    "head_epochs": lambda c: c.head == "train",
+    "head_rounds": lambda c: c.head == "train",
+    "ridge_lambda": lambda c: c.head == "ridge",
+    "ridge_calibrate": lambda c: c.head == "ridge",
+    "freeze_head": lambda c: c.head != "none",
+    "sparsity": lambda c: c.optimizer == "sparse-sgdm",
+    "calibration_rounds": lambda c: c.optimizer == "sparse-sgdm",
+    "mask_rule": lambda c: c.optimizer == "sparse-sgdm",
+    "mask_scope": lambda c: c.optimizer == "sparse-sgdm",
+    "calibration_fraction": lambda c: c.optimizer == "sparse-sgdm" and c.mask_rule in SENSITIVITY_RULES,
+    "fisher_mode": lambda c: c.optimizer == "sparse-sgdm" and c.mask_rule in SENSITIVITY_RULES,
+    "fisher_samples": lambda c: c.optimizer == "sparse-sgdm" and c.mask_rule in SENSITIVITY_RULES,
+    "fisher_chunk": lambda c: c.optimizer == "sparse-sgdm" and c.mask_rule in SENSITIVITY_RULES,
+    "mask_damping": lambda c: c.optimizer == "sparse-sgdm" and c.mask_rule in SENSITIVITY_RULES,
+    "classes_per_client": lambda c: c.partition == "noniid",
+}
+
 # Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes.
 NOT_RESULTS = frozenset({"run_dir", "transport"})
 
@@ -118,6 +153,8 @@ class RunConfig:
     head: str = "none"
     head_epochs: int = 1
     ridge_lambda: float = 1.0
+    ridge_calibrate: bool = True
+    freeze_head: bool = True
     sparsity: float = 0.9
     calibration_rounds: int = 5
     mask_rule: str = "least-sensitive"
@@ -129,13 +166,14 @@ class RunConfig:
     num_rounds: int = 200
     rounds_scaling: bool = False
     local_steps: int = 4
+    round_scheduler: str = "constant"
     partition: str = "iid"
     classes_per_client: int = 10
     num_clients: int = 100
     fraction_train: float = 0.1
     eval_every: int = 10
     fraction_evaluate: float = 0.0
-    test_every: int = 0
+    test_every: int = 10
     checkpoint_every: int = 10
     on_client_failure: str = "retry"
     max_retries: int = 2
@@ -169,6 +207,16 @@ class RunConfig:
                 raise ConfigError(
                     f"run-config {to_kebab(name)}={value!r} is out of range; it must be {relation} {high}."
                 )
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Keys that are fine alone but not together: sparse fine-tuning needs a frozen step-0 head."""
+        if self.optimizer == "sparse-sgdm" and self.head == "none":
+            raise ConfigError("run-config optimizer='sparse-sgdm' needs a step-0 head, or a random head would be "
+                              "scored and masked like the backbone; set head='ridge' or head='train'.")
+        if self.optimizer == "sparse-sgdm" and not self.freeze_head:
+            raise ConfigError("run-config optimizer='sparse-sgdm' keeps the step-0 head frozen (the brief's "
+                              "protocol), so freeze-head=false does not apply; drop it or use optimizer='sgdm'.")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -190,6 +238,12 @@ class RunConfig:
     @property
     def clients_per_round(self) -> int:
         return max(1, round(self.fraction_train * self.num_clients))
+
+    def applies(self, name: str, kind: str) -> bool:
+        """Whether key `name` (snake_case) shapes a run of this `kind` (centralized or federated) with this
+        config: e.g. sparsity only under optimizer='sparse-sgdm', epochs only in centralized runs."""
+        other = "federated" if kind == "centralized" else "centralized"
+        return name not in ONLY_FOR_KIND[other] and ONLY_WHEN.get(name, lambda c: True)(self)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

@@ -50,6 +50,8 @@ def load_dataset(cfg: RunConfig, device: torch.device) -> Dataset:
     if key not in _CACHE:
         if cfg.dataset == "cifar100":
             (x_train, y_train), (x_test, y_test) = read_cifar100(cfg.data_root, cfg.download)
+        elif cfg.dataset == "digits":
+            (x_train, y_train), (x_test, y_test) = read_digits()
         else:
             x_train, y_train = synthetic_images(cfg.synthetic_train_size, seed=0)
             x_test, y_test = synthetic_images(cfg.synthetic_test_size, seed=1)
@@ -63,7 +65,7 @@ def load_dataset(cfg: RunConfig, device: torch.device) -> Dataset:
             train=to_split(x_train[train_idx], y_train[train_idx]),
             val=to_split(x_train[val_idx], y_train[val_idx]),
             test=to_split(x_test, y_test),
-            num_classes=NUM_CLASSES,
+            num_classes=int(max(y_train.max(), y_test.max())) + 1,
         )
     return _CACHE[key]
 
@@ -94,6 +96,23 @@ def _missing_cifar_message(path: Path, why: str) -> str:
         f"'cifar-100-python' folder (from cifar-100-python.tar.gz) there, or pass "
         f"--run-config \"data-root='/path/to/dir/containing/it'\", or use dataset='synthetic' offline."
     )
+
+
+def read_digits(test_size: int = 360) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """scikit-learn's 1797 handwritten digits (real 8x8 scans, 10 classes, shipped inside the package: nothing
+    is downloaded) as 32x32 grey images in 3 channels; a fixed stratified test split of `test_size` images."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise DataError("dataset='digits' reads scikit-learn's digits; install it (pip install scikit-learn) "
+                        "or pick dataset='cifar100' or 'synthetic'.") from err
+    digits = load_digits()
+    small = torch.from_numpy(digits.images / 16.0).float()[:, None]  # (N, 1, 8, 8) in [0, 1]
+    big = torch.nn.functional.interpolate(small, size=(32, 32), mode="bilinear", align_corners=False)
+    images = (big.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).numpy()
+    labels = digits.target.astype(np.int64)
+    train_idx, test_idx = stratified_split(labels, test_size, seed=0)
+    return (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx])
 
 
 def synthetic_images(n: int, seed: int, num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
@@ -223,21 +242,29 @@ def _assign_classes(slots: np.ndarray, num_clients: int, nc: int, rng: np.random
 
 @dataclass(frozen=True)
 class BatchTransform:
-    """uint8 batch -> normalized float batch at the model's input size; augmentation at 32 px, on device."""
+    """uint8 batch -> normalized float batch at the model's input size; augmentation at 32 px, on device.
+    The resize uses the model's interpolation (timm's data configuration: bicubic for DINO), clamped to [0, 1]
+    as an 8-bit resize would be."""
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     augment: bool = False
     pad: int = 4
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def for_model(cls, spec, augment: bool = False) -> BatchTransform:
+        """The transform a ModelSpec asks for (input size, interpolation, mean, std)."""
+        return cls(spec.input_size, spec.mean, spec.std, augment=augment, interpolation=spec.interpolation)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = images.float().div_(255.0)
         if self.augment:
             x = self._crop_and_flip(x, generator)
         if x.shape[-1] != self.size:
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                                align_corners=False)
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode=self.interpolation,
+                                                align_corners=False).clamp_(0.0, 1.0)
         return (x - _channel_stats(self.mean, x.device)) / _channel_stats(self.std, x.device)
 
     def _crop_and_flip(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

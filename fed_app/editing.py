@@ -11,7 +11,8 @@ from torch import Tensor
 
 from fed_app.config import RunConfig
 from fed_app.data import BatchTransform, Split, batch_stream, make_generator
-from fed_app.head import freeze_head, only_head_trainable, ridge_statistics, set_head, solve_ridge
+from fed_app.head import (fit_temperature, freeze_head, only_head_trainable, ridge_statistics, set_head, solve_ridge,
+                          temperature_losses)
 from fed_app.task import train_steps
 from masking.calibrate import Masks, calibrate
 from masking.fisher import fisher_diagonal
@@ -22,11 +23,19 @@ HEAD_STREAM, FISHER_STREAM = 1, 2  # keys that keep step 0's randomness apart fr
 
 
 def fit_head(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tensor, train_tf: BatchTransform,
-             eval_tf: BatchTransform, precision: contextlib.AbstractContextManager, num_classes: int) -> None:
-    """Step 0: train the head on the frozen backbone, or solve it as ridge regression; then freeze it."""
+             eval_tf: BatchTransform, precision: contextlib.AbstractContextManager, num_classes: int) -> dict:
+    """Step 0: train the head on the frozen backbone, or solve it as ridge regression and fit its temperature;
+    then freeze it (unless freeze-head=false). What step 0 found, for the round-0 row: e.g. the temperature."""
+    found = {}
     if cfg.head == "ridge":
         stats = ridge_statistics(model, split, indices, eval_tf, cfg.eval_batch_size, precision, num_classes)
         set_head(model, *solve_ridge(stats, cfg.ridge_lambda))
+        if cfg.ridge_calibrate:
+            head = model.head
+            losses = temperature_losses(model, split, indices, eval_tf, cfg.eval_batch_size, precision,
+                                        head.weight.detach(), head.bias.detach())
+            found["head_temperature"] = temperature = fit_temperature(losses)
+            set_head(model, head.weight * temperature, head.bias * temperature)
     elif cfg.head == "train":
         device = indices.device
         steps = math.ceil(len(indices) / cfg.batch_size)
@@ -37,8 +46,9 @@ def fit_head(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tens
                 loss = train_steps(model, opt, split, batch_stream(indices, cfg.batch_size, generator), steps,
                                    train_tf, generator, precision)
                 log.info("head epoch %d/%d  train_loss %.4f", epoch + 1, cfg.head_epochs, loss)
-    if cfg.head != "none":
+    if cfg.head != "none" and cfg.freeze_head:
         freeze_head(model)
+    return found
 
 
 def fisher_indices(cfg: RunConfig, indices: Tensor, *key: int) -> Tensor:

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fed_app.config import RunConfig
-from fed_app.head import solve_ridge
+from fed_app.head import fit_temperature, solve_ridge
 from fed_app.wire import apply_update, flat_state, pack_state, split_flat
 from fed_app.worker import State, Worker
 from masking.calibrate import Masks, calibrate
@@ -20,23 +20,34 @@ from strategies.fedavg import CALIBRATION_STREAM, SeededFedAvg, sample_partition
 log = logging.getLogger(__name__)
 
 
-def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state: State) -> State:
-    """head='ridge': every client's X^T X and X^T Y summed, solved once (equal to ridge on the union);
-    head='train': head-rounds FedAvg rounds in which clients train only the head. Then it stays frozen."""
+def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker,
+                   state: State) -> tuple[State, dict]:
+    """head='ridge': every client's X^T X and X^T Y summed, solved once (equal to ridge on the union), then
+    every client's cross-entropy sums at each candidate temperature summed, and the best one folded into the
+    head (equal to the centralized fit); head='train': head-rounds FedAvg rounds in which clients train only
+    the head. Then it stays frozen (unless freeze-head=false). Also what step 0 found, for the round-0 row."""
+    everyone = list(range(cfg.num_clients))
     if cfg.head == "ridge":
-        replies = strategy.query(grid, 0, "ridge", RecordDict({"arrays": pack_state(state)}),
-                                 list(range(cfg.num_clients)))
+        replies = strategy.query(grid, 0, "ridge", RecordDict({"arrays": pack_state(state)}), everyone)
         parts = [r.content["stats"].to_torch_state_dict() for r in replies]  # in partition order
         stats = {k: sum(p[k] for p in parts) for k in ("xtx", "xty")}
         weight, bias = solve_ridge(stats, cfg.ridge_lambda)
-        return {**state, "head.weight": weight.to(state["head.weight"].dtype),
-                "head.bias": bias.to(state["head.bias"].dtype)}
+        state = {**state, "head.weight": weight.to(state["head.weight"].dtype),
+                 "head.bias": bias.to(state["head.bias"].dtype)}
+        if not cfg.ridge_calibrate:
+            return state, {}
+        replies = strategy.query(grid, 0, "temperature", RecordDict({"arrays": pack_state(state)}), everyone)
+        losses = [r.content["losses"].to_torch_state_dict()["sums"] for r in replies]
+        temperature = fit_temperature(sum(losses[1:], losses[0]))  # in partition order
+        state = {**state, "head.weight": state["head.weight"] * temperature,
+                 "head.bias": state["head.bias"] * temperature}
+        return state, {"head_temperature": temperature}
     if cfg.head == "train":
         for r in range(1, cfg.head_rounds + 1):
             delta, metrics = strategy.train_round(grid, r, flat_state(state), ConfigRecord({"phase": "head"}))
             state = apply_update(state, delta.to_torch_state_dict(), None)
             log.info("head round %d/%d  train_loss %.4f", r, cfg.head_rounds, metrics["train_loss"])
-    return state
+    return state, {}
 
 
 def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state: State) -> Masks:

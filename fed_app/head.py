@@ -1,8 +1,11 @@
-"""Step 0: the classifier head, trained on a frozen backbone or solved as ridge regression, then frozen."""
+"""Step 0: the classifier head, trained on a frozen backbone or solved as ridge regression (its logits'
+temperature then fitted by cross-entropy), then frozen."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -11,19 +14,32 @@ from torch import Tensor
 from fed_app.data import BatchTransform, Split
 
 
+# Temperatures tried for the ridge head's logits: 401 log-spaced values over five decades (2.9% apart), refined
+# by a parabola through the best three; ridge logits of a one-hot regression lie near [0, 1], so the best is >> 1.
+TEMPERATURES = torch.logspace(-1, 4, 401, dtype=torch.float64)
+
+
+@torch.no_grad()
+def features(model: torch.nn.Module, split: Split, indices: Tensor, transform: BatchTransform, batch_size: int,
+             precision: contextlib.AbstractContextManager) -> Iterator[tuple[Tensor, Tensor]]:
+    """(backbone features in float64, labels) of `indices`, batch by batch (the model in eval mode)."""
+    model.eval()
+    for batch in indices.split(batch_size):
+        with precision:
+            feats = model.forward_head(model.forward_features(transform(split.images[batch])), pre_logits=True)
+        yield feats.double(), split.labels[batch]
+
+
 @torch.no_grad()
 def ridge_statistics(model: torch.nn.Module, split: Split, indices: Tensor, transform: BatchTransform,
                      batch_size: int, precision: contextlib.AbstractContextManager,
                      num_classes: int) -> dict[str, Tensor]:
     """Sufficient statistics of ridge regression on backbone features: X^T X, X^T Y (X with a ones
     column, Y one-hot) in float64, and the count. Statistics of disjoint sets add up."""
-    model.eval()
     xtx = xty = None
-    for batch in indices.split(batch_size):
-        with precision:
-            feats = model.forward_head(model.forward_features(transform(split.images[batch])), pre_logits=True)
-        x = torch.cat([feats.double(), torch.ones(len(batch), 1, dtype=torch.float64, device=feats.device)], 1)
-        y = F.one_hot(split.labels[batch], num_classes).double()
+    for feats, labels in features(model, split, indices, transform, batch_size, precision):
+        x = torch.cat([feats, torch.ones(len(feats), 1, dtype=torch.float64, device=feats.device)], 1)
+        y = F.one_hot(labels, num_classes).double()
         xtx = x.T @ x if xtx is None else xtx + x.T @ x
         xty = x.T @ y if xty is None else xty + x.T @ y
     return {"xtx": xtx, "xty": xty, "count": torch.tensor(len(indices))}
@@ -36,6 +52,39 @@ def solve_ridge(stats: dict[str, Tensor], lam: float) -> tuple[Tensor, Tensor]:
     xtx[:d, :d] += lam * torch.eye(d, dtype=xtx.dtype, device=xtx.device)
     solution = torch.linalg.solve(xtx, stats["xty"])
     return solution[:d].T.contiguous(), solution[d].contiguous()
+
+
+@torch.no_grad()
+def temperature_losses(model: torch.nn.Module, split: Split, indices: Tensor, transform: BatchTransform,
+                       batch_size: int, precision: contextlib.AbstractContextManager, weight: Tensor,
+                       bias: Tensor) -> Tensor:
+    """Summed cross-entropy of the head (weight, bias) on `indices` at each of TEMPERATURES, in float64:
+    the only numbers a client sends to calibrate the head (sums of disjoint sets add up)."""
+    temps = TEMPERATURES.to(indices.device)
+    total = torch.zeros_like(temps)
+    for feats, labels in features(model, split, indices, transform, batch_size, precision):
+        logits = feats @ weight.to(feats).T + bias.to(feats)
+        for part in range(0, len(temps), 50):  # (50, B, C) at a time
+            t = temps[part:part + 50, None, None]
+            scaled = t * logits
+            total[part:part + 50] += (scaled.logsumexp(-1) - scaled.gather(-1, labels.expand(len(t), -1)[..., None])
+                                      .squeeze(-1)).sum(-1)
+    return total
+
+
+def fit_temperature(losses: Tensor) -> float:
+    """The temperature minimizing the summed cross-entropy: the best grid point, refined by the vertex of
+    the parabola (in log temperature) through it and its neighbours."""
+    losses = losses.double().cpu()
+    i = int(losses.argmin())
+    log_t = TEMPERATURES.log()
+    if 0 < i < len(losses) - 1:
+        left, mid, right = losses[i - 1:i + 2].tolist()
+        curvature = left - 2 * mid + right
+        if curvature > 0:
+            step = float(log_t[1] - log_t[0])
+            return math.exp(float(log_t[i]) + 0.5 * step * (left - right) / curvature)
+    return float(TEMPERATURES[i])
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from fed_app.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO's normalization
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the tiny test ViT's normalization (pretrained models use timm's own)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_KEYS = ("head.weight", "head.bias")
 
@@ -26,11 +26,19 @@ class ModelWeightsError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the data path needs to know about a model: input size and normalization."""
+    """What the data path needs to know about a model: input size, resize interpolation and normalization."""
 
     input_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def from_timm(cls, model: torch.nn.Module) -> ModelSpec:
+        """timm's data configuration of a pretrained model (for vit_small_patch16_224.dino: 224 px, bicubic,
+        ImageNet mean and std). Its crop_pct center crop is not applied: a CIFAR image is the whole object."""
+        config = timm.data.resolve_data_config({}, model=model)
+        return cls(config["input_size"][-1], tuple(config["mean"]), tuple(config["std"]), config["interpolation"])
 
 
 def _vit_small_dino(num_classes: int, weights: str) -> torch.nn.Module:
@@ -65,8 +73,9 @@ def _vit_tiny_test(num_classes: int, weights: str) -> torch.nn.Module:
     return model
 
 
-MODELS: dict[str, tuple[Callable[[int, str], torch.nn.Module], ModelSpec]] = {
-    "vit-small-dino": (_vit_small_dino, ModelSpec(input_size=224)),
+# name -> (factory, its spec; None: timm's data configuration of the built model)
+MODELS: dict[str, tuple[Callable[[int, str], torch.nn.Module], ModelSpec | None]] = {
+    "vit-small-dino": (_vit_small_dino, None),
     "vit-tiny-test": (_vit_tiny_test, ModelSpec(input_size=32)),
 }
 
@@ -77,7 +86,7 @@ def build_model(cfg: RunConfig, num_classes: int) -> tuple[torch.nn.Module, Mode
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = factory(num_classes, cfg.model_weights)
-    return model, spec
+    return model, spec or ModelSpec.from_timm(model)
 
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:

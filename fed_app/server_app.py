@@ -13,6 +13,7 @@ from fed_app.config import ConfigError, RunConfig
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
+from fed_app.task import client_lr
 from fed_app.transport import SharedFiles
 from fed_app.wire import apply_update, flat_state, masked_state, pack_state, split_flat
 from fed_app.worker import State, get_worker
@@ -79,8 +80,8 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: Seede
     t0 -= elapsed
     if start is None:  # fresh: step 0, calibration, and the starting point as round 0
         started = time.perf_counter()
-        state, masks, client_masks = _step_zero(grid, cfg, strategy, worker, run_dir)
-        finish_round(0, state, {"round": 0, "density": _density(masks, client_masks), "bytes_sent":
+        state, masks, client_masks, found = _step_zero(grid, cfg, strategy, worker, run_dir)
+        finish_round(0, state, {"round": 0, "density": _density(masks, client_masks), **found, "bytes_sent":
                                 strategy.bytes_sent, "bytes_received": strategy.bytes_received}, started)
         start = 0
     else:  # resumed: the masks were saved before the round-0 checkpoint; calibration is not redone
@@ -95,7 +96,8 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: Seede
         delta, metrics = strategy.train_round(grid, server_round, payload, ConfigRecord())
         state = apply_update(state, delta.to_torch_state_dict(), masks)
         finish_round(server_round, state, {
-            "round": server_round, "train_loss": metrics["train_loss"], "clients": metrics["clients"],
+            "round": server_round, "learning_rate": client_lr(cfg, server_round),
+            "train_loss": metrics["train_loss"], "clients": metrics["clients"],
             "worker_builds": metrics["worker_builds"],
             "bytes_sent": strategy.bytes_sent, "bytes_received": strategy.bytes_received}, started)
     plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {cfg.run_id()}")
@@ -113,17 +115,18 @@ def evaluates_test(cfg: RunConfig, server_round: int) -> bool:
 
 
 def _step_zero(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker, run_dir: RunDir):
-    """(global weights after step 0, global masks or None, per-client masks or None); masks saved."""
-    state = federated_head(grid, cfg, strategy, worker, worker.initial_state())
+    """(global weights after step 0, global masks or None, per-client masks or None, what step 0 found for
+    the round-0 row); masks saved."""
+    state, found = federated_head(grid, cfg, strategy, worker, worker.initial_state())
     if cfg.optimizer != "sparse-sgdm":
-        return state, None, None
+        return state, None, None, found
     if cfg.mask_scope == "global":
         masks = federated_masks(grid, cfg, strategy, worker, state)
         run_dir.save_mask(masks)
-        return state, masks, None
+        return state, masks, None, found
     client_masks = federated_local_masks(grid, cfg, strategy, worker, state)
     run_dir.save_client_masks({p: pack_masks(m) for p, m in client_masks.items()})
-    return state, None, client_masks
+    return state, None, client_masks, found
 
 
 def _frozen_as_initial(state: State, masks, initial: State) -> bool:

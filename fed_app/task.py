@@ -34,15 +34,38 @@ def training_module(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model, dynamic=False) if cfg.compile else model
 
 
-def make_optimizer(cfg: RunConfig, params) -> torch.optim.SGD:
-    """SGD with momentum, or SparseSGDM (dense until masks are set) for optimizer='sparse-sgdm'."""
-    if cfg.optimizer == "sparse-sgdm":
-        from masking import SparseSGDM
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module,
+                   masks: dict[str, torch.Tensor] | None = None) -> torch.optim.SGD:
+    """SGD with momentum over the model's trainable parameters, or SparseSGDM under `masks` (by parameter name;
+    a name without one is dense) for optimizer='sparse-sgdm'. Weight decay follows timm's groups: none on
+    biases, norms and the model's no_weight_decay() names (pos_embed, cls_token), as the ViT and DINO recipes."""
+    from timm.optim import param_groups_weight_decay
 
-        return SparseSGDM(params, None, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          foreach=True)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    if cfg.optimizer != "sparse-sgdm":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+    from masking import SparseSGDM
+
+    optimizer = SparseSGDM(groups, None, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            foreach=True)
+    if masks is not None:
+        set_masks_by_name(optimizer, model, masks)
+    return optimizer
+
+
+def set_masks_by_name(optimizer, model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """SparseSGDM.set_masks with masks given by parameter name, aligned to the optimizer's group order."""
+    name_of = {p: n for n, p in model.named_parameters()}
+    optimizer.set_masks([masks.get(name_of[p]) for group in optimizer.param_groups for p in group["params"]])
+
+
+def client_lr(cfg: RunConfig, server_round: int) -> float:
+    """The clients' learning rate in FL round `server_round` (1-based): lr, or with round-scheduler='cosine'
+    lr * (1 + cos(pi (t-1) / T)) / 2 over the run's T rounds (never 0: the last round is still a step)."""
+    if cfg.round_scheduler == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / cfg.total_rounds))
+    return cfg.lr
 
 
 def make_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):

@@ -15,9 +15,10 @@ from torch import Tensor
 from fed_app.config import RunConfig
 from fed_app.data import BatchTransform, Dataset, Split, batch_stream, client_shards, load_dataset, make_generator
 from fed_app.editing import calibrate_masks, fisher_indices, fisher_sums
-from fed_app.head import freeze_head, only_head_trainable, ridge_statistics
+from fed_app.head import freeze_head, only_head_trainable, ridge_statistics, temperature_losses
 from fed_app.model import ModelSpec, build_model
-from fed_app.task import autocast, evaluate, make_optimizer, resolve_device, train_steps, training_module
+from fed_app.task import (autocast, client_lr, evaluate, make_optimizer, resolve_device, train_steps,
+                          training_module)
 from fed_app.wire import split_flat, unpack_masked_state
 from masking.payload import unpack_masks
 
@@ -48,11 +49,11 @@ class Worker:
 
     @property
     def train_tf(self) -> BatchTransform:
-        return BatchTransform(self.spec.input_size, self.spec.mean, self.spec.std, augment=self.cfg.augment)
+        return BatchTransform.for_model(self.spec, augment=self.cfg.augment)
 
     @property
     def eval_tf(self) -> BatchTransform:
-        return BatchTransform(self.spec.input_size, self.spec.mean, self.spec.std)
+        return BatchTransform.for_model(self.spec)
 
     def _initial(self) -> State:
         """The seeded initial model on CPU, built once per process; shared, never modified."""
@@ -81,10 +82,10 @@ class Worker:
         cfg = self.cfg
         self.load(global_state)
         with only_head_trainable(self.model) if head_only else contextlib.nullcontext():
-            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            optimizer = make_optimizer(cfg, [p for _, p in named])  # fresh each round, as in FedAvg
-            if masks is not None:
-                optimizer.set_masks([masks.get(n) for n, _ in named])
+            optimizer = make_optimizer(cfg, self.model, masks)  # fresh each round, as in FedAvg
+            if not head_only:
+                for group in optimizer.param_groups:
+                    group["lr"] = client_lr(cfg, server_round)
             shard = self.shards[partition_id]
             generator = make_generator(self.device, cfg.seed, server_round, partition_id, int(head_only))
             loss = train_steps(self.trainer, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
@@ -100,6 +101,14 @@ class Worker:
         self.load(state)
         return ridge_statistics(self.model, self.data.train, self.shards[partition_id], self.eval_tf,
                                 self.cfg.eval_batch_size, autocast(self.cfg, self.device), self.data.num_classes)
+
+    def temperature_losses(self, state: State, partition_id: int) -> Tensor:
+        """This shard's summed cross-entropy of the received head at each candidate temperature (float64)."""
+        self.load(state)
+        head = self.model.head
+        return temperature_losses(self.model, self.data.train, self.shards[partition_id], self.eval_tf,
+                                  self.cfg.eval_batch_size, autocast(self.cfg, self.device), head.weight.detach(),
+                                  head.bias.detach()).cpu()
 
     def fisher_sums(self, state: State, partition_id: int) -> dict[str, Tensor]:
         """Fisher sums over `fisher-samples` images of this client's shard, on the weights received."""
@@ -146,7 +155,7 @@ def get_worker(cfg: RunConfig) -> Worker:
         device = resolve_device(cfg)
         data = load_dataset(cfg, device)
         model, spec = build_model(cfg, data.num_classes)
-        if cfg.head != "none":
+        if cfg.head != "none" and cfg.freeze_head:
             freeze_head(model)  # step 0 fits it; afterwards it is neither trained nor masked
         shards = [torch.as_tensor(s, device=device) for s in client_shards(cfg, data.train.labels.cpu().numpy())]
         _BUILDS += 1

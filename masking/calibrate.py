@@ -52,7 +52,7 @@ def shrink_masks(scores: dict[str, Tensor], masks: Masks, keep: int, keep_lowest
     alive = torch.cat([masks[n].flatten() for n in names])
     if not 0 <= keep <= int(alive.sum()):
         raise ValueError(f"cannot keep {keep} entries trainable out of {int(alive.sum())}.")
-    key = torch.cat([scores[n].flatten().float().to(alive.device) for n in names])
+    key = torch.cat([scores[n].flatten().double().to(alive.device) for n in names])
     key = key if keep_lowest else -key
     key = torch.where(alive & ~key.isnan(), key, math.inf)
     perm = torch.randperm(len(key), device=alive.device, generator=generator)

@@ -30,6 +30,8 @@ def test_overrides_parse_like_flwr_and_coerce_ints_to_floats():
     ({"lr": 0.0}, ["lr=0.0", "> 0"]),
     ({"momentum": 1.0}, ["momentum=1.0", "< 1.0"]),
     ({"sparsity": 1.0}, ["sparsity=1.0", "< 1.0"]),
+    ({"optimizer": "sparse-sgdm"}, ["optimizer='sparse-sgdm'", "head='ridge'"]),  # a random head would be masked
+    ({"optimizer": "sparse-sgdm", "head": "ridge", "freeze-head": False}, ["freeze-head=false", "frozen"]),
 ])
 def test_bad_key_or_value_is_one_sentence_naming_it(overrides, words):
     with pytest.raises(ConfigError) as err:
@@ -44,3 +46,16 @@ def test_run_id_is_stable_and_ignores_run_dir():
     a = RunConfig.from_run_config({"lr": 0.1, "seed": 1})
     b = RunConfig.from_run_config({"seed": 1, "lr": 0.1, "run-dir": "/elsewhere"})
     assert a.run_id() == b.run_id() != RunConfig().run_id()
+
+
+def test_a_key_applies_only_to_the_runs_it_shapes():
+    dense = RunConfig(head="ridge")
+    sparse = RunConfig(optimizer="sparse-sgdm", head="ridge", mask_rule="random")
+    assert not dense.applies("sparsity", "federated") and sparse.applies("sparsity", "federated")
+    assert sparse.applies("calibration_rounds", "centralized") and not sparse.applies("fisher_mode", "federated")
+    assert dense.applies("epochs", "centralized") and not dense.applies("epochs", "federated")
+    assert not dense.applies("local_steps", "centralized") and dense.applies("local_steps", "federated")
+    assert not dense.applies("classes_per_client", "federated")
+    assert RunConfig(partition="noniid").applies("classes_per_client", "federated")
+    assert dense.applies("freeze_head", "federated") and not RunConfig().applies("freeze_head", "federated")
+    assert not dense.applies("warmup_epochs", "centralized") and dense.applies("lr", "centralized")

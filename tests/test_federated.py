@@ -179,3 +179,15 @@ def test_make_run_without_cifar_offline_says_where_to_put_it_before_starting_flo
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: CIFAR-100 is not under data-root=") and "cifar-100-python" in proc.stderr
     assert not (tmp_path / "results" / ".flwr").exists()
+
+
+def test_round_scheduler_cosine_decays_the_client_lr_over_the_run(tmp_path):
+    from fed_app.task import client_lr
+
+    cfg = _cfg(tmp_path, "cos", **{"round-scheduler": "cosine", "num-rounds": 8})
+    assert [round(client_lr(cfg, t) / cfg.lr, 4) for t in (1, 5, 8)] == [1.0, 0.5, 0.0381]
+    assert client_lr(cfg.replace(round_scheduler="constant"), 8) == cfg.lr
+    decayed, _, _ = get_worker(cfg).local_update(get_worker(cfg).initial_state(), partition_id=2, server_round=5)
+    plain = get_worker(cfg.replace(round_scheduler="constant", lr=cfg.lr * 0.5))  # the same round at half the lr
+    expected, _, _ = plain.local_update(plain.initial_state(), partition_id=2, server_round=5)
+    assert all(torch.equal(decayed[k], expected[k]) for k in expected)

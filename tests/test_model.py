@@ -31,7 +31,9 @@ def dino_file(tmp_path_factory):
 def test_vit_small_dino_loads_a_local_weights_file_exactly(dino_file):
     path, expected = dino_file
     model, spec = build_model(RunConfig(model_weights=str(path)), 100)
-    assert spec.input_size == 224
+    config = timm.get_pretrained_cfg("vit_small_patch16_224.dino").to_dict()  # timm's own data config for it
+    assert (spec.input_size, spec.interpolation) == (224, config["interpolation"]) == (224, "bicubic")
+    assert (spec.mean, spec.std) == (tuple(config["mean"]), tuple(config["std"]))
     got = model.state_dict()
     assert set(got) - set(expected) == set(HEAD_KEYS)
     for key, tensor in expected.items():

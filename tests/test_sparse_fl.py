@@ -80,7 +80,7 @@ def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_froze
     data = load_dataset(cfg, device)
     model, spec = build_model(cfg, 100)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tf = BatchTransform(spec.input_size, spec.mean, spec.std)
+    tf = BatchTransform.for_model(spec)
     everything = torch.arange(len(data.train))
     stats = ridge_statistics(model, data.train, everything, tf, 256, torch.autocast("cpu", enabled=False), 100)
     weight, bias = solve_ridge(stats, cfg.ridge_lambda)

@@ -35,7 +35,7 @@ def test_bench_round_prints_limit_flower_and_ratio_for_dense_and_sparse():
 def test_grid_groups_runs_that_cost_the_same_per_round():
     base = RunConfig(model="vit-tiny-test")
     runs = [base.replace(local_steps=j, partition=p, seed=s) for j in (4, 16) for p in ("iid", "noniid")
-            for s in (1, 2)] + [base.replace(optimizer="sparse-sgdm")]
+            for s in (1, 2)] + [base.replace(optimizer="sparse-sgdm", head="ridge")]
     groups = group_by_cost(runs)
     assert [len(g) for g in groups] == [4, 4, 1]
     assert [{c.local_steps for c in g} for g in groups] == [{4}, {16}, {4}]

@@ -89,3 +89,40 @@ def test_a_mask_of_the_wrong_shape_or_count_is_refused():
         SparseSGDM([p], [torch.ones(4, dtype=torch.bool)], lr=0.1)
     with pytest.raises(ValueError, match="one per parameter"):
         SparseSGDM([p], [], lr=0.1)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_param_groups_with_their_own_weight_decay_stay_exact(foreach):
+    """timm's weight-decay groups (decay on matrices, none on biases and norms): masks align over the groups."""
+    params, masks, grads = _setup(4)
+    kw = dict(lr=0.1, momentum=0.9, foreach=foreach)
+
+    def groups(ps):
+        return [{"params": [ps[1]], "weight_decay": 0.0}, {"params": [ps[0], ps[2]], "weight_decay": 0.05}]
+
+    dense, _ = _run(lambda ps: torch.optim.SGD(groups(ps), **kw), params, grads)
+    sparse, _ = _run(lambda ps: SparseSGDM(groups(ps), [masks[1], masks[0], masks[2]], **kw), params, grads)
+    for p0, m, d, s in zip(params, masks, dense, sparse):
+        assert torch.equal(s[~m], p0[~m]) and torch.equal(s[m], d[m])
+    assert not torch.equal(dense[0], _run(lambda ps: torch.optim.SGD(ps, **kw), params, grads)[0][0])  # decay acted
+
+
+def test_make_optimizer_follows_timm_weight_decay_groups_and_masks_by_name():
+    from fed_app.config import RunConfig
+    from fed_app.model import build_model
+    from fed_app.task import make_optimizer
+
+    cfg = RunConfig(model="vit-tiny-test", optimizer="sparse-sgdm", head="ridge", weight_decay=0.01)
+    model, _ = build_model(cfg, 10)
+    model.head.requires_grad_(False)
+    masks = {n: torch.rand(p.shape) < 0.3 for n, p in model.named_parameters() if p.requires_grad}
+    opt = make_optimizer(cfg, model, masks)
+    name_of = {p: n for n, p in model.named_parameters()}
+    decayed = {name_of[p] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed and all(model.get_parameter(n).ndim >= 2 for n in decayed)
+    assert not decayed & {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"}
+    assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight"} <= decayed
+    assert all(name_of[p] != "head.weight" for g in opt.param_groups for p in g["params"])
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert torch.equal(opt.state[p]["mask"], masks[name_of[p]])

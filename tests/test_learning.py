@@ -1,0 +1,135 @@
+"""The studies learn: tests that fail when training stops learning, on real images (scikit-learn's 8x8 digits,
+shipped inside the package) with the tiny ViT. FedAvg rounds run in process with the same functions as the
+Flower server and clients (sampling, local update, weighted average, apply); Flower equivalence is tested
+in test_federated.py and test_sparse_fl.py."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fed_app import centralized
+from fed_app.config import RunConfig
+from fed_app.editing import calibrate_masks, fit_head
+from fed_app.head import features
+from fed_app.task import autocast
+from fed_app.wire import apply_update
+from fed_app.worker import get_worker
+from masking.fisher import sample_labels
+from strategies.fedavg import sample_partitions, weighted_average
+
+DIGITS = dict(dataset="digits", model="vit-tiny-test", val_size=200, device="cpu", augment=False, batch_size=32)
+FL = dict(DIGITS, num_clients=10, fraction_train=0.5, local_steps=8)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+    """A 'pretrained' backbone: the tiny ViT after 12 short epochs on digits (about 54% test accuracy)."""
+    root = tmp_path_factory.mktemp("pretrained")
+    run = centralized.run(RunConfig(**DIGITS, lr=0.2, epochs=12, seed=7, run_dir=str(root / "run")))
+    path = root / "tiny_vit_digits.pth"
+    torch.save(run.load_checkpoint()["model"], path)
+    return str(path)
+
+
+def fedavg(cfg: RunConfig, rounds: int, state=None, masks=None) -> tuple[dict, list[dict]]:
+    """FedAvg in process: the server's sampling, the clients' local update, the weighted average, applied.
+    (final global state, test metrics of the starting point and after every 10 rounds)."""
+    worker = get_worker(cfg)
+    state = worker.initial_state() if state is None else state
+    curve = [worker.evaluate(state, worker.data.test)]
+    for r in range(1, rounds + 1):
+        deltas, weights = [], []
+        for pid in sample_partitions(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
+            delta, _, examples = worker.local_update(state, pid, r, masks)
+            deltas.append(delta)
+            weights.append(examples)
+        state = apply_update(state, weighted_average(deltas, weights), None)
+        if r % 10 == 0:
+            curve.append(worker.evaluate(state, worker.data.test))
+    return state, curve
+
+
+def step_zero(cfg: RunConfig):
+    """The worker's model with its step-0 head fitted on the whole training split (the federated fit equals
+    it, tested in test_sparse_fl.py), and what step 0 found."""
+    worker = get_worker(cfg)
+    worker.load(worker.initial_state())
+    everything = torch.arange(len(worker.data.train))
+    found = fit_head(cfg, worker.model, worker.data.train, everything, worker.train_tf, worker.eval_tf,
+                     autocast(cfg, worker.device), worker.data.num_classes)
+    return worker, everything, found
+
+
+def test_centralized_training_on_real_digits_reaches_80_percent(tmp_path):
+    run = centralized.run(RunConfig(**DIGITS, lr=0.2, epochs=20, run_dir=str(tmp_path / "run")))
+    rows = run.rows()
+    assert rows[0]["test_accuracy"] < 0.2  # a random tiny ViT: chance is 10%
+    assert rows[-1]["test_accuracy"] > 0.8
+    assert rows[-1]["train_loss"] < 0.5 * rows[1]["train_loss"]
+
+
+def test_fedavg_iid_beats_one_class_per_client_after_the_same_rounds():
+    _, iid = fedavg(RunConfig(**FL, lr=0.05), rounds=40)
+    _, one_class = fedavg(RunConfig(**FL, lr=0.05, partition="noniid", classes_per_client=1), rounds=40)
+    assert iid[-1]["accuracy"] > 0.4 and iid[-1]["loss"] < iid[0]["loss"] - 0.3
+    assert one_class[-1]["accuracy"] < iid[-1]["accuracy"] - 0.2  # client drift: each client pulls to its class
+
+
+def test_calibrated_ridge_head_is_close_to_a_cross_entropy_head_and_far_from_uniform(pretrained):
+    cfg = RunConfig(**FL, optimizer="sparse-sgdm", head="ridge", ridge_lambda=0.01, model_weights=pretrained)
+    worker, everything, found = step_zero(cfg)
+    prec = autocast(cfg, worker.device)
+
+    def feats(split):
+        return map(torch.cat, zip(*features(worker.model, split, torch.arange(len(split)), worker.eval_tf, 512, prec)))
+
+    (x, y), (x_test, y_test) = feats(worker.data.train), feats(worker.data.test)
+    weight = torch.zeros(10, x.shape[1], dtype=torch.float64, requires_grad=True)  # reference: a CE-trained head
+    bias = torch.zeros(10, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        trained = F.cross_entropy(x_test @ weight.T + bias, y_test).item()
+        logits = worker.model.head(x_test.float()).double()
+    calibrated = F.cross_entropy(logits, y_test).item()
+    assert found["head_temperature"] > 3  # ridge logits of a one-hot regression lie near [0, 1]
+    assert calibrated < 1.25 * trained and calibrated < 0.5 * math.log(10)  # on held-out images
+    raw = F.cross_entropy(logits / found["head_temperature"], y_test).item()
+    assert raw > 0.8 * math.log(10)  # without calibration: nearly uniform, as the issue found
+
+
+def test_sparse_fedavg_from_the_calibrated_ridge_head_lowers_the_loss_and_raises_accuracy(pretrained):
+    cfg = RunConfig(**FL, lr=0.03, optimizer="sparse-sgdm", head="ridge", sparsity=0.9, calibration_rounds=3,
+                    fisher_samples=256, model_weights=pretrained)
+    worker, everything, _ = step_zero(cfg)
+    masks = calibrate_masks(cfg, worker.model, worker.data.train, everything, worker.eval_tf)
+    start = {k: v.detach().clone() for k, v in worker.model.state_dict().items()}
+    final, curve = fedavg(cfg, rounds=30, state=start, masks=masks)
+    assert curve[-1]["loss"] < curve[0]["loss"] - 0.05
+    assert curve[-1]["accuracy"] > curve[0]["accuracy"] + 0.02
+    for name, mask in masks.items():  # and only the mask's entries moved
+        assert torch.equal(final[name][~mask], start[name][~mask])
+
+
+def test_sampled_fisher_labels_follow_the_model_once_the_head_is_calibrated(pretrained):
+    agreement = {}
+    for calibrate in (True, False):
+        cfg = RunConfig(**FL, optimizer="sparse-sgdm", head="ridge", model_weights=pretrained,
+                        ridge_calibrate=calibrate)
+        worker, _, _ = step_zero(cfg)
+        with torch.no_grad():
+            x = worker.eval_tf(worker.data.train.images[:400])
+            argmax = worker.model(x).argmax(1)
+        drawn = sample_labels(worker.model, x, torch.Generator().manual_seed(0))
+        agreement[calibrate] = (drawn == argmax).float().mean().item()
+    assert agreement[True] > 0.5  # the true Fisher is scored mostly on the labels the model believes
+    assert agreement[False] < 0.3  # uncalibrated: close to uniform draws (chance 0.1)
