@@ -8,8 +8,8 @@ import torch
 
 from fed_app.config import RunConfig
 from fed_app.data import BatchTransform, load_dataset
-from fed_app.editing import calibrate_masks
-from fed_app.head import freeze_head, ridge_statistics, set_head, solve_ridge
+from fed_app.editing import calibrate_masks, fit_head
+from fed_app.head import freeze_head, set_head
 from fed_app.model import build_model
 from fed_app.simulation import LocalSimulation
 from masking.calibrate import load_masks
@@ -82,12 +82,12 @@ def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_froze
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tf = BatchTransform.for_model(spec)
     everything = torch.arange(len(data.train))
-    stats = ridge_statistics(model, data.train, everything, tf, 256, torch.autocast("cpu", enabled=False), 100)
-    weight, bias = solve_ridge(stats, cfg.ridge_lambda)
-    torch.testing.assert_close(final["head.weight"], weight.float(), rtol=1e-4, atol=1e-5)  # frozen after step 0
-    torch.testing.assert_close(final["head.bias"], bias.float(), rtol=1e-4, atol=1e-5)
-    set_head(model, final["head.weight"], final["head.bias"])
-    freeze_head(model)
+    found = fit_head(cfg, model, data.train, everything, tf, tf, torch.autocast("cpu", enabled=False), 100)
+    rows = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
+    assert rows[0]["head_temperature"] == pytest.approx(found["head_temperature"], rel=1e-9)  # one sum of sums
+    torch.testing.assert_close(final["head.weight"], model.head.weight.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(final["head.bias"], model.head.bias.detach(), rtol=1e-4, atol=1e-5)
+    set_head(model, final["head.weight"], final["head.bias"])  # frozen after step 0
     central_masks = calibrate_masks(cfg, model, data.train, everything, tf)
     assert set(central_masks) == set(fed_masks)
     agree = sum(int((central_masks[n] == fed_masks[n]).sum()) for n in fed_masks)
@@ -100,7 +100,6 @@ def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_froze
         moved += int((final[name][mask] != init[name][mask]).sum())
     assert moved > 0
 
-    rows = [json.loads(line) for line in (run / "rows.jsonl").read_text().splitlines()]
     assert rows[0]["round"] == 0 and rows[0]["density"] == pytest.approx(0.2, abs=1e-4)
     dense_bytes = 4 * sum(v.numel() for v in final.values()) * 3  # 3 clients' full deltas in fp32
     backbone = sum(m.numel() for m in fed_masks.values()) / sum(v.numel() for v in final.values())
