@@ -84,29 +84,29 @@ ONLY_FOR_KIND: dict[str, frozenset[str]] = {
                             "transport", "head_rounds", "calibration_fraction", "mask_scope"}),
 }
 SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")
-ONLY_WHEN: dict[str, Any] = {
-    "data_root": lambda c: c.dataset == "cifar100",
-    "download": lambda c: c.dataset == "cifar100",
-    "synthetic_train_size": lambda c: c.dataset == "synthetic",
-    "synthetic_test_size": lambda c: c.dataset == "synthetic",
-    "warmup_epochs": lambda c: c.scheduler == "warmup-cosine",
-    "step_size": lambda c: c.scheduler == "step",
-    "gamma": lambda c: c.scheduler in ("step", "exponential"),
-    "head_epochs": lambda c: c.head == "train",
-    "head_rounds": lambda c: c.head == "train",
-    "ridge_lambda": lambda c: c.head == "ridge",
-    "ridge_calibrate": lambda c: c.head == "ridge",
-    "freeze_head": lambda c: c.head != "none",
-    "sparsity": lambda c: c.optimizer == "sparse-sgdm",
-    "calibration_rounds": lambda c: c.optimizer == "sparse-sgdm",
-    "mask_rule": lambda c: c.optimizer == "sparse-sgdm",
-    "mask_scope": lambda c: c.optimizer == "sparse-sgdm",
-    "calibration_fraction": lambda c: c.optimizer == "sparse-sgdm" and c.mask_rule in SENSITIVITY_RULES,
-    "fisher_mode": lambda c: c.optimizer == "sparse-sgdm" and c.mask_rule in SENSITIVITY_RULES,
-    "fisher_samples": lambda c: c.optimizer == "sparse-sgdm" and c.mask_rule in SENSITIVITY_RULES,
-    "fisher_chunk": lambda c: c.optimizer == "sparse-sgdm" and c.mask_rule in SENSITIVITY_RULES,
-    "mask_damping": lambda c: c.optimizer == "sparse-sgdm" and c.mask_rule in SENSITIVITY_RULES,
-    "classes_per_client": lambda c: c.partition == "noniid",
+ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping, e.g. a saved config.json)
+    "data_root": lambda c: c["dataset"] == "cifar100",
+    "download": lambda c: c["dataset"] == "cifar100",
+    "synthetic_train_size": lambda c: c["dataset"] == "synthetic",
+    "synthetic_test_size": lambda c: c["dataset"] == "synthetic",
+    "warmup_epochs": lambda c: c["scheduler"] == "warmup-cosine",
+    "step_size": lambda c: c["scheduler"] == "step",
+    "gamma": lambda c: c["scheduler"] in ("step", "exponential"),
+    "head_epochs": lambda c: c["head"] == "train",
+    "head_rounds": lambda c: c["head"] == "train",
+    "ridge_lambda": lambda c: c["head"] == "ridge",
+    "ridge_calibrate": lambda c: c["head"] == "ridge",
+    "freeze_head": lambda c: c["head"] != "none",
+    "sparsity": lambda c: c["optimizer"] == "sparse-sgdm",
+    "calibration_rounds": lambda c: c["optimizer"] == "sparse-sgdm",
+    "mask_rule": lambda c: c["optimizer"] == "sparse-sgdm",
+    "mask_scope": lambda c: c["optimizer"] == "sparse-sgdm",
+    "calibration_fraction": lambda c: c["optimizer"] == "sparse-sgdm" and c["mask_rule"] in SENSITIVITY_RULES,
+    "fisher_mode": lambda c: c["optimizer"] == "sparse-sgdm" and c["mask_rule"] in SENSITIVITY_RULES,
+    "fisher_samples": lambda c: c["optimizer"] == "sparse-sgdm" and c["mask_rule"] in SENSITIVITY_RULES,
+    "fisher_chunk": lambda c: c["optimizer"] == "sparse-sgdm" and c["mask_rule"] in SENSITIVITY_RULES,
+    "mask_damping": lambda c: c["optimizer"] == "sparse-sgdm" and c["mask_rule"] in SENSITIVITY_RULES,
+    "classes_per_client": lambda c: c["partition"] == "noniid",
 }
 
 # Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes.
@@ -242,8 +242,7 @@ class RunConfig:
     def applies(self, name: str, kind: str) -> bool:
         """Whether key `name` (snake_case) shapes a run of this `kind` (centralized or federated) with this
         config: e.g. sparsity only under optimizer='sparse-sgdm', epochs only in centralized runs."""
-        other = "federated" if kind == "centralized" else "centralized"
-        return name not in ONLY_FOR_KIND[other] and ONLY_WHEN.get(name, lambda c: True)(self)
+        return key_applies(name, kind, self.to_dict())
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -260,6 +259,15 @@ class RunConfig:
         payload = {k: v for k, v in self.to_dict().items() if k not in NOT_RESULTS}
         digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         return digest[:10]
+
+
+def key_applies(name: str, kind: str, values: Mapping[str, Any]) -> bool:
+    """RunConfig.applies for a mapping of snake_case values (missing keys take their defaults)."""
+    other = "federated" if kind == "centralized" else "centralized"
+    if name in ONLY_FOR_KIND[other]:
+        return False
+    condition = ONLY_WHEN.get(name)
+    return condition is None or condition({**_DEFAULTS, **values})
 
 
 def to_snake(key: str) -> str:
@@ -301,3 +309,6 @@ def _unknown_key_message(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean '{close[0]}'?" if close else "the keys are listed in pyproject.toml"
     return f"unknown run-config key '{key}': {hint} (all keys: [tool.flwr.app.config] in pyproject.toml)."
+
+
+_DEFAULTS = RunConfig().to_dict()
