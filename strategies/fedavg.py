@@ -46,6 +46,22 @@ def weighted_average(deltas: list[dict[str, Tensor]], weights: list[float]) -> d
     return out
 
 
+def masked_average(deltas: list[dict[str, Tensor]], masks: list[dict[str, Tensor]],
+                   weights: list[float]) -> dict[str, Tensor]:
+    """Each entry averaged over the clients whose mask trains it: sum_i w_i m_i d_i / sum_i w_i m_i (float32, in
+    the given order); 0 where no client trains it. (mask-scope 'local': a client's frozen entries are not a
+    zero update, so an entry trained by one client of ten gets that client's update, not a tenth of it.)"""
+    out = {}
+    for name in deltas[0]:
+        total = torch.zeros_like(deltas[0][name], dtype=torch.float32)
+        weight = torch.zeros_like(total)
+        for delta, mask, w in zip(deltas, masks, weights):
+            total.add_(delta[name].float() * mask[name], alpha=w)
+            weight.add_(mask[name].float(), alpha=w)
+        out[name] = torch.where(weight > 0, total / weight.clamp_min(1e-30), 0.0)
+    return out
+
+
 class SeededFedAvg(FedAvg):
     """FedAvg whose sampling, failure handling and aggregation are reproducible across resume."""
 
@@ -162,9 +178,10 @@ class SeededFedAvg(FedAvg):
         weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
         deltas = [take(c, "delta", delete=True) for c in contents]
         if self.client_masks is not None:  # each client's trainable entries, scattered to full size
-            deltas = [self._scatter(d["values"], self.client_masks[int(c["metrics"]["partition-id"])])
-                      for d, c in zip(deltas, contents)]
-        delta = weighted_average(deltas, weights)
+            masks = [self.client_masks[int(c["metrics"]["partition-id"])] for c in contents]
+            delta = masked_average([self._scatter(d["values"], m) for d, m in zip(deltas, masks)], masks, weights)
+        else:
+            delta = weighted_average(deltas, weights)
         loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, contents)) / sum(weights)
         builds = max(int(c["metrics"].get("worker-builds", 0)) for c in contents)  # 1: built once per process
         return ArrayRecord(delta), MetricRecord({"train_loss": loss, "clients": len(contents), "worker_builds": builds})

@@ -153,3 +153,13 @@ def test_when_clients_cannot_read_the_files_the_round_is_redone_inside_messages(
     assert "sending models inside the messages from now on" in caplog.text
     assert list(files.root.iterdir()) == []
     files.close()
+
+
+def test_local_masks_average_each_entry_over_the_clients_that_train_it():
+    from strategies.fedavg import masked_average
+
+    deltas = [{"w": torch.tensor([1.0, 2.0, 3.0])}, {"w": torch.tensor([5.0, 6.0, 7.0])}]
+    masks = [{"w": torch.tensor([True, True, False])}, {"w": torch.tensor([True, False, False])}]
+    out = masked_average(deltas, masks, [1.0, 3.0])
+    # entry 0: both train it, (1*1 + 3*5)/4; entry 1: only client 0, its own update; entry 2: nobody, 0
+    assert out["w"].tolist() == [4.0, 2.0, 0.0]
