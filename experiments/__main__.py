@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--gpus", type=float, default=None, help="GPU fraction per client (default 0.1 with CUDA)")
     report = sub.add_parser("report", help="tables and figures of a results folder (results/<manifest>)")
     report.add_argument("results_dir", type=Path)
+    report.add_argument("--checkpoint", choices=["final", "best-val"], default="final",
+                        help="which step of each run is selected on (validation) and reported (test): the last "
+                             "evaluated one, or the best-validation one")
     bench = sub.add_parser("bench", help="benchmarks; print a Markdown table and ratios")
     bench.add_argument("what", choices=["fisher", "round", "data", "grid"])
     bench.add_argument("--run-config", default="",
@@ -65,7 +68,7 @@ def _run(args) -> int:
 def _report(args) -> int:
     from experiments.report import write_report
 
-    print(write_report(args.results_dir))
+    print(write_report(args.results_dir, args.checkpoint))
     return 0
 
 
@@ -95,7 +98,7 @@ def _bench(args) -> int:
         if args.what == "grid":
             from experiments.manifest import load_manifest
 
-            manifest = load_manifest(args.manifest)
+            manifest = load_manifest(args.manifest, resolve_tuned=False)  # tuned values do not change the cost
             runs = [RunConfig.from_run_config({**r.cfg.to_run_config(), **overrides}) for r in manifest.runs
                     if r.kind == "federated"]
             with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:

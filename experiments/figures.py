@@ -13,7 +13,8 @@ import pandas as pd  # noqa: E402
 
 
 def _label(row: pd.Series, axes: list[str]) -> str:
-    return ", ".join(f"{a.replace('_', '-')}={row[a]}" for a in axes) or str(row.get("run_id", ""))
+    """'partition=noniid, classes-per-client=5' from the axes that apply to the row (empty ones left out)."""
+    return ", ".join(f"{a.replace('_', '-')}={row[a]}" for a in axes if a in row and pd.notna(row[a]))
 
 
 def _distinct(frame: pd.DataFrame, axes: list[str]) -> list[str]:
@@ -55,31 +56,52 @@ def curves(df: pd.DataFrame, axes: list[str], kind: str, out: Path) -> Path:
     return out / f"curves_{kind}.png"
 
 
-def per_axis(summary: pd.DataFrame, axis: str, axes: list[str], out: Path) -> Path:
-    """Final test accuracy against one axis; one line (or bar group) per value of the other axes."""
-    others = _distinct(summary, [a for a in axes if a != axis])
+def _numeric(values: pd.Series) -> pd.Series | None:
+    converted = pd.to_numeric(values, errors="coerce")
+    return converted if converted.notna().all() and values.nunique() > 2 else None
+
+
+def per_axis(summary: pd.DataFrame, axis: str, axes: list[str], out: Path) -> Path | None:
+    """Test accuracy (at the report's checkpoint rule) against one axis, over the runs the axis applies to; one
+    line (or bar group) per value of the other axes that vary among them. Runs of the same kind that the axis
+    does not apply to (e.g. the dense control of a sparsity grid) are drawn as dashed horizontal lines.
+    None when the axis takes fewer than two values among the runs it applies to."""
+    treated = summary[summary[axis].notna()]
+    if treated[axis].astype(str).nunique() < 2:
+        return None
+    controls = summary[summary[axis].isna() & summary["kind"].isin(treated["kind"].unique())]
+    others = _distinct(treated, ["kind"] + [a for a in axes if a != axis])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    numeric = pd.api.types.is_numeric_dtype(summary[axis]) and summary[axis].nunique() > 2
-    groups = list(summary.groupby(others, dropna=False)) if others else [((), summary)]
+    xs = _numeric(treated[axis])
+    groups = list(treated.groupby(others, dropna=False)) if others else [((), treated)]
     width = 0.8 / max(1, len(groups))
-    categories = sorted(summary[axis].astype(str).unique())
+    categories = sorted(treated[axis].astype(str).unique())
     for i, (key, g) in enumerate(groups):
-        g = g.groupby(axis)["final_test_accuracy"].agg(["mean", "std"]).reset_index()
-        label = _label(pd.Series(dict(zip(others, key if isinstance(key, tuple) else (key,)))), others) or None
-        if numeric:
-            ax.errorbar(g[axis], 100 * g["mean"], yerr=100 * g["std"].fillna(0), marker="o", capsize=3, label=label)
+        g = g.assign(x=xs if xs is not None else g[axis].astype(str))
+        stats = g.groupby("x")["test_accuracy"].agg(["mean", "std"]).reset_index()
+        label = _label(pd.Series(dict(zip(others, key if isinstance(key, tuple) else (key,)))).dropna(), others) or None
+        if xs is not None:
+            ax.errorbar(stats["x"], 100 * stats["mean"], yerr=100 * stats["std"].fillna(0), marker="o", capsize=3,
+                        label=label)
         else:
-            pos = [categories.index(str(v)) + i * width for v in g[axis]]
-            ax.bar(pos, 100 * g["mean"], width=width, label=label)
-    if not numeric:
+            pos = [categories.index(v) + i * width for v in stats["x"]]
+            ax.bar(pos, 100 * stats["mean"], width=width, yerr=100 * stats["std"].fillna(0), capsize=3, label=label)
+    shown = _distinct(controls, [a for a in axes if a != axis])
+    for key, g in (controls.groupby(shown, dropna=False) if shown else [((), controls)]) if len(controls) else []:
+        values = g.iloc[0]
+        names = [a for a in axes if a != axis and pd.notna(values.get(a))
+                 and (a in shown or str(values[a]) not in set(treated[a].astype(str)))]
+        ax.axhline(100 * g["test_accuracy"].mean(), linestyle="--", color="grey",
+                   label="control: " + (_label(values, names) or "runs without " + axis.replace("_", "-")))
+    if xs is None:
         ax.set_xticks([c + width * (len(groups) - 1) / 2 for c in range(len(categories))], categories, rotation=20)
     ax.set_xlabel(axis.replace("_", "-"))
-    ax.set_ylabel("final test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"Test accuracy by {axis.replace('_', '-')}")
-    if not others:
-        return _save(fig, out / f"accuracy_by_{axis}.png")
     handles, labels = ax.get_legend_handles_labels()
+    if not labels:
+        return _save(fig, out / f"accuracy_by_{axis}.png")
     fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.05 + 0.035 * len(labels), 1, 1))
     fig.savefig(out / f"accuracy_by_{axis}.png", dpi=110)
@@ -90,9 +112,11 @@ def per_axis(summary: pd.DataFrame, axis: str, axes: list[str], out: Path) -> Pa
 def heterogeneity_heatmap(summary: pd.DataFrame, out: Path) -> Path:
     """Final test accuracy for each shard setting (iid, Nc) and number of local steps J."""
     s = summary.copy()
-    s["shards"] = np.where(s["partition"] == "iid", "iid", "Nc=" + s["classes_per_client"].astype(str))
+    s = s[s["local_steps"].notna() & s["partition"].notna()]
+    s["shards"] = np.where(s["partition"] == "iid", "iid",
+                           "Nc=" + pd.to_numeric(s["classes_per_client"], errors="coerce").fillna(0).astype(int).astype(str))
     order = sorted(s["shards"].unique(), key=lambda v: (v == "iid", int(v[3:]) if v != "iid" else 0))
-    grid = s.pivot_table(index="shards", columns="local_steps", values="final_test_accuracy").reindex(order)
+    grid = s.pivot_table(index="shards", columns="local_steps", values="test_accuracy").reindex(order)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     image = ax.imshow(100 * grid.values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(grid.columns)), [f"J={j}" for j in grid.columns])
@@ -107,7 +131,7 @@ def heterogeneity_heatmap(summary: pd.DataFrame, out: Path) -> Path:
 def bytes_per_round(summary: pd.DataFrame, axes: list[str], out: Path) -> Path:
     """Bytes clients send back per round, per configuration (dense vs sparse)."""
     s = summary.dropna(subset=["bytes_per_round"])
-    labels = [_label(r, axes) for _, r in s.iterrows()]
+    labels = [_label(r, axes) or r["run_id"] for _, r in s.iterrows()]
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(s) + 1.5))
     ax.barh(labels, s["bytes_per_round"] / 2**20)
     ax.set_xlabel("MiB received by the server per round")
@@ -118,7 +142,7 @@ def bytes_per_round(summary: pd.DataFrame, axes: list[str], out: Path) -> Path:
 def make_figures(df: pd.DataFrame, summary: pd.DataFrame, axes: list[str], out: Path) -> list[Path]:
     made = [curves(df, axes, kind, out) for kind in sorted(df["kind"].unique())]
     axes = [a for a in axes if a != "kind"]
-    made += [per_axis(summary, axis, axes, out) for axis in axes]
+    made += [p for p in (per_axis(summary, axis, axes, out) for axis in axes if axis != "seed") if p is not None]
     if {"partition", "local_steps"} <= set(axes) or {"classes_per_client", "local_steps"} <= set(axes):
         made.append(heterogeneity_heatmap(summary, out))
     if summary["bytes_per_round"].notna().any() and len(summary) > 1:

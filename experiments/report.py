@@ -9,13 +9,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fed_app.config import key_applies
+
 log = logging.getLogger(__name__)
 
 IGNORED = {"run_dir", "seed"}  # config columns that never define a group
+RULES = ("final", "best-val")  # which checkpoint of a run is selected on and reported: the last, or best validation
 
 
 def load_results(results_dir: Path) -> pd.DataFrame:
-    """One row per (run, epoch or round): the run's config columns, its metrics, run_id, kind, step."""
+    """One row per (run, epoch or round): the run's config columns, its metrics, run_id, kind, step. A config
+    key that does not shape the run (e.g. sparsity of a dense run, epochs of a federated one) is left empty."""
     frames = []
     for run_dir in sorted(p for p in Path(results_dir).iterdir() if (p / "rows.jsonl").exists()):
         config = json.loads((run_dir / "config.json").read_text())
@@ -26,7 +30,7 @@ def load_results(results_dir: Path) -> pd.DataFrame:
         kind = "centralized" if "epoch" in frame else "federated"
         frame["step"] = frame["epoch" if kind == "centralized" else "round"]
         for key, value in config.items():
-            frame[key] = value
+            frame[key] = value if key_applies(key, kind, config) else None
         frame["run_id"], frame["kind"], frame["done"] = run_dir.name, kind, (run_dir / "DONE").exists()
         frames.append(frame)
     if not frames:
@@ -41,7 +45,7 @@ def grid_axes(results_dir: Path, df: pd.DataFrame) -> list[str]:
         return varying(df)
     from experiments.manifest import load_manifest
 
-    manifest = load_manifest(saved, Path(results_dir).parent)
+    manifest = load_manifest(saved, Path(results_dir).parent, resolve_tuned=False)
     axes = [a.replace("-", "_") for a in manifest.axes]
     return (["kind"] if len({r.kind for r in manifest.runs}) > 1 else []) + [a for a in axes if a in df]
 
@@ -56,41 +60,63 @@ def varying(df: pd.DataFrame) -> list[str]:
 
 def _is_metric(column: str) -> bool:
     return column.startswith(("train_", "val_", "test_", "bytes_", "wall_", "round_time", "learning_rate",
-                              "density", "clients"))
+                              "density", "clients", "client_", "worker_", "head_temperature", "step0_"))
 
 
-def summarize(df: pd.DataFrame, axes: list[str] | None = None) -> pd.DataFrame:
-    """Per run: final and best validation accuracy, final test accuracy and loss, steps, bytes per round,
-    then the run's config (the grid axes first)."""
+def checkpoint_row(g: pd.DataFrame, rule: str) -> pd.Series | None:
+    """The row of one run (sorted by step) that `rule` selects among rows with both validation and test
+    metrics: the last one ('final'), or the one with the best validation accuracy ('best-val', earliest on ties)."""
+    if rule not in RULES:
+        raise ValueError(f"checkpoint rule {rule!r} is not one of {', '.join(RULES)}.")
+    both = g.dropna(subset=[c for c in ("val_accuracy", "test_accuracy") if c in g]) if "val_accuracy" in g else g[:0]
+    both = both[both["step"] > 0] if (both["step"] > 0).any() else both
+    if both.empty or "test_accuracy" not in both:
+        return None
+    return both.iloc[-1] if rule == "final" else both.loc[both["val_accuracy"].idxmax()]
+
+
+def summarize(df: pd.DataFrame, axes: list[str] | None = None, rule: str = "final") -> pd.DataFrame:
+    """Per run, at the checkpoint `rule` selects: its step, validation accuracy, test accuracy and loss; the
+    step-0 test numbers (after step 0 and calibration); bytes per round; then the run's config (axes first)."""
     axes = [a for a in (varying(df) if axes is None else axes) if a != "kind"]
     skip = {"step", "epoch", "round", "done", "run_id", "kind", "run_dir"}
     config_columns = axes + [c for c in df.columns if c not in axes and c not in skip and not _is_metric(c)]
     out = []
     for run_id, g in df.groupby("run_id", sort=True):
         g = g.sort_values("step")
-        val = g.dropna(subset=["val_accuracy"]) if "val_accuracy" in g else g.iloc[:0]
-        test = g.dropna(subset=["test_accuracy"]) if "test_accuracy" in g else g.iloc[:0]
+        chosen = checkpoint_row(g, rule)
+        start = g[g["step"] == 0]
         trained = g[g["step"] > 0]
         out.append({
             "run_id": run_id, "kind": g["kind"].iloc[0], "done": bool(g["done"].iloc[0]), "steps": int(g["step"].max()),
-            "final_val_accuracy": val["val_accuracy"].iloc[-1] if len(val) else np.nan,
-            "best_val_accuracy": val["val_accuracy"].max() if len(val) else np.nan,
-            "final_test_accuracy": test["test_accuracy"].iloc[-1] if len(test) else np.nan,
-            "final_test_loss": test["test_loss"].iloc[-1] if len(test) else np.nan,
+            "checkpoint": np.nan if chosen is None else int(chosen["step"]),
+            **{m: np.nan if chosen is None else chosen[m] for m in ("val_accuracy", "test_accuracy", "test_loss")},
+            **{f"step0_{m}": start[m].iloc[0] if len(start) and m in start else np.nan
+               for m in ("test_accuracy", "test_loss")},
             "bytes_per_round": trained["bytes_received"].mean() if "bytes_received" in trained else np.nan,
             **{c: g[c].iloc[0] for c in config_columns},
         })
     return pd.DataFrame(out)
 
 
+METRICS = ["val_accuracy", "test_accuracy", "test_loss", "step0_test_accuracy", "step0_test_loss"]
+
+
 def over_seeds(summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
-    """Mean and std over seeds of each grid point's accuracies."""
-    metrics = ["final_val_accuracy", "best_val_accuracy", "final_test_accuracy"]
-    keys = axes or ["kind"]
-    grouped = summary.groupby(keys, dropna=False)[metrics]
+    """Mean, std and n over seeds of each configuration's metrics (at the summary's checkpoint rule)."""
+    keys = ["kind"] + [a for a in axes if a not in ("kind", "seed")]
+    by_key = summary.groupby(keys, dropna=False)
+    grouped = by_key[METRICS]
     table = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std")).join(
-        grouped.size().rename("seeds"))
+        by_key["test_accuracy"].count().rename("n"))
     return table.reset_index()
+
+
+def select_best(table: pd.DataFrame, kind: str | None = None) -> pd.Series | None:
+    """The configuration with the best mean validation accuracy (never the test accuracy), of one kind."""
+    rows = table if kind is None else table[table["kind"] == kind]
+    rows = rows.dropna(subset=["val_accuracy_mean"])
+    return None if rows.empty else rows.loc[rows["val_accuracy_mean"].idxmax()]
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -99,18 +125,42 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join([lines[0], "|" + "---|" * len(df.columns)] + lines[1:])
 
 
-def best_centralized(summary: pd.DataFrame) -> pd.Series | None:
-    """The centralized run with the best validation accuracy (never the test accuracy)."""
-    central = summary[summary["kind"] == "centralized"].dropna(subset=["best_val_accuracy"])
-    return None if central.empty else central.loc[central["best_val_accuracy"].idxmax()]
+def _pm(mean: float, std: float, n: int, scale: float = 100.0, digits: int = 2) -> str:
+    """'84.12 ± 0.31 (n=3)'; a single run has no std."""
+    if pd.isna(mean):
+        return "-"
+    spread = "" if pd.isna(std) else f" ± {scale * std:.{digits}f}"
+    return f"{scale * mean:.{digits}f}{spread} (n={n})"
 
 
-def write_report(results_dir: Path) -> Path:
-    """summary.csv, by_config.csv, figures/*.png and report.md in `results_dir`; the report's path."""
+def _cell(value) -> str:
+    """A config value as written in a manifest: empty when the key does not apply, 5 rather than 5.0."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+        return str(int(value))
+    return str(value)
+
+
+def shown_table(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """by_config as the report shows it: the configuration's applicable keys, then mean ± std (n)."""
+    keys = ["kind"] + [a for a in axes if a not in ("kind", "seed")]
+    shown = table[keys].astype(object).map(_cell)
+    shown.columns = [k.replace("_", "-") for k in keys]
+    for metric, name, scale in (("val_accuracy", "val acc %", 100), ("test_accuracy", "test acc %", 100),
+                                ("test_loss", "test loss", 1), ("step0_test_accuracy", "step-0 test acc %", 100)):
+        shown[name] = [_pm(m, s, n, scale, 2 if scale == 100 else 3)
+                       for m, s, n in zip(table[f"{metric}_mean"], table[f"{metric}_std"], table["n"])]
+    return shown
+
+
+def write_report(results_dir: Path, rule: str = "final") -> Path:
+    """summary.csv, by_config.csv, figures/*.png and report.md in `results_dir`; the report's path. Runs are
+    selected and reported at the same checkpoint `rule` ('final' or 'best-val')."""
     results_dir = Path(results_dir)
     df = load_results(results_dir)
     axes = grid_axes(results_dir, df)
-    summary = summarize(df, axes)
+    summary = summarize(df, axes, rule)
     table = over_seeds(summary, axes)
     summary.to_csv(results_dir / "summary.csv", index=False)
     table.to_csv(results_dir / "by_config.csv", index=False)
@@ -121,19 +171,22 @@ def write_report(results_dir: Path) -> Path:
     from experiments.figures import make_figures
 
     made = make_figures(df, summary, axes, figures)
+    where = {"final": "at each run's last evaluated step", "best-val": "at each run's best-validation step"}[rule]
     lines = [f"# Report: {results_dir.name}", "", f"{summary['run_id'].nunique()} runs "
-             f"({int(summary['done'].sum())} finished). Accuracies in %, test accuracy at the last step.", ""]
-    best = best_centralized(summary)
-    if best is not None:
-        central = summary[summary["kind"] == "centralized"]
-        tuned = [a for a in axes if a in central and central[a].astype(str).nunique() > 1]
-        chosen = ", ".join(f"{a.replace('_', '-')}={best[a]}" for a in tuned) or best["run_id"]
-        lines += [f"**Best centralized hyperparameters by validation accuracy:** {chosen}: validation "
-                  f"{100 * best['best_val_accuracy']:.2f}%, test {100 * best['final_test_accuracy']:.2f}%.", ""]
-    shown = table.copy()
-    for col in [c for c in shown.columns if "accuracy" in c]:
-        shown[col] = (100 * shown[col]).round(2)
-    lines += ["## Results by configuration (mean and std over seeds)", "", markdown_table(shown), ""]
+             f"({int(summary['done'].sum())} finished). Checkpoint rule `{rule}`: configurations are selected by "
+             f"validation accuracy and reported by test accuracy, both {where}; mean ± std over n seeds. Step 0 is "
+             f"the model after step 0 (head) and mask calibration, before any fine-tuning.", ""]
+    for kind in ("centralized", "federated"):
+        best = select_best(table, kind)
+        if best is None or (table["kind"] == kind).sum() < 2:
+            continue
+        rows = table[table["kind"] == kind]
+        tuned = [a for a in axes if a in rows and rows[a].astype(str).nunique() > 1]
+        chosen = ", ".join(f"{a.replace('_', '-')}={best[a]}" for a in tuned if pd.notna(best[a])) or "-"
+        lines += [f"**Best {kind} configuration by validation accuracy:** {chosen}: validation "
+                  f"{_pm(best['val_accuracy_mean'], best['val_accuracy_std'], best['n'])}, test "
+                  f"{_pm(best['test_accuracy_mean'], best['test_accuracy_std'], best['n'])}.", ""]
+    lines += ["## Results by configuration", "", markdown_table(shown_table(table, axes)), ""]
     lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in made]
     report = results_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")

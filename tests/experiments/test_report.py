@@ -1,4 +1,4 @@
-"""The report from hand-written rows: the expected table, the best centralized run, the figures."""
+"""The report from hand-written rows: the expected table, the best configuration, the figures."""
 
 import json
 
@@ -23,25 +23,55 @@ def _epochs(val, test):
             for e, (v, t) in enumerate(zip(val, test), start=1)]
 
 
-def test_summary_table_means_over_seeds_and_the_best_centralized_run(tmp_path):
+def _centralized_grid(tmp_path):
     _run(tmp_path, "centralized-a", _epochs([0.5, 0.7], [0.48, 0.66]), lr=0.01, seed=1)
     _run(tmp_path, "centralized-b", _epochs([0.5, 0.6], [0.50, 0.62]), lr=0.01, seed=2)
     _run(tmp_path, "centralized-c", _epochs([0.8, 0.75], [0.70, 0.72]), lr=0.1, seed=1)
     _run(tmp_path, "centralized-d", _epochs([0.2], [0.9]), lr=0.3, seed=1, done=False)  # best test, bad val
+
+
+def test_summary_means_over_seeds_and_the_best_configuration_at_the_final_checkpoint(tmp_path):
+    _centralized_grid(tmp_path)
     df = load_results(tmp_path)
     assert len(df) == 7 and set(df["kind"]) == {"centralized"}
-    summary = summarize(df).set_index("run_id")
-    assert summary.loc["centralized-c", "best_val_accuracy"] == 0.8
-    assert summary.loc["centralized-c", "final_test_accuracy"] == 0.72
+    summary = summarize(df, rule="final").set_index("run_id")
+    assert summary.loc["centralized-c", "val_accuracy"] == 0.75 and summary.loc["centralized-c", "checkpoint"] == 2
+    assert summary.loc["centralized-c", "test_accuracy"] == 0.72
     report = write_report(tmp_path)
     by_config = pd.read_csv(tmp_path / "by_config.csv").set_index("lr")
-    assert by_config.loc[0.01, "final_test_accuracy_mean"] == pytest.approx(0.64)
-    assert by_config.loc[0.01, "final_test_accuracy_std"] == pytest.approx(0.0282843, abs=1e-6)
-    assert by_config.loc[0.01, "seeds"] == 2
+    assert by_config.loc[0.01, "test_accuracy_mean"] == pytest.approx(0.64)
+    assert by_config.loc[0.01, "test_accuracy_std"] == pytest.approx(0.0282843, abs=1e-6)
+    assert by_config.loc[0.01, "n"] == 2
     text = report.read_text()
-    assert "**Best centralized hyperparameters by validation accuracy:** lr=0.1: validation 80.00%, test 72.00%." in text
+    assert "Checkpoint rule `final`" in text
+    assert ("**Best centralized configuration by validation accuracy:** lr=0.1: validation 75.00 (n=1), "
+            "test 72.00 (n=1).") in text
+    assert "| 64.00 ± 2.83 (n=2) |" in text  # lr=0.01: mean ± std over its two seeds
     assert (tmp_path / "figures" / "curves_centralized.png").stat().st_size > 0
     assert (tmp_path / "figures" / "accuracy_by_lr.png").exists()
+
+
+def test_best_val_rule_selects_and_reports_the_same_step(tmp_path):
+    _centralized_grid(tmp_path)
+    summary = summarize(load_results(tmp_path), rule="best-val").set_index("run_id")
+    assert summary.loc["centralized-c", "checkpoint"] == 1  # its best validation epoch...
+    assert summary.loc["centralized-c", "test_accuracy"] == 0.70  # ...and the test accuracy of that epoch
+    text = write_report(tmp_path, rule="best-val").read_text()
+    assert "lr=0.1: validation 80.00 (n=1), test 70.00 (n=1)." in text
+
+
+def test_a_run_is_labelled_only_by_the_keys_that_apply_to_it(tmp_path):
+    start = {"round": 0, "val_accuracy": 0.1, "test_accuracy": 0.1, "test_loss": 2.0}
+    for name, opt, sparsity in (("dense", "sgdm", 0.9), ("s5", "sparse-sgdm", 0.5), ("s9", "sparse-sgdm", 0.9)):
+        rows = [start, {"round": 1, "val_accuracy": sparsity / 2, "test_accuracy": sparsity / 2, "test_loss": 1.0}]
+        _run(tmp_path, f"federated-{name}", rows, optimizer=opt, head="ridge", sparsity=sparsity)
+    df = load_results(tmp_path)
+    dense = df[df["run_id"] == "federated-dense"].iloc[0]
+    assert pd.isna(dense["sparsity"]) and pd.isna(dense["epochs"]) and pd.isna(dense["scheduler"])
+    write_report(tmp_path)
+    by_config = pd.read_csv(tmp_path / "by_config.csv")
+    assert by_config["step0_test_accuracy_mean"].tolist() == [0.1, 0.1, 0.1]
+    assert (tmp_path / "figures" / "accuracy_by_sparsity.png").exists()  # the dense run drawn as its control
 
 
 def test_a_federated_grid_gets_the_heterogeneity_heatmap_and_bytes(tmp_path):
@@ -53,6 +83,6 @@ def test_a_federated_grid_gets_the_heterogeneity_heatmap_and_bytes(tmp_path):
             _run(tmp_path, f"federated-{nc}-{j}", rows, partition="noniid", classes_per_client=nc, local_steps=j)
     write_report(tmp_path)
     summary = pd.read_csv(tmp_path / "summary.csv")
-    assert sorted(summary["final_test_accuracy"].round(2)) == [0.14, 0.18, 0.54, 0.58]
+    assert sorted(summary["test_accuracy"].round(2)) == [0.14, 0.18, 0.54, 0.58]
     assert (tmp_path / "figures" / "heatmap_shards_by_local_steps.png").exists()
     assert (tmp_path / "figures" / "bytes_per_round.png").exists()
