@@ -8,21 +8,26 @@
       - {partition: [iid], local-steps: [4, 8, 16]}   # also set its own kind: [centralized]
     seeds: [42]
     rounds-scaling: true         # optional: num-rounds counts rounds at J=4
+    tuned-from: {manifest: fedavg_lr, keys: [lr]}   # optional: these keys from that manifest's best
+                                 # configuration by validation accuracy (it must have finished); base < tuned < grid;
+                                 # with match: [optimizer], the best among its runs of the same optimizer
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from fed_app.config import ConfigError, RunConfig
 
 KINDS = ("centralized", "federated")
-TOP_KEYS = {"name", "kind", "base", "grid", "seeds", "rounds-scaling", "description"}
+TOP_KEYS = {"name", "kind", "base", "grid", "seeds", "rounds-scaling", "description", "tuned-from"}
 
 
 class ManifestError(ValueError):
@@ -52,8 +57,10 @@ class Manifest:
     axes: tuple[str, ...]  # the run-config keys the grid varies (kebab-case), seed last
 
 
-def load_manifest(path: str | Path, results: str | Path = "results") -> Manifest:
-    """Read, check and expand a manifest; every run gets run-dir results/<name>/<run-id>."""
+def load_manifest(path: str | Path, results: str | Path = "results", resolve_tuned: bool = True) -> Manifest:
+    """Read, check and expand a manifest; every run gets run-dir results/<name>/<run-id>. `tuned-from` values
+    are read from the tuning manifest's results (resolve_tuned=False keeps the base values: for wall-time
+    projections and reports, which do not depend on them)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -79,6 +86,7 @@ def load_manifest(path: str | Path, results: str | Path = "results") -> Manifest
     if "rounds-scaling" in raw:
         base = {**base, "rounds-scaling": raw["rounds-scaling"]}
     results = Path(results)
+    tuned = tuned_values(where, raw["tuned-from"], results) if "tuned-from" in raw and resolve_tuned else None
     runs: dict[str, Run] = {}  # by run id: overlapping grids name the same run once
     axes: list[str] = []
     for point in _grid_points(where, raw.get("grid") or {}):
@@ -87,9 +95,10 @@ def load_manifest(path: str | Path, results: str | Path = "results") -> Manifest
             raise ManifestError(f"{where}: kind={point_kind!r} is not one of {', '.join(KINDS)}; set it at the "
                                 f"top level or in the grid.")
         axes += [k for k in point if k not in axes]
+        values = {**base, **(tuned({**base, **point}) if tuned else {}), **point}
         for seed in seeds:
             try:
-                cfg = RunConfig.from_run_config({**base, **point, "seed": seed})
+                cfg = RunConfig.from_run_config({**values, "seed": seed})
             except ConfigError as err:
                 raise ManifestError(f"{where}: {err}") from None
             run = Run(point_kind, cfg)
@@ -114,3 +123,52 @@ def _grid_points(where: str, grid: Any) -> list[dict[str, Any]]:
         keys = list(g)
         points += [dict(zip(keys, combo)) for combo in itertools.product(*(g[k] for k in keys))]
     return points
+
+
+def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """For a run's values, {key: value} of the best configuration of a finished tuning manifest: the highest
+    mean validation accuracy over seeds at each run's final evaluation (the report's 'final' rule), never the
+    test accuracy; with `match`, among the tuning runs that share the run's values of those keys."""
+    if not (isinstance(spec, dict) and {"manifest", "keys"} <= set(spec) <= {"manifest", "keys", "match"}
+            and isinstance(spec["manifest"], str) and isinstance(spec["keys"], list) and spec["keys"]
+            and isinstance(spec.get("match", []), list)):
+        raise ManifestError(f"{where}: 'tuned-from' must be a mapping like {{manifest: fedavg_lr, keys: [lr]}} "
+                            f"(optionally match: [optimizer]).")
+    name, keys, match = spec["manifest"], spec["keys"], spec.get("match", [])
+    saved = results / name / "manifest.yaml"
+    command = f"run `python -m experiments run experiments/manifests/{name}.yaml` first, or set {keys[0]} in base"
+    if not saved.exists():
+        raise ManifestError(f"{where}: tuned-from takes {', '.join(keys)} from the results of manifest {name}, "
+                            f"which has not been run under {results}; {command}.")
+    tuning = load_manifest(saved, results, resolve_tuned=False)
+    done = sum((Path(r.cfg.run_dir) / "DONE").exists() for r in tuning.runs)
+    if done < len(tuning.runs):
+        raise ManifestError(f"{where}: tuned-from takes {', '.join(keys)} from manifest {name}, which has not "
+                            f"finished ({done} of {len(tuning.runs)} runs done); {command}.")
+    from experiments.report import load_results, over_seeds, select_best, summarize
+
+    axes = [a.replace("-", "_") for a in tuning.axes]
+    table = over_seeds(summarize(load_results(results / name), axes, "final"), axes)
+    absent = [k for k in keys + match if k.replace("-", "_") not in table]
+    if absent:
+        raise ManifestError(f"{where}: tuned-from key '{absent[0]}' is not a grid axis of manifest {name}; "
+                            f"name keys that {name} varies.")
+    defaults = RunConfig().to_run_config()
+
+    def pick(values: dict[str, Any]) -> dict[str, Any]:
+        rows = table
+        for key in match:
+            rows = rows[rows[key.replace("-", "_")].astype(str) == str(values.get(key, defaults[key]))]
+        best = select_best(rows)
+        if best is None:
+            wanted = ", ".join(f"{k}={values.get(k, defaults[k])}" for k in match)
+            raise ManifestError(f"{where}: manifest {name} has no finished run with {wanted} to take "
+                                f"{', '.join(keys)} from; add those values to its grid.")
+        return {k: _plain(best[k.replace("-", "_")]) for k in keys}
+
+    return pick
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value a YAML manifest would have given."""
+    return value.item() if hasattr(value, "item") else value

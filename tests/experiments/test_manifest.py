@@ -1,5 +1,6 @@
 """Manifests: expansion counts, stable ids, every shipped manifest valid, one-sentence errors."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,13 +43,64 @@ def test_run_ids_are_stable_whatever_the_key_order(tmp_path):
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_every_shipped_manifest_validates(path):
-    assert len(load_manifest(path).runs) >= 1
+    assert len(load_manifest(path, resolve_tuned=False).runs) >= 1
 
 
-def test_the_shipped_studies_have_the_sizes_the_brief_asks_for():
-    counts = {p.stem: len(load_manifest(p).runs) for p in SHIPPED}
-    assert counts["noniid_grid"] == 15 and counts["schedulers"] == 5 and counts["mask_rules"] == 10
-    assert counts["sparse_grid"] == 15
+def test_the_shipped_studies_have_the_sizes_seeds_and_controls_the_protocol_states():
+    loaded = {p.stem: load_manifest(p, resolve_tuned=False) for p in SHIPPED}
+    counts = {name: len(m.runs) for name, m in loaded.items()}
+    assert counts["noniid_grid"] == 15 * 3 and counts["schedulers"] == 5 * 3 and counts["mask_rules"] == 12 * 3
+    assert counts["sparse_grid"] == 16 * 3 and counts["fedavg_lr"] == 10 and counts["centralized_search"] == 24
+    for name in ("noniid_grid", "sparse_grid", "mask_rules", "fisher_modes", "schedulers", "fedavg_iid"):
+        assert len({r.cfg.seed for r in loaded[name].runs}) == 3, name
+    for name in ("sparse_grid", "mask_rules", "mask_scope"):  # a dense control with the same frozen head
+        controls = [r.cfg for r in loaded[name].runs if r.cfg.optimizer == "sgdm"]
+        assert controls and all(c.head == "ridge" and c.freeze_head for c in controls), name
+    baselines = [r.cfg for n in ("centralized_search", "schedulers", "fedavg_lr", "fedavg_iid", "noniid_grid")
+                 for r in loaded[n].runs]
+    assert all((c.head, c.freeze_head) == ("ridge", False) for c in baselines)  # one protocol for the baselines
+    assert min(r.cfg.lr for r in loaded["centralized_search"].runs) == 0.0001
+
+
+def _finish(results, manifest, val_and_test):
+    """Hand-written finished results of every run of `manifest` (val, test accuracy by run config)."""
+    (results / manifest.name).mkdir(parents=True, exist_ok=True)
+    (results / manifest.name / "manifest.yaml").write_text(manifest.path.read_text())
+    for run in manifest.runs:
+        path = Path(run.cfg.run_dir)
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps(run.cfg.to_dict()))
+        val, test = val_and_test(run.cfg)
+        rows = [{"round": 0, "val_accuracy": 0.01, "test_accuracy": 0.01, "test_loss": 4.6},
+                {"round": 1, "val_accuracy": val, "test_accuracy": test, "test_loss": 1.0}]
+        (path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (path / "DONE").write_text("")
+
+
+def test_tuned_from_takes_the_best_validation_value_per_matched_key_and_never_the_test(tmp_path):
+    results = tmp_path / "results"
+    tune = load_manifest(_write(tmp_path, """
+name: tune
+kind: federated
+base: {head: ridge}
+grid: {optimizer: [sgdm, sparse-sgdm], lr: [0.001, 0.01, 0.1]}
+seeds: [1, 2]
+""", "tune.yaml"), results)
+    text = "name: study\nkind: federated\nbase: {head: ridge}\ntuned-from: {manifest: tune, keys: [lr], " \
+           "match: [optimizer]}\ngrid: {optimizer: [sgdm, sparse-sgdm], partition: [iid]}\n"
+    with pytest.raises(ManifestError, match=r"has not been run under .*; run `python -m experiments run "
+                                            r"experiments/manifests/tune.yaml` first, or set lr in base"):
+        load_manifest(_write(tmp_path, text, "study.yaml"), results)
+    best_val = {"sgdm": 0.001, "sparse-sgdm": 0.01}  # validation picks these; test would pick 0.1 for both
+
+    _finish(results, tune, lambda c: (0.9 if c.lr == best_val[c.optimizer] else 0.5, 0.99 if c.lr == 0.1 else 0.6))
+    (Path(tune.runs[0].cfg.run_dir) / "DONE").unlink()
+    with pytest.raises(ManifestError, match=r"has not finished \(11 of 12 runs done\)"):
+        load_manifest(_write(tmp_path, text, "study.yaml"), results)
+    (Path(tune.runs[0].cfg.run_dir) / "DONE").write_text("")
+    study = load_manifest(_write(tmp_path, text, "study.yaml"), results)
+    assert {r.cfg.optimizer: r.cfg.lr for r in study.runs} == best_val
+    assert load_manifest(_write(tmp_path, text, "study.yaml"), results, resolve_tuned=False).runs[0].cfg.lr == 0.01
 
 
 @pytest.mark.parametrize("text, words", [
