@@ -53,7 +53,7 @@ def test_a_killed_manifest_run_resumes_without_redoing_finished_runs(tmp_path):
     report = subprocess.run([sys.executable, "-m", "experiments", "report", str(results / "tiny")],
                             capture_output=True, text=True, check=True)
     text = Path(report.stdout.strip()).read_text()
-    assert "Best centralized hyperparameters by validation accuracy:** lr=" in text
+    assert "Best centralized configuration by validation accuracy:** lr=" in text
 
 
 def test_a_bad_manifest_stops_the_runner_before_any_run(tmp_path):
