@@ -122,15 +122,6 @@ def _bench(args) -> int:
 
 
 if __name__ == "__main__":
-    from experiments.manifest import ManifestError
     from fed_app.cli import exit_on_user_error
 
-    def entry() -> None:
-        try:
-            code = main()
-        except (ManifestError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            code = 2
-        sys.exit(code)
-
-    exit_on_user_error(entry)
+    exit_on_user_error(main)

@@ -25,12 +25,13 @@ import pandas as pd
 import yaml
 
 from fed_app.config import ConfigError, RunConfig
+from fed_app.errors import UserError
 
 KINDS = ("centralized", "federated")
 TOP_KEYS = {"name", "kind", "base", "grid", "seeds", "rounds-scaling", "description", "tuned-from"}
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest that cannot run; one sentence naming the manifest, the key and the fix."""
 
 

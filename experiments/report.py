@@ -10,16 +10,24 @@ import numpy as np
 import pandas as pd
 
 from fed_app.config import key_applies
+from fed_app.errors import UserError
 
 log = logging.getLogger(__name__)
 
 IGNORED = {"run_dir", "seed"}  # config columns that never define a group
-RULES = ("final", "best-val")  # which checkpoint of a run is selected on and reported: the last, or best validation
+RULES = ("final", "best-val")
+
+
+class NoResultsError(UserError, FileNotFoundError):
+    """A results folder without any run's rows."""  # which checkpoint of a run is selected on and reported: the last, or best validation
 
 
 def load_results(results_dir: Path) -> pd.DataFrame:
     """One row per (run, epoch or round): the run's config columns, its metrics, run_id, kind, step. A config
     key that does not shape the run (e.g. sparsity of a dense run, epochs of a federated one) is left empty."""
+    if not Path(results_dir).is_dir():
+        raise NoResultsError(f"results folder {results_dir} does not exist; give results/<manifest name> of a "
+                             f"manifest that has run.")
     frames = []
     for run_dir in sorted(p for p in Path(results_dir).iterdir() if (p / "rows.jsonl").exists()):
         config = json.loads((run_dir / "config.json").read_text())
@@ -34,7 +42,7 @@ def load_results(results_dir: Path) -> pd.DataFrame:
         frame["run_id"], frame["kind"], frame["done"] = run_dir.name, kind, (run_dir / "DONE").exists()
         frames.append(frame)
     if not frames:
-        raise FileNotFoundError(f"no run with a rows.jsonl under {results_dir}; run a manifest first.")
+        raise NoResultsError(f"no run with a rows.jsonl under {results_dir}; run a manifest first.")
     return pd.concat(frames, ignore_index=True)
 
 

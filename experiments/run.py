@@ -15,8 +15,8 @@ from rich.table import Table
 
 from experiments.manifest import Manifest, Run
 from fed_app import centralized
-from fed_app.cli import USER_ERRORS
-from fed_app.simulation import LocalSimulation, SimulationError, preflight
+from fed_app.errors import UserError
+from fed_app.simulation import LocalSimulation, preflight
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
                     centralized.run(run.cfg)
                 else:
                     sim.run(run.cfg, num_supernodes=run.cfg.num_clients, cpus=cpus, gpus=gpus)
-            except (SimulationError, *USER_ERRORS) as err:
+            except UserError as err:
                 log.error("run %s failed: %s", run.run_id, str(err).splitlines()[0])
                 failed.append(run.run_id)
             finally:

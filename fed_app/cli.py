@@ -1,22 +1,18 @@
-"""Command-line entry helper: user errors become one sentence on stderr and exit status 2."""
+"""Command-line entry helper: a UserError becomes its one sentence on stderr and exit status 2."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
-from fed_app.config import ConfigError
-from fed_app.data import DataError
-from fed_app.model import ModelWeightsError
-
-USER_ERRORS = (ConfigError, DataError, ModelWeightsError)  # plus SimulationError, added lazily below
+from fed_app.errors import UserError
 
 
-def exit_on_user_error(main: Callable[[], None]) -> None:
-    from fed_app.simulation import SimulationError
-
+def exit_on_user_error(main: Callable[[], int | None]) -> None:
+    """Run `main`; exit with its status, or with 2 and the error's sentence on a UserError."""
     try:
-        main()
-    except (*USER_ERRORS, SimulationError) as err:
+        code = main()
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(code or 0)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fed_app.errors import UserError
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": ("cifar100", "synthetic", "digits"),
     "model": ("vit-small-dino", "vit-tiny-test"),
@@ -113,7 +115,7 @@ ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping
 NOT_RESULTS = frozenset({"run_dir", "transport"})
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A run-config key or value that cannot be used; the message says which and how to fix it."""
 
 

@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from fed_app.config import RunConfig
+from fed_app.errors import UserError
 
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 100
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Data that cannot be loaded or split as asked; the message says how to fix it."""
 
 

@@ -12,6 +12,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from fed_app.config import RunConfig
+from fed_app.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_KEYS = ("head.weight", "head.bias")
 
 
-class ModelWeightsError(RuntimeError):
+class ModelWeightsError(UserError, RuntimeError):
     """Pretrained weights that cannot be had; the message says how to point at a local file."""
 
 

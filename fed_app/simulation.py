@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from fed_app.config import RunConfig
+from fed_app.errors import UserError
 
 log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: the folder with pyproject.toml
 
 
-class SimulationError(RuntimeError):
+class SimulationError(UserError, RuntimeError):
     """A Flower run that did not finish successfully."""
 
 
@@ -172,6 +173,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     from fed_app.cli import exit_on_user_error
-    from fed_app.simulation import main as module_main  # the module's own classes, not __main__'s
 
-    exit_on_user_error(module_main)
+    exit_on_user_error(main)

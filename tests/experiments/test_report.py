@@ -86,3 +86,14 @@ def test_a_federated_grid_gets_the_heterogeneity_heatmap_and_bytes(tmp_path):
     assert sorted(summary["test_accuracy"].round(2)) == [0.14, 0.18, 0.54, 0.58]
     assert (tmp_path / "figures" / "heatmap_shards_by_local_steps.png").exists()
     assert (tmp_path / "figures" / "bytes_per_round.png").exists()
+
+
+def test_a_missing_or_empty_results_folder_is_one_sentence_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    for folder in (tmp_path / "nowhere", tmp_path):
+        proc = subprocess.run([sys.executable, "-m", "experiments", "report", str(folder)], capture_output=True,
+                              text=True)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+        assert str(folder) in proc.stderr
