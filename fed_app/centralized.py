@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from fed_app.config import RunConfig, parse_overrides
-from fed_app.data import BatchTransform, batch_stream, load_dataset, make_generator
+from fed_app.data import BatchTransform, batch_stream, load_dataset
 from fed_app.editing import calibrate_masks, fit_head
 from fed_app.head import freeze_head
 from fed_app.model import build_model
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
+from fed_app.seeds import epoch_generator
 from fed_app.task import (autocast, evaluate, make_optimizer, make_scheduler, resolve_device, set_masks_by_name,
                           train_steps, training_module)
 from masking.calibrate import density_of
@@ -69,7 +70,7 @@ def run(cfg: RunConfig) -> RunDir:
         start = 0
     trainer = training_module(cfg, model)
     for epoch in range(start, cfg.epochs):
-        generator = make_generator(device, cfg.seed, epoch)
+        generator = epoch_generator(device, cfg.seed, epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_loss = train_steps(trainer, optimizer, data.train, batch_stream(all_train, cfg.batch_size, generator),
                                  steps_per_epoch, train_tf, generator, precision, scheduler)

@@ -239,7 +239,15 @@ class RunConfig:
 
     @property
     def clients_per_round(self) -> int:
-        return max(1, round(self.fraction_train * self.num_clients))
+        return share_of(self.fraction_train, self.num_clients)
+
+    @property
+    def calibration_clients(self) -> int:
+        return share_of(self.calibration_fraction, self.num_clients)
+
+    @property
+    def evaluate_clients(self) -> int:
+        return share_of(self.fraction_evaluate, self.num_clients)
 
     def applies(self, name: str, kind: str) -> bool:
         """Whether key `name` (snake_case) shapes a run of this `kind` (centralized or federated) with this
@@ -261,6 +269,11 @@ class RunConfig:
         payload = {k: v for k, v in self.to_dict().items() if k not in NOT_RESULTS}
         digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         return digest[:10]
+
+
+def share_of(fraction: float, total: int) -> int:
+    """How many of `total` clients a fraction stands for: round(fraction * total), at least one."""
+    return max(1, round(fraction * total))
 
 
 def key_applies(name: str, kind: str, values: Mapping[str, Any]) -> bool:

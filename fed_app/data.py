@@ -294,7 +294,3 @@ def batch_stream(indices: torch.Tensor, batch_size: int, generator: torch.Genera
         yield from perm.split(batch_size)
 
 
-def make_generator(device: torch.device, *keys: int) -> torch.Generator:
-    """A local generator seeded from a tuple of ints (seed, epoch or round, client, ...)."""
-    seed = int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(seed)

@@ -10,16 +10,15 @@ import torch
 from torch import Tensor
 
 from fed_app.config import RunConfig
-from fed_app.data import BatchTransform, Split, batch_stream, make_generator
+from fed_app.data import BatchTransform, Split, batch_stream
 from fed_app.head import (fit_temperature, freeze_head, only_head_trainable, ridge_statistics, set_head, solve_ridge,
                           temperature_losses)
+from fed_app.seeds import fisher_images_generator, fisher_labels_generator, head_epoch_generator
 from fed_app.task import train_steps
 from masking.calibrate import Masks, calibrate
 from masking.fisher import fisher_diagonal
 
 log = logging.getLogger(__name__)
-
-HEAD_STREAM, FISHER_STREAM = 1, 2  # keys that keep step 0's randomness apart from the epochs'
 
 
 def fit_head(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tensor, train_tf: BatchTransform,
@@ -42,7 +41,7 @@ def fit_head(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tens
         with only_head_trainable(model) as head_params:
             opt = torch.optim.SGD(head_params, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
             for epoch in range(cfg.head_epochs):
-                generator = make_generator(device, cfg.seed, HEAD_STREAM, epoch)
+                generator = head_epoch_generator(device, cfg.seed, epoch)
                 loss = train_steps(model, opt, split, batch_stream(indices, cfg.batch_size, generator), steps,
                                    train_tf, generator, precision)
                 log.info("head epoch %d/%d  train_loss %.4f", epoch + 1, cfg.head_epochs, loss)
@@ -53,7 +52,7 @@ def fit_head(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tens
 
 def fisher_indices(cfg: RunConfig, indices: Tensor, *key: int) -> Tensor:
     """The `fisher-samples` images scored: a seeded choice among `indices` (key: e.g. the partition id)."""
-    generator = make_generator(indices.device, cfg.seed, FISHER_STREAM, *key)
+    generator = fisher_images_generator(indices.device, cfg.seed, *key)
     order = torch.randperm(len(indices), device=indices.device, generator=generator)
     return indices[order[: cfg.fisher_samples]]
 
@@ -61,7 +60,7 @@ def fisher_indices(cfg: RunConfig, indices: Tensor, *key: int) -> Tensor:
 def fisher_sums(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tensor,
                 eval_tf: BatchTransform, *key: int) -> dict[str, Tensor]:
     """Fisher sums over `indices`, prepared in slices so that at most a few hundred images exist at once."""
-    generator = make_generator(indices.device, cfg.seed, FISHER_STREAM, 1, *key)
+    generator = fisher_labels_generator(indices.device, cfg.seed, *key)
     total: dict[str, Tensor] = {}
     for part in indices.split(max(cfg.fisher_chunk, 256)):
         x = eval_tf(split.images[part])

@@ -13,10 +13,11 @@ import torch
 from torch import Tensor
 
 from fed_app.config import RunConfig
-from fed_app.data import BatchTransform, Dataset, Split, batch_stream, client_shards, load_dataset, make_generator
+from fed_app.data import BatchTransform, Dataset, Split, batch_stream, client_shards, load_dataset
 from fed_app.editing import calibrate_masks, fisher_indices, fisher_sums
 from fed_app.head import freeze_head, only_head_trainable, ridge_statistics, temperature_losses
 from fed_app.model import ModelSpec, build_model
+from fed_app.seeds import client_generator
 from fed_app.task import (autocast, client_lr, evaluate, make_optimizer, resolve_device, train_steps,
                           training_module)
 from fed_app.wire import split_flat, unpack_masked_state
@@ -87,7 +88,7 @@ class Worker:
                 for group in optimizer.param_groups:
                     group["lr"] = client_lr(cfg, server_round)
             shard = self.shards[partition_id]
-            generator = make_generator(self.device, cfg.seed, server_round, partition_id, int(head_only))
+            generator = client_generator(self.device, cfg.seed, server_round, partition_id, head_only)
             loss = train_steps(self.trainer, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
                                cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device))
         trained = self.model.state_dict()
