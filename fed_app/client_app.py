@@ -8,7 +8,7 @@ from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.transport import carry, folder_of, take
-from fed_app.wire import flat_state, pack_state, unpack_state
+from fed_app.wire import flat_state, unpack_state
 from fed_app.worker import Worker, get_worker
 from masking.payload import gather_trainable, pack_masks
 

@@ -15,7 +15,8 @@ from fed_app.wire import apply_update, flat_state, pack_state, split_flat
 from fed_app.worker import State, Worker
 from masking.calibrate import Masks, calibrate
 from masking.payload import unpack_masks
-from strategies.fedavg import CALIBRATION_STREAM, SeededFedAvg, sample_partitions
+from fed_app.seeds import Phase, sample_partitions
+from strategies.fedavg import SeededFedAvg
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: W
     the head. Then it stays frozen (unless freeze-head=false). Also what step 0 found, for the round-0 row."""
     everyone = list(range(cfg.num_clients))
     if cfg.head == "ridge":
-        replies = strategy.query(grid, 0, "ridge", RecordDict({"arrays": pack_state(state)}), everyone)
+        replies = strategy.federation.query(0, "ridge", RecordDict({"arrays": pack_state(state)}), everyone).replies
         parts = [r.content["stats"].to_torch_state_dict() for r in replies]  # in partition order
         stats = {k: sum(p[k] for p in parts) for k in ("xtx", "xty")}
         weight, bias = solve_ridge(stats, cfg.ridge_lambda)
@@ -36,7 +37,8 @@ def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: W
                  "head.bias": bias.to(state["head.bias"].dtype)}
         if not cfg.ridge_calibrate:
             return state, {}
-        replies = strategy.query(grid, 0, "temperature", RecordDict({"arrays": pack_state(state)}), everyone)
+        replies = strategy.federation.query(0, "temperature", RecordDict({"arrays": pack_state(state)}),
+                                            everyone).replies
         losses = [r.content["losses"].to_torch_state_dict()["sums"] for r in replies]
         temperature = fit_temperature(sum(losses[1:], losses[0]))  # in partition order
         state = {**state, "head.weight": state["head.weight"] * temperature,
@@ -44,7 +46,7 @@ def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: W
         return state, {"head_temperature": temperature}
     if cfg.head == "train":
         for r in range(1, cfg.head_rounds + 1):
-            delta, metrics = strategy.train_round(grid, r, flat_state(state), ConfigRecord({"phase": "head"}))
+            delta, metrics = strategy.train_round(r, flat_state(state), ConfigRecord({"phase": "head"}))
             state = apply_update(state, delta.to_torch_state_dict(), None)
             log.info("head round %d/%d  train_loss %.4f", r, cfg.head_rounds, metrics["train_loss"])
     return state, {}
@@ -54,13 +56,13 @@ def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: 
     """TaLoS calibration where each round's Fisher sums come from the clients: the server sends the
     soft-masked (damped) global model to a `calibration-fraction` of them and adds their sums up."""
     worker.load(state)
-    per_round = max(1, round(cfg.calibration_fraction * cfg.num_clients))
     rounds = itertools.count(1)
 
     def client_fisher(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         r = next(rounds)
-        pids = sample_partitions(cfg.seed, r, cfg.num_clients, per_round, stream=CALIBRATION_STREAM)
-        replies = strategy.query(grid, r, "fisher", RecordDict({"arrays": pack_state(model.state_dict())}), pids)
+        pids = sample_partitions(cfg.seed, r, cfg.num_clients, cfg.calibration_clients, Phase.CALIBRATION)
+        arrays = RecordDict({"arrays": pack_state(model.state_dict())})
+        replies = strategy.federation.query(r, "fisher", arrays, pids).replies
         total = reply_flat(replies[0])
         for reply in replies[1:]:  # in partition order: the same float sums every time
             total += reply_flat(reply)
@@ -77,8 +79,8 @@ def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: 
 def federated_local_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker,
                           state: State) -> dict[int, Masks]:
     """mask-scope 'local': every client calibrates its own mask on its own shard; partition id -> mask."""
-    replies = strategy.query(grid, 0, "local_mask", RecordDict({"arrays": pack_state(state)}),
-                             list(range(cfg.num_clients)))
+    replies = strategy.federation.query(0, "local_mask", RecordDict({"arrays": pack_state(state)}),
+                                        list(range(cfg.num_clients))).replies
     shapes = worker.trainable_shapes()
     return {int(r.content["metrics"]["partition-id"]): unpack_masks(r.content["mask"]["bits"].numpy(), shapes)
             for r in replies}

@@ -6,10 +6,11 @@ import logging
 import time
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fed_app.config import ConfigError, RunConfig
+from fed_app.config import RunConfig
+from fed_app.federation import Federation
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
@@ -44,8 +45,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
         model_bytes = 4 * sum(t.numel() for t in worker.model.state_dict().values())
         files = SharedFiles(cfg.run_id(), (cfg.clients_per_round + 2) * model_bytes)
     try:
-        strategy = SeededFedAvg(cfg.seed, cfg.num_clients, cfg.clients_per_round, discover_partitions(grid, cfg),
-                                cfg.max_retries if cfg.on_client_failure == "retry" else 0, cfg.round_timeout,
+        strategy = SeededFedAvg(cfg.seed, cfg.num_clients, cfg.clients_per_round, Federation.discover(grid, cfg),
                                 files)
         _rounds(grid, cfg, run_dir, worker, strategy)
     finally:
@@ -64,7 +64,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: Seede
         if evaluates_val(cfg, server_round):
             row.update(_prefixed("val", worker.evaluate(state, worker.data.val)))
             if cfg.fraction_evaluate > 0:  # the global model on the clients' own data (telling when non-iid)
-                row.update(_prefixed("client", strategy.evaluate_round(grid, server_round, pack_state(state),
+                row.update(_prefixed("client", strategy.evaluate_round(server_round, pack_state(state),
                                                                        cfg.fraction_evaluate)))
         if evaluates_test(cfg, server_round):
             row.update(_prefixed("test", worker.evaluate(state, worker.data.test)))
@@ -80,9 +80,12 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: Seede
     t0 -= elapsed
     if start is None:  # fresh: step 0, calibration, and the starting point as round 0
         started = time.perf_counter()
+        federation = strategy.federation
+        before = federation.bytes_sent, federation.bytes_received
         state, masks, client_masks, found = _step_zero(grid, cfg, strategy, worker, run_dir)
-        finish_round(0, state, {"round": 0, "density": _density(masks, client_masks), **found, "bytes_sent":
-                                strategy.bytes_sent, "bytes_received": strategy.bytes_received}, started)
+        finish_round(0, state, {"round": 0, "density": _density(masks, client_masks), **found,
+                                "bytes_sent": federation.bytes_sent - before[0],  # every step-0 exchange
+                                "bytes_received": federation.bytes_received - before[1]}, started)
         start = 0
     else:  # resumed: the masks were saved before the round-0 checkpoint; calibration is not redone
         masks, client_masks = _load_masks(run_dir, worker.trainable_shapes(), cfg)
@@ -93,13 +96,13 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: Seede
     for server_round in range(start + 1, rounds + 1):
         started = time.perf_counter()
         payload = masked_state(state, masks) if compact else flat_state(state)
-        delta, metrics = strategy.train_round(grid, server_round, payload, ConfigRecord())
+        delta, metrics = strategy.train_round(server_round, payload, ConfigRecord())
         state = apply_update(state, delta.to_torch_state_dict(), masks)
         finish_round(server_round, state, {
             "round": server_round, "learning_rate": client_lr(cfg, server_round),
             "train_loss": metrics["train_loss"], "clients": metrics["clients"],
             "worker_builds": metrics["worker_builds"],
-            "bytes_sent": strategy.bytes_sent, "bytes_received": strategy.bytes_received}, started)
+            "bytes_sent": metrics["bytes_sent"], "bytes_received": metrics["bytes_received"]}, started)
     plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {cfg.run_id()}")
     run_dir.mark_done()
 
@@ -169,28 +172,3 @@ def _load_masks(run_dir: RunDir, shapes: dict, cfg: RunConfig) -> tuple[dict | N
         return load_masks(run_dir.path / "mask.pt"), None
     bits = torch.load(run_dir.path / "client_masks.pt", weights_only=False)
     return None, {p: unpack_masks(b, shapes) for p, b in bits.items()}
-
-
-def discover_partitions(grid: Grid, cfg: RunConfig, wait_s: float = 30.0) -> dict[int, int]:
-    """partition id -> node id, asked of every connected node once; all of 0..K-1 must be there."""
-    deadline = time.monotonic() + wait_s
-    while len(node_ids := list(grid.get_node_ids())) < cfg.num_clients and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if len(node_ids) != cfg.num_clients:
-        raise _wrong_federation(cfg, f"{len(node_ids)} nodes are connected after {wait_s:.0f}s")
-    queries = [Message(RecordDict(), node, MessageType.QUERY) for node in node_ids]
-    nodes = {}
-    for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
-        if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: "
-                               f"{reply.error.reason}")
-        nodes[int(reply.content["info"]["partition-id"])] = reply.metadata.src_node_id
-    if sorted(nodes) != list(range(cfg.num_clients)):
-        raise _wrong_federation(cfg, f"the federation's {len(node_ids)} nodes hold partitions {sorted(nodes)[:5]}...")
-    return nodes
-
-
-def _wrong_federation(cfg: RunConfig, found: str) -> ConfigError:
-    return ConfigError(f"num-clients={cfg.num_clients} but {found}; start exactly {cfg.num_clients} supernodes "
-                       f"with partition-id 0..{cfg.num_clients - 1} (simulation: --federation-config "
-                       f"\"num-supernodes={cfg.num_clients}\").")

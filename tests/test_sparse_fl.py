@@ -101,6 +101,8 @@ def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_froze
     assert moved > 0
 
     assert rows[0]["round"] == 0 and rows[0]["density"] == pytest.approx(0.2, abs=1e-4)
+    model_bytes = 4 * sum(v.numel() for v in final.values())  # ridge, temperature, 2 Fisher rounds, 10 clients each
+    assert rows[0]["bytes_sent"] == pytest.approx(4 * 10 * model_bytes, rel=0.01)  # every step-0 exchange
     dense_bytes = 4 * sum(v.numel() for v in final.values()) * 3  # 3 clients' full deltas in fp32
     backbone = sum(m.numel() for m in fed_masks.values()) / sum(v.numel() for v in final.values())
     masked = sum(m.numel() for m in fed_masks.values())

@@ -6,7 +6,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from fed_app.transport import SharedFiles, TransportError, carry, folder_of, take
+from fed_app.federation import Federation
 from strategies.fedavg import RoundFailedError, SeededFedAvg, sample_partitions
+
+NODES = {pid: 1000 + pid for pid in range(10)}
 
 
 class FlakyGrid:
@@ -37,16 +40,15 @@ def flower_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
 
 
-def _strategy(max_retries):
-    nodes = {pid: 1000 + pid for pid in range(10)}
-    return SeededFedAvg(seed=3, num_clients=10, per_round=4, nodes=nodes, max_retries=max_retries, timeout=5), nodes
+def _strategy(grid, max_retries, files=None):
+    return SeededFedAvg(seed=3, num_clients=10, per_round=4, federation=Federation(grid, NODES, max_retries, 5),
+                        files=files)
 
 
 def test_a_failed_client_is_retried_and_the_round_averages_every_sampled_client():
-    strategy, nodes = _strategy(max_retries=2)
     sampled = sample_partitions(3, 1, 10, 4)
-    grid = FlakyGrid(nodes, fail=[sampled[0]], times=1)
-    delta, metrics = strategy.train_round(grid, 1, {"w": torch.zeros(2)}, ConfigRecord())
+    grid = FlakyGrid(NODES, fail=[sampled[0]], times=1)
+    delta, metrics = _strategy(grid, max_retries=2).train_round(1, {"w": torch.zeros(2)}, ConfigRecord())
     assert grid.sent == sampled + [sampled[0]]  # resent to the failed client only
     weights = [p + 1 for p in sampled]
     expected = sum(w * p for w, p in zip(weights, sampled)) / sum(weights)
@@ -55,19 +57,18 @@ def test_a_failed_client_is_retried_and_the_round_averages_every_sampled_client(
 
 
 def test_a_client_failing_past_the_retries_fails_the_round_with_a_clear_message():
-    strategy, nodes = _strategy(max_retries=1)
     sampled = sample_partitions(3, 1, 10, 4)
-    grid = FlakyGrid(nodes, fail=[sampled[2]], times=5)
+    grid = FlakyGrid(NODES, fail=[sampled[2]], times=5)
+    strategy = _strategy(grid, max_retries=1)
     with pytest.raises(RoundFailedError, match=rf"round 1: clients \[{sampled[2]}\] failed after 1 retries "
                                                r"\(worker killed \(out of memory\)\); rerun the same command"):
-        strategy.train_round(grid, 1, {"w": torch.zeros(2)}, ConfigRecord())
+        strategy.train_round(1, {"w": torch.zeros(2)}, ConfigRecord())
 
 
 def test_fail_policy_means_no_retry():
-    strategy, nodes = _strategy(max_retries=0)
-    grid = FlakyGrid(nodes, fail=sample_partitions(3, 1, 10, 4)[:1], times=1)
+    grid = FlakyGrid(NODES, fail=sample_partitions(3, 1, 10, 4)[:1], times=1)
     with pytest.raises(RoundFailedError):
-        strategy.train_round(grid, 1, {"w": torch.zeros(2)}, ConfigRecord())
+        _strategy(grid, max_retries=0).train_round(1, {"w": torch.zeros(2)}, ConfigRecord())
     assert len(grid.sent) == 4
 
 
@@ -91,14 +92,13 @@ class FileClients:
 
 
 def test_files_transport_gives_the_message_result_with_tiny_messages_and_leaves_no_file(tmp_path):
-    nodes = {pid: 1000 + pid for pid in range(10)}
     files = SharedFiles("test-transport", 10**6)
     results = {}
     for name, via in (("messages", None), ("files", files)):
-        strategy = SeededFedAvg(3, 10, 4, nodes, max_retries=0, timeout=5, files=via)
-        grid = FileClients(nodes)
-        delta, _ = strategy.train_round(grid, 1, {"w": torch.arange(3.0)}, ConfigRecord())
-        results[name] = (delta.to_torch_state_dict()["w"], strategy.bytes_sent, strategy.bytes_received, grid)
+        grid = FileClients(NODES)
+        delta, metrics = _strategy(grid, max_retries=0, files=via).train_round(1, {"w": torch.arange(3.0)},
+                                                                             ConfigRecord())
+        results[name] = (delta.to_torch_state_dict()["w"], metrics["bytes_sent"], metrics["bytes_received"], grid)
     sampled = sample_partitions(3, 1, 10, 4)
     expected = torch.arange(3.0) + sum((p + 1) * p for p in sampled) / sum(p + 1 for p in sampled)
     assert torch.equal(results["files"][0], results["messages"][0]) and torch.allclose(results["files"][0], expected)
@@ -141,11 +141,10 @@ class RemoteClients(FileClients):
 
 
 def test_when_clients_cannot_read_the_files_the_round_is_redone_inside_messages(caplog):
-    nodes = {pid: 1000 + pid for pid in range(10)}
     files = SharedFiles("test-remote", 10**6)
-    strategy = SeededFedAvg(3, 10, 4, nodes, max_retries=1, timeout=5, files=files)
-    grid = RemoteClients(nodes)
-    delta, metrics = strategy.train_round(grid, 1, {"w": torch.arange(3.0)}, ConfigRecord())
+    grid = RemoteClients(NODES)
+    strategy = _strategy(grid, max_retries=1, files=files)
+    delta, metrics = strategy.train_round(1, {"w": torch.arange(3.0)}, ConfigRecord())
     sampled = sample_partitions(3, 1, 10, 4)
     expected = torch.arange(3.0) + sum((p + 1) * p for p in sampled) / sum(p + 1 for p in sampled)
     assert torch.allclose(delta.to_torch_state_dict()["w"], expected) and metrics["clients"] == 4
