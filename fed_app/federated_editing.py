@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 
 from fed_app.config import RunConfig
 from fed_app.head import fit_temperature, solve_ridge
-from fed_app.wire import apply_update, flat_state, pack_state, split_flat
+from fed_app.wire import pack_state, split_flat
 from fed_app.worker import State, Worker
 from masking.calibrate import Masks, calibrate
 from masking.payload import unpack_masks
@@ -46,8 +46,7 @@ def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: W
         return state, {"head_temperature": temperature}
     if cfg.head == "train":
         for r in range(1, cfg.head_rounds + 1):
-            delta, metrics = strategy.train_round(r, flat_state(state), ConfigRecord({"phase": "head"}))
-            state = apply_update(state, delta.to_torch_state_dict(), None)
+            state, metrics = strategy.advance(r, state, ConfigRecord({"phase": "head"}))
             log.info("head round %d/%d  train_loss %.4f", r, cfg.head_rounds, metrics["train_loss"])
     return state, {}
 

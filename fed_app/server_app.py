@@ -6,20 +6,19 @@ import logging
 import time
 
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_app.config import RunConfig
-from fed_app.federation import Federation
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
+from fed_app.federation import Federation
+from fed_app.mask_plan import MaskPlan
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
 from fed_app.task import client_lr
 from fed_app.transport import SharedFiles
-from fed_app.wire import apply_update, flat_state, masked_state, pack_state, split_flat
+from fed_app.wire import flat_state, pack_state, split_flat
 from fed_app.worker import State, get_worker
-from masking.calibrate import density_of, load_masks
-from masking.payload import pack_masks, unpack_masks
 from strategies.fedavg import SeededFedAvg
 
 log = logging.getLogger(__name__)
@@ -82,22 +81,20 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: Seede
         started = time.perf_counter()
         federation = strategy.federation
         before = federation.bytes_sent, federation.bytes_received
-        state, masks, client_masks, found = _step_zero(grid, cfg, strategy, worker, run_dir)
-        finish_round(0, state, {"round": 0, "density": _density(masks, client_masks), **found,
+        state, plan, found = _step_zero(grid, cfg, strategy, worker, run_dir)
+        finish_round(0, state, {"round": 0, "density": plan.density if plan else 1.0, **found,
                                 "bytes_sent": federation.bytes_sent - before[0],  # every step-0 exchange
                                 "bytes_received": federation.bytes_received - before[1]}, started)
         start = 0
     else:  # resumed: the masks were saved before the round-0 checkpoint; calibration is not redone
-        masks, client_masks = _load_masks(run_dir, worker.trainable_shapes(), cfg)
-    strategy.use_masks(masks, client_masks)
+        plan = MaskPlan.load(run_dir, worker.trainable_shapes(), cfg)
     if all(t.dtype == torch.float32 for t in state.values()):  # one buffer: a round's payload is not a copy
         state = split_flat(flat_state(state)["flat"], {n: t.shape for n, t in state.items()})
-    compact = masks is not None and _frozen_as_initial(state, masks, worker.initial_state())
+    strategy.use_masks(plan, compact=plan is not None and plan.shared is not None
+                       and _frozen_as_initial(state, plan.shared, worker.initial_state()))
     for server_round in range(start + 1, rounds + 1):
         started = time.perf_counter()
-        payload = masked_state(state, masks) if compact else flat_state(state)
-        delta, metrics = strategy.train_round(server_round, payload, ConfigRecord())
-        state = apply_update(state, delta.to_torch_state_dict(), masks)
+        state, metrics = strategy.advance(server_round, state)
         finish_round(server_round, state, {
             "round": server_round, "learning_rate": client_lr(cfg, server_round),
             "train_loss": metrics["train_loss"], "clients": metrics["clients"],
@@ -118,18 +115,17 @@ def evaluates_test(cfg: RunConfig, server_round: int) -> bool:
 
 
 def _step_zero(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker, run_dir: RunDir):
-    """(global weights after step 0, global masks or None, per-client masks or None, what step 0 found for
-    the round-0 row); masks saved."""
+    """(global weights after step 0, the mask plan or None when dense, what step 0 found for the round-0
+    row); the plan saved."""
     state, found = federated_head(grid, cfg, strategy, worker, worker.initial_state())
     if cfg.optimizer != "sparse-sgdm":
-        return state, None, None, found
+        return state, None, found
     if cfg.mask_scope == "global":
-        masks = federated_masks(grid, cfg, strategy, worker, state)
-        run_dir.save_mask(masks)
-        return state, masks, None, found
-    client_masks = federated_local_masks(grid, cfg, strategy, worker, state)
-    run_dir.save_client_masks({p: pack_masks(m) for p, m in client_masks.items()})
-    return state, None, client_masks, found
+        plan = MaskPlan.global_mask(federated_masks(grid, cfg, strategy, worker, state), cfg.num_clients)
+    else:
+        plan = MaskPlan.local_masks(federated_local_masks(grid, cfg, strategy, worker, state))
+    plan.save(run_dir)
+    return state, plan, found
 
 
 def _frozen_as_initial(state: State, masks, initial: State) -> bool:
@@ -139,14 +135,6 @@ def _frozen_as_initial(state: State, masks, initial: State) -> bool:
     if not same:
         log.warning("frozen entries differ from the initial model; sending the dense model every round")
     return same
-
-
-def _density(masks, client_masks) -> float:
-    if masks is not None:
-        return density_of(masks)
-    if client_masks is not None:
-        return sum(map(density_of, client_masks.values())) / len(client_masks)
-    return 1.0
 
 
 def _prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -162,13 +150,3 @@ def _restore(run_dir: RunDir) -> tuple[State | None, int | None, float]:
     run_dir.keep_rows("round", ckpt["round"])
     log.info("resuming %s after round %d", run_dir.path, ckpt["round"])
     return ckpt["model"], ckpt["round"], ckpt["wall_time"]
-
-
-def _load_masks(run_dir: RunDir, shapes: dict, cfg: RunConfig) -> tuple[dict | None, dict | None]:
-    """(global masks, per-client masks) as calibration saved them; at most one of the two is set."""
-    if cfg.optimizer != "sparse-sgdm":
-        return None, None
-    if cfg.mask_scope == "global":
-        return load_masks(run_dir.path / "mask.pt"), None
-    bits = torch.load(run_dir.path / "client_masks.pt", weights_only=False)
-    return None, {p: unpack_masks(b, shapes) for p, b in bits.items()}

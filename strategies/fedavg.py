@@ -15,6 +15,8 @@ from fed_app.config import share_of
 from fed_app.federation import Federation, RoundFailedError
 from fed_app.seeds import Phase, sample_partitions
 from fed_app.transport import SharedFiles, TransportError, carry, discard, take
+from fed_app.mask_plan import MaskPlan
+from fed_app.wire import apply_update, flat_state, masked_state
 from masking.payload import add_trainable_, pack_masks
 
 log = logging.getLogger(__name__)
@@ -80,18 +82,30 @@ class SeededFedAvg(FedAvg):
         self.seed, self.num_clients, self.per_round = seed, num_clients, per_round
         self.federation = federation
         self.files = files  # transport='files': train payloads go through this folder, not the messages
+        self.plan: MaskPlan | None = None  # sparse runs: which entries each partition trains
         self.mask_records: dict[int, ArrayRecord] = {}  # partition id -> the mask its train messages carry
-        self.client_masks: dict[int, dict[str, Tensor]] | None = None  # mask-scope 'local': each client's own
+        self.compact = False  # send only what can differ from the seeded initial model
 
-    def use_masks(self, masks: dict[str, Tensor] | None, client_masks: dict[int, dict[str, Tensor]] | None) -> None:
-        """Train messages carry the global mask, or each client's own (then replies are scattered per client)."""
-        if masks is not None:
-            record = ArrayRecord({"bits": torch.from_numpy(pack_masks(masks))})
-            self.mask_records = {p: record for p in range(self.num_clients)}
-        if client_masks is not None:
-            self.mask_records = {p: ArrayRecord({"bits": torch.from_numpy(pack_masks(m))})
-                                 for p, m in client_masks.items()}
-            self.client_masks = client_masks
+    def use_masks(self, plan: MaskPlan | None, compact: bool = False) -> None:
+        """Train messages carry each partition's mask (one record for a global mask); with `compact`, the
+        global model goes down as its trainable entries and the parameters outside the mask."""
+        self.plan, self.compact = plan, compact and plan is not None and plan.shared is not None
+        records: dict[int, ArrayRecord] = {}  # by mask object: a global mask is packed once
+        for pid, masks in (plan.per_partition.items() if plan else []):
+            if id(masks) not in records:
+                records[id(masks)] = ArrayRecord({"bits": torch.from_numpy(pack_masks(masks))})
+            self.mask_records[pid] = records[id(masks)]
+
+    def advance(self, server_round: int, state: dict[str, Tensor],
+                config: ConfigRecord | None = None) -> tuple[dict[str, Tensor], MetricRecord]:
+        """One round from the global `state`: its payload (dense, or compact under a global mask), the train
+        round, and the averaged update added in place; the new state and the round's metrics."""
+        config = ConfigRecord() if config is None else config
+        training = PHASES[str(config.get("phase", ""))] == Phase.TRAIN
+        shared = self.plan.shared if self.plan is not None and training else None
+        payload = masked_state(state, shared) if shared is not None and self.compact else flat_state(state)
+        delta, metrics = self.train_round(server_round, payload, config)
+        return apply_update(state, delta.to_torch_state_dict(), shared), metrics
 
     def configure_train(self, server_round: int, arrays: dict[str, Tensor], config: ConfigRecord,
                         grid=None) -> dict[int, RecordDict]:
@@ -142,13 +156,14 @@ class SeededFedAvg(FedAvg):
         in partition-id order (each delta read, added and dropped), and the weighted train loss."""
         contents = sorted((m.content for m in replies), key=lambda c: int(c["metrics"]["partition-id"]))
         weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
-        total = WeightedSum(sum(weights), masked=self.client_masks is not None)
+        local = self.plan is not None and self.plan.shared is None  # mask-scope 'local'
+        total = WeightedSum(sum(weights), masked=local)
         for content, weight in zip(contents, weights):
             delta = take(content, "delta", delete=True)
-            if self.client_masks is None:
+            if not local:
                 total.add(delta, weight)
             else:  # each client's trainable entries, scattered to full size
-                mask = self.client_masks[int(content["metrics"]["partition-id"])]
+                mask = self.plan.per_partition[int(content["metrics"]["partition-id"])]
                 total.add(self._scatter(delta["values"], mask), weight, mask)
         loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, contents)) / sum(weights)
         builds = max(int(c["metrics"].get("worker-builds", 0)) for c in contents)  # 1: built once per process
