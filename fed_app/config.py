@@ -27,7 +27,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "transport": ("files", "messages"),
     "mask_scope": ("global", "local"),
     "round_scheduler": ("constant", "cosine"),
+    "client_objective": ("cross-entropy",),
+    "aggregation": ("fedavg",),
 }
+# Keys whose values may also be names that a module in `plugins` registered (fed_app/registry.py).
+REGISTERED = {"mask_rule": "MASK_RULES", "client_objective": "OBJECTIVES", "aggregation": "AGGREGATIONS"}
 
 # (lowest allowed, whether the lowest is excluded); checked for numeric fields named here.
 LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
@@ -83,7 +87,8 @@ ONLY_FOR_KIND: dict[str, frozenset[str]] = {
     "federated": frozenset({"num_rounds", "rounds_scaling", "local_steps", "round_scheduler", "partition",
                             "classes_per_client", "num_clients", "fraction_train", "eval_every", "fraction_evaluate",
                             "test_every", "checkpoint_every", "on_client_failure", "max_retries", "round_timeout",
-                            "transport", "head_rounds", "calibration_fraction", "mask_scope"}),
+                            "transport", "head_rounds", "calibration_fraction", "mask_scope", "client_objective",
+                            "aggregation"}),
 }
 SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")
 ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping, e.g. a saved config.json)
@@ -103,11 +108,11 @@ ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping
     "calibration_rounds": lambda c: c["optimizer"] == "sparse-sgdm",
     "mask_rule": lambda c: c["optimizer"] == "sparse-sgdm",
     "mask_scope": lambda c: c["optimizer"] == "sparse-sgdm",
-    "calibration_fraction": lambda c: c["optimizer"] == "sparse-sgdm" and c["mask_rule"] in SENSITIVITY_RULES,
-    "fisher_mode": lambda c: c["optimizer"] == "sparse-sgdm" and c["mask_rule"] in SENSITIVITY_RULES,
-    "fisher_samples": lambda c: c["optimizer"] == "sparse-sgdm" and c["mask_rule"] in SENSITIVITY_RULES,
-    "fisher_chunk": lambda c: c["optimizer"] == "sparse-sgdm" and c["mask_rule"] in SENSITIVITY_RULES,
-    "mask_damping": lambda c: c["optimizer"] == "sparse-sgdm" and c["mask_rule"] in SENSITIVITY_RULES,
+    "calibration_fraction": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
+    "fisher_mode": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
+    "fisher_samples": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
+    "fisher_chunk": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
+    "mask_damping": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
     "classes_per_client": lambda c: c["partition"] == "noniid",
 }
 
@@ -184,17 +189,21 @@ class RunConfig:
     head_rounds: int = 10
     calibration_fraction: float = 1.0
     mask_scope: str = "global"
+    # extensions (fed_app/registry.py): a client objective, an aggregation rule, modules that register more
+    client_objective: str = "cross-entropy"
+    aggregation: str = "fedavg"
+    plugins: str = ""
     # outputs
     run_dir: str = ""
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
             value = getattr(self, name)
-            if value not in choices:
-                raise ConfigError(
-                    f"run-config {to_kebab(name)}={value!r} is not one of {', '.join(choices)}; "
-                    f"pick one of those."
-                )
+            if value in choices or (name in REGISTERED and self._registered(name, value)):
+                continue
+            more = ", or a name that a module in plugins registers" if name in REGISTERED else ""
+            raise ConfigError(f"run-config {to_kebab(name)}={value!r} is not one of {', '.join(choices)}{more}; "
+                              f"pick one of those.")
         for name, (low, strict) in LOWER_BOUNDS.items():
             value = getattr(self, name)
             if value < low or (strict and value == low):
@@ -210,6 +219,18 @@ class RunConfig:
                     f"run-config {to_kebab(name)}={value!r} is out of range; it must be {relation} {high}."
                 )
         self._check_combinations()
+
+    def _registered(self, name: str, value: str) -> bool:
+        """Whether a module named in `plugins` (imported here, in every process that reads a config) registered
+        `value` for key `name`."""
+        from fed_app import registry
+
+        try:
+            registry.load_plugins(self.plugins)
+        except ImportError as err:
+            raise ConfigError(f"run-config plugins={self.plugins!r} cannot be imported ({err}); name modules "
+                              f"importable where the app runs, comma-separated.") from None
+        return getattr(registry, REGISTERED[name]).find(value) is not None
 
     def _check_combinations(self) -> None:
         """Keys that are fine alone but not together: sparse fine-tuning needs a frozen step-0 head."""
@@ -269,6 +290,16 @@ class RunConfig:
         payload = {k: v for k, v in self.to_dict().items() if k not in NOT_RESULTS}
         digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         return digest[:10]
+
+
+def _uses_fisher(rule: str) -> bool:
+    """Whether mask rule `rule` scores Fisher sensitivity (a registered rule says so; unknown ones may)."""
+    if rule in SENSITIVITY_RULES:
+        return True
+    from fed_app.registry import MASK_RULES
+
+    found = MASK_RULES.find(rule)
+    return rule not in CHOICES["mask_rule"] and (found is None or found.needs_fisher)
 
 
 def share_of(fraction: float, total: int) -> int:

@@ -45,7 +45,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
         files = SharedFiles(cfg.run_id(), (cfg.clients_per_round + 2) * model_bytes)
     try:
         strategy = SeededFedAvg(cfg.seed, cfg.num_clients, cfg.clients_per_round, Federation.discover(grid, cfg),
-                                files)
+                                files, cfg.aggregation)
         _rounds(grid, cfg, run_dir, worker, strategy)
     finally:
         if files is not None:

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from fed_app.config import RunConfig
 from fed_app.data import BatchTransform, Split
+from fed_app.registry import OBJECTIVES
+
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> the loss to minimize
+
+
+@OBJECTIVES.register("cross-entropy")
+def cross_entropy(model: torch.nn.Module) -> Objective:
+    """A client objective is built from the model at the start of a local update (the global model: a
+    proximal term would keep a copy of it here) and returns the loss of a batch."""
+    return F.cross_entropy
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -99,15 +109,17 @@ def train_steps(
     generator: torch.Generator,
     precision: contextlib.AbstractContextManager,
     scheduler=None,
+    objective: Objective = F.cross_entropy,
 ) -> float:
-    """`steps` optimizer steps on index batches of `split`; the mean training loss (one sync at the end)."""
+    """`steps` optimizer steps on index batches of `split` minimizing `objective` (cross-entropy unless a client
+    objective is given); the mean training loss (one sync at the end)."""
     model.train()
     total = torch.zeros((), device=split.labels.device)
     for _ in range(steps):
         idx = next(batches)
         x = transform(split.images[idx], generator)
         with precision:
-            loss = F.cross_entropy(model(x), split.labels[idx])
+            loss = objective(model(x), split.labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -17,6 +17,7 @@ from fed_app.data import BatchTransform, Dataset, Split, batch_stream, client_sh
 from fed_app.editing import calibrate_masks, fisher_indices, fisher_sums
 from fed_app.head import freeze_head, only_head_trainable, ridge_statistics, temperature_losses
 from fed_app.model import ModelSpec, build_model
+from fed_app.registry import OBJECTIVES
 from fed_app.seeds import client_generator
 from fed_app.task import (autocast, client_lr, evaluate, make_optimizer, resolve_device, train_steps,
                           training_module)
@@ -89,8 +90,10 @@ class Worker:
                     group["lr"] = client_lr(cfg, server_round)
             shard = self.shards[partition_id]
             generator = client_generator(self.device, cfg.seed, server_round, partition_id, head_only)
+            objective = OBJECTIVES.get(cfg.client_objective)(self.model)  # built from the global model
             loss = train_steps(self.trainer, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
-                               cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device))
+                               cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device),
+                               objective=objective)
         trained = self.model.state_dict()
         flat = torch.empty(sum(v.numel() for v in trained.values()))
         delta = split_flat(flat, {k: v.shape for k, v in trained.items()})  # views of one buffer: sent as is

@@ -12,36 +12,51 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from fed_app.registry import MASK_RULES
 from masking.fisher import scored_parameters
 
 log = logging.getLogger(__name__)
 
 Masks = dict[str, Tensor]
-# rule -> (scored by Fisher sensitivity?, keep the lowest scores trainable?)
-RULES: dict[str, tuple[bool, bool]] = {
-    "least-sensitive": (True, True),
-    "most-sensitive": (True, False),
-    "lowest-magnitude": (False, True),
-    "highest-magnitude": (False, False),
-    "random": (False, True),
-}
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """How a rule ranks the trainable entries: by Fisher sensitivity, rescored on data every round (score
+    None), or by `score(params, generator)`; the lowest scores stay trainable (keep_lowest) or the highest."""
+
+    keep_lowest: bool
+    score: Callable[[dict[str, Tensor], torch.Generator], dict[str, Tensor]] | None = None
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.score is None
+
+
+def magnitude(params: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    return {n: p.detach().abs().float() for n, p in params.items()}
+
+
+def uniform(params: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    return {n: torch.rand(p.shape, device=p.device, generator=generator) for n, p in params.items()}
+
+
+for _name, _rule in {"least-sensitive": MaskRule(True), "most-sensitive": MaskRule(False),
+                     "lowest-magnitude": MaskRule(True, magnitude), "highest-magnitude": MaskRule(False, magnitude),
+                     "random": MaskRule(True, uniform)}.items():
+    MASK_RULES.register(_name)(_rule)
+RULES = MASK_RULES
 
 
 def density_schedule(target_density: float, rounds: int) -> list[float]:
     """Trainable fraction after each round: d^(r/R), r = 1..R."""
     return [target_density ** (r / rounds) for r in range(1, rounds + 1)]
-
-
-def rule_scores(rule: str, params: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-    """Scores of the data-free rules: |w| for the magnitude rules, uniform noise for random."""
-    if rule == "random":
-        return {n: torch.rand(p.shape, device=p.device, generator=generator) for n, p in params.items()}
-    return {n: p.detach().abs().float() for n, p in params.items()}
 
 
 @torch.no_grad()
@@ -72,20 +87,22 @@ def calibrate(
     seed: int = 0,
 ) -> Masks:
     """Masks over the model's trainable parameters; `score_fn(model)` gives Fisher sums (by name)."""
-    if rule not in RULES:
-        raise ValueError(f"mask rule {rule!r} is not one of {', '.join(RULES)}.")
+    try:
+        ranking = MASK_RULES.get(rule)
+    except KeyError as err:
+        raise ValueError(str(err).strip("'\"")) from None
     params = scored_parameters(model)
     device = next(iter(params.values())).device
     generator = torch.Generator(device=device).manual_seed(seed)
     masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
     total = sum(p.numel() for p in params.values())
-    by_fisher, keep_lowest = RULES[rule]
+    keep_lowest = ranking.keep_lowest
     for r, density in enumerate(density_schedule(1.0 - sparsity, rounds), start=1):
-        if by_fisher:
+        if ranking.needs_fisher:
             with damped(model, masks, damping):
                 scores = score_fn(model)
         else:
-            scores = rule_scores(rule, params, generator)
+            scores = ranking.score(params, generator)
         masks = shrink_masks(scores, masks, round(density * total), keep_lowest, generator)
         log.info("calibration round %d/%d (%s): density %.4f", r, rounds, rule, density_of(masks))
     return masks

@@ -16,6 +16,7 @@ from fed_app.federation import Federation, RoundFailedError
 from fed_app.seeds import Phase, sample_partitions
 from fed_app.transport import SharedFiles, TransportError, carry, discard, take
 from fed_app.mask_plan import MaskPlan
+from fed_app.registry import AGGREGATIONS
 from fed_app.wire import apply_update, flat_state, masked_state
 from masking.payload import add_trainable_, pack_masks
 
@@ -26,6 +27,7 @@ __all__ = ["SeededFedAvg", "RoundFailedError", "sample_partitions", "weighted_av
 PHASES = {"": Phase.TRAIN, "head": Phase.HEAD}  # config "phase" -> whose sampling stream
 
 
+@AGGREGATIONS.register("fedavg")
 class WeightedSum:
     """sum_i w_i * delta_i / W, added one client at a time in the order given, in float32 (W known up front).
     With masks, each entry is averaged over the clients whose mask trains it: sum_i w_i m_i d_i / sum_i w_i m_i,
@@ -76,11 +78,12 @@ class SeededFedAvg(FedAvg):
     runs its rounds (with step 0, calibration and checkpoints) instead of the inherited start()."""
 
     def __init__(self, seed: int, num_clients: int, per_round: int, federation: Federation,
-                 files: SharedFiles | None = None):
+                 files: SharedFiles | None = None, aggregation: str = "fedavg"):
         super().__init__(fraction_train=per_round / num_clients, fraction_evaluate=0.0,
                          min_available_nodes=num_clients)
         self.seed, self.num_clients, self.per_round = seed, num_clients, per_round
         self.federation = federation
+        self.aggregator = AGGREGATIONS.get(aggregation)  # (total weight, masked) -> .add(delta, w, mask), .result()
         self.files = files  # transport='files': train payloads go through this folder, not the messages
         self.plan: MaskPlan | None = None  # sparse runs: which entries each partition trains
         self.mask_records: dict[int, ArrayRecord] = {}  # partition id -> the mask its train messages carry
@@ -157,7 +160,7 @@ class SeededFedAvg(FedAvg):
         contents = sorted((m.content for m in replies), key=lambda c: int(c["metrics"]["partition-id"]))
         weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
         local = self.plan is not None and self.plan.shared is None  # mask-scope 'local'
-        total = WeightedSum(sum(weights), masked=local)
+        total = self.aggregator(sum(weights), masked=local)
         for content, weight in zip(contents, weights):
             delta = take(content, "delta", delete=True)
             if not local:

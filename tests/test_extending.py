@@ -1,0 +1,70 @@
+"""Extension points: a mask rule, a client objective and an aggregation rule registered from outside the
+package (tests/plugins/example.py), checked against hand computations and run end to end through `flwr run`."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fed_app.config import ConfigError, RunConfig
+from fed_app.model import build_model
+from fed_app.registry import AGGREGATIONS, OBJECTIVES
+from fed_app.simulation import LocalSimulation
+from masking.calibrate import calibrate, load_masks
+from strategies.fedavg import weighted_average
+
+from .conftest import TINY
+
+PLUGIN = {"plugins": "tests.plugins.example"}
+
+
+def test_a_registered_name_is_refused_until_its_module_is_named_in_plugins():
+    with pytest.raises(ConfigError, match=r"mask-rule='by-position' is not one of .*a module in plugins registers"):
+        RunConfig(mask_rule="by-position", optimizer="sparse-sgdm", head="ridge")
+    cfg = RunConfig(mask_rule="by-position", optimizer="sparse-sgdm", head="ridge", client_objective="proximal",
+                    aggregation="half-step", plugins=PLUGIN["plugins"])
+    assert not cfg.applies("fisher_mode", "federated")  # the rule says it needs no Fisher
+    with pytest.raises(ConfigError, match=r"plugins='no_such_module' cannot be imported"):
+        RunConfig(aggregation="nope", plugins="no_such_module")
+
+
+def test_the_plugin_rule_objective_and_aggregation_do_what_they_say():
+    RunConfig(plugins=PLUGIN["plugins"], aggregation="half-step")  # imports the plugin
+    model, _ = build_model(RunConfig(model="vit-tiny-test"), 10)
+    model.head.requires_grad_(False)
+    masks = calibrate(model, "by-position", 0.7, 2, score_fn=None, seed=0)
+    for m in masks.values():  # keep-lowest by position: every tensor's trainable entries are a prefix
+        flat = m.flatten().int()
+        assert torch.equal(flat, flat.sort(descending=True).values)
+
+    objective = OBJECTIVES.get("proximal")(model)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight.add_(0.5)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    logits = model(x)
+    drift = 0.5 ** 2 * model.blocks[0].mlp.fc1.weight.numel()
+    assert objective(logits, y).item() == pytest.approx(F.cross_entropy(logits, y).item() + 0.1 / 2 * drift,
+                                                        rel=1e-5)
+
+    deltas, weights = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}], [1.0, 3.0]
+    half = AGGREGATIONS.get("half-step")(sum(weights))
+    for d, w in zip(deltas, weights):
+        half.add(d, w)
+    assert torch.equal(half.result()["w"], 0.5 * weighted_average(deltas, weights)["w"])
+
+
+@pytest.mark.slow
+def test_a_plugin_registered_from_outside_the_package_runs_end_to_end(tmp_path):
+    cfg = RunConfig.from_run_config({**TINY, **PLUGIN, "num-clients": 6, "fraction-train": 0.5, "num-rounds": 2,
+                                     "eval-every": 1, "local-steps": 2, "optimizer": "sparse-sgdm", "head": "ridge",
+                                     "lr": 0.01, "sparsity": 0.8, "calibration-rounds": 2,
+                                     "mask-rule": "by-position", "client-objective": "proximal",
+                                     "aggregation": "half-step", "run-dir": str(tmp_path / "run")})
+    with LocalSimulation(tmp_path / "flwr") as sim:
+        sim.run(cfg, num_supernodes=6, timeout=300)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["train_loss"] > 0 for r in rows[1:])
+    for m in load_masks(tmp_path / "run" / "mask.pt").values():  # the server calibrated with the plugin's rule
+        flat = m.flatten().int()
+        assert torch.equal(flat, flat.sort(descending=True).values)
