@@ -92,7 +92,7 @@ def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
     default threads (all cores), where the simulation runs one single-threaded client per core."""
     from fed_app.worker import get_worker
     from masking.calibrate import calibrate
-    from masking.payload import add_trainable_, gather_trainable
+    from fed_app.wire import Form, add_trainable_, gather_trainable
     from strategies.fedavg import sample_partitions, weighted_average
 
     worker = get_worker(cfg)
@@ -106,11 +106,11 @@ def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
         deltas, weights = [], []
         for pid in sample_partitions(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
             delta, _, n = worker.local_update(state, pid, r, masks)
-            deltas.append({"values": gather_trainable(delta, masks)} if masks else delta)
+            deltas.append({Form.VALUES: gather_trainable(delta, masks)} if masks else delta)
             weights.append(n)
         avg = weighted_average(deltas, weights)
         if masks:
-            add_trainable_(state, avg["values"], masks)
+            add_trainable_(state, avg[Form.VALUES], masks)
         else:
             state = {k: v + avg[k] for k, v in state.items()}
         _sync(worker.device)

@@ -8,15 +8,14 @@ from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.transport import carry, folder_of, take
-from fed_app.wire import flat_state, unpack_state
+from fed_app.wire import Form, Key, flat_state, gather_trainable, pack_masks, unpack_state
 from fed_app.worker import Worker, get_worker
-from masking.payload import gather_trainable, pack_masks
 
 app = ClientApp()
 
 
 def _partition_id(context: Context, cfg: RunConfig) -> int:
-    pid = int(context.node_config["partition-id"])
+    pid = int(context.node_config[Key.PARTITION_ID])
     if not 0 <= pid < cfg.num_clients:
         raise ConfigError(f"this supernode's partition-id={pid} is outside num-clients={cfg.num_clients}; "
                           f"give supernodes partition ids 0..{cfg.num_clients - 1}.")
@@ -32,36 +31,36 @@ def _setup(context: Context) -> tuple[RunConfig, int, Worker]:
 def query(msg: Message, context: Context) -> Message:
     """Which shard this node owns."""
     cfg = RunConfig.from_run_config(context.run_config)
-    info = ConfigRecord({"partition-id": _partition_id(context, cfg)})
-    return Message(RecordDict({"info": info}), reply_to=msg)
+    info = ConfigRecord({Key.PARTITION_ID: _partition_id(context, cfg)})
+    return Message(RecordDict({Key.INFO: info}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """J local steps from the received global model; reply with the delta and the example count.
-    Under a mask (content "mask") only the trainable entries travel back, as one flat vector. A model that
+    Under a mask (content Key.MASK) only the trainable entries travel back, as one flat vector. A model that
     came as a file (transport='files') is answered with a file in the same folder."""
     cfg, pid, worker = _setup(context)
-    config = msg.content["config"]
+    config = msg.content[Key.CONFIG]
     masks = None
-    if "mask" in msg.content:
-        masks = worker.masks_from_bits(msg.content["mask"]["bits"].numpy())
-    delta, loss, examples = worker.local_update(worker.global_state(take(msg.content, "arrays"), masks), pid,
-                                                int(config["server-round"]), masks,
-                                                head_only=config.get("phase", "") == "head")
-    payload = {"values": gather_trainable(delta, masks)} if masks else flat_state(delta)
-    metrics = MetricRecord({"train_loss": loss, "num-examples": examples, "partition-id": pid,
-                            "worker-builds": worker.builds})
-    return Message(RecordDict({**carry("delta", payload, folder_of(msg.content)), "metrics": metrics}), reply_to=msg)
+    if Key.MASK in msg.content:
+        masks = worker.masks_from_bits(msg.content[Key.MASK][Key.BITS].numpy())
+    delta, loss, examples = worker.local_update(worker.global_state(take(msg.content, Key.ARRAYS), masks), pid,
+                                                int(config[Key.SERVER_ROUND]), masks,
+                                                head_only=config.get(Key.PHASE, "") == "head")
+    payload = {Form.VALUES: gather_trainable(delta, masks)} if masks else flat_state(delta)
+    metrics = MetricRecord({Key.TRAIN_LOSS: loss, Key.NUM_EXAMPLES: examples, Key.PARTITION_ID: pid,
+                            Key.WORKER_BUILDS: worker.builds})
+    return Message(RecordDict({**carry(Key.DELTA, payload, folder_of(msg.content)), Key.METRICS: metrics}), reply_to=msg)
 
 
 @app.query("ridge")
 def ridge(msg: Message, context: Context) -> Message:
     """Step 0, head='ridge': X^T X, X^T Y of this shard's backbone features (they add up across clients)."""
     _, pid, worker = _setup(context)
-    stats = worker.ridge_statistics(unpack_state(msg.content["arrays"], worker.state_shapes()), pid)
-    metrics = MetricRecord({"num-examples": int(stats["count"]), "partition-id": pid})
-    return Message(RecordDict({"stats": ArrayRecord({k: stats[k] for k in ("xtx", "xty")}), "metrics": metrics}),
+    stats = worker.ridge_statistics(unpack_state(msg.content[Key.ARRAYS], worker.state_shapes()), pid)
+    metrics = MetricRecord({Key.NUM_EXAMPLES: int(stats["count"]), Key.PARTITION_ID: pid})
+    return Message(RecordDict({Key.STATS: ArrayRecord({k: stats[k] for k in ("xtx", "xty")}), Key.METRICS: metrics}),
                    reply_to=msg)
 
 
@@ -69,35 +68,35 @@ def ridge(msg: Message, context: Context) -> Message:
 def temperature(msg: Message, context: Context) -> Message:
     """Step 0, head='ridge': this shard's cross-entropy sums of the solved head at each candidate temperature."""
     _, pid, worker = _setup(context)
-    losses = worker.temperature_losses(unpack_state(msg.content["arrays"], worker.state_shapes()), pid)
-    metrics = MetricRecord({"num-examples": len(worker.shards[pid]), "partition-id": pid})
-    return Message(RecordDict({"losses": ArrayRecord({"sums": losses}), "metrics": metrics}), reply_to=msg)
+    losses = worker.temperature_losses(unpack_state(msg.content[Key.ARRAYS], worker.state_shapes()), pid)
+    metrics = MetricRecord({Key.NUM_EXAMPLES: len(worker.shards[pid]), Key.PARTITION_ID: pid})
+    return Message(RecordDict({Key.LOSSES: ArrayRecord({Key.SUMS: losses}), Key.METRICS: metrics}), reply_to=msg)
 
 
 @app.query("fisher")
 def fisher(msg: Message, context: Context) -> Message:
     """Calibration: Fisher sums of this shard on the weights received (already damped by the server)."""
     cfg, pid, worker = _setup(context)
-    sums = worker.fisher_sums(unpack_state(msg.content["arrays"], worker.state_shapes()), pid)
-    metrics = MetricRecord({"num-examples": min(cfg.fisher_samples, len(worker.shards[pid])), "partition-id": pid})
+    sums = worker.fisher_sums(unpack_state(msg.content[Key.ARRAYS], worker.state_shapes()), pid)
+    metrics = MetricRecord({Key.NUM_EXAMPLES: min(cfg.fisher_samples, len(worker.shards[pid])), Key.PARTITION_ID: pid})
     flat = torch.cat([s.flatten() for s in sums.values()])  # float64, as summed: the server adds these up
-    return Message(RecordDict({"sums": ArrayRecord({"flat": flat}), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({Key.SUMS: ArrayRecord({Form.FLAT: flat}), Key.METRICS: metrics}), reply_to=msg)
 
 
 @app.query("local_mask")
 def local_mask(msg: Message, context: Context) -> Message:
     """mask-scope 'local': calibrate this client's own mask on its own shard; reply with it as packed bits."""
     _, pid, worker = _setup(context)
-    masks = worker.local_masks(unpack_state(msg.content["arrays"], worker.state_shapes()), pid)
-    bits = ArrayRecord({"bits": torch.from_numpy(pack_masks(masks))})
-    return Message(RecordDict({"mask": bits, "metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+    masks = worker.local_masks(unpack_state(msg.content[Key.ARRAYS], worker.state_shapes()), pid)
+    bits = ArrayRecord({Key.BITS: torch.from_numpy(pack_masks(masks))})
+    return Message(RecordDict({Key.MASK: bits, Key.METRICS: MetricRecord({Key.PARTITION_ID: pid})}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The received model's loss and accuracy on this client's own shard."""
     cfg, pid, worker = _setup(context)
-    result = worker.evaluate(unpack_state(msg.content["arrays"], worker.state_shapes()), worker.shard(pid))
+    result = worker.evaluate(unpack_state(msg.content[Key.ARRAYS], worker.state_shapes()), worker.shard(pid))
     metrics = MetricRecord({"loss": result["loss"], "accuracy": result["accuracy"],
-                            "num-examples": len(worker.shards[pid])})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+                            Key.NUM_EXAMPLES: len(worker.shards[pid])})
+    return Message(RecordDict({Key.METRICS: metrics}), reply_to=msg)

@@ -11,10 +11,9 @@ from flwr.serverapp import Grid
 
 from fed_app.config import RunConfig
 from fed_app.head import fit_temperature, solve_ridge
-from fed_app.wire import pack_state, split_flat
+from fed_app.wire import Form, Key, pack_state, split_flat, unpack_masks
 from fed_app.worker import State, Worker
 from masking.calibrate import Masks, calibrate
-from masking.payload import unpack_masks
 from fed_app.seeds import Phase, sample_partitions
 from strategies.fedavg import SeededFedAvg
 
@@ -29,24 +28,24 @@ def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: W
     the head. Then it stays frozen (unless freeze-head=false). Also what step 0 found, for the round-0 row."""
     everyone = list(range(cfg.num_clients))
     if cfg.head == "ridge":
-        replies = strategy.federation.query(0, "ridge", RecordDict({"arrays": pack_state(state)}), everyone).replies
-        parts = [r.content["stats"].to_torch_state_dict() for r in replies]  # in partition order
+        replies = strategy.federation.query(0, "ridge", RecordDict({Key.ARRAYS: pack_state(state)}), everyone).replies
+        parts = [r.content[Key.STATS].to_torch_state_dict() for r in replies]  # in partition order
         stats = {k: sum(p[k] for p in parts) for k in ("xtx", "xty")}
         weight, bias = solve_ridge(stats, cfg.ridge_lambda)
         state = {**state, "head.weight": weight.to(state["head.weight"].dtype),
                  "head.bias": bias.to(state["head.bias"].dtype)}
         if not cfg.ridge_calibrate:
             return state, {}
-        replies = strategy.federation.query(0, "temperature", RecordDict({"arrays": pack_state(state)}),
+        replies = strategy.federation.query(0, "temperature", RecordDict({Key.ARRAYS: pack_state(state)}),
                                             everyone).replies
-        losses = [r.content["losses"].to_torch_state_dict()["sums"] for r in replies]
+        losses = [r.content[Key.LOSSES].to_torch_state_dict()[Key.SUMS] for r in replies]
         temperature = fit_temperature(sum(losses[1:], losses[0]))  # in partition order
         state = {**state, "head.weight": state["head.weight"] * temperature,
                  "head.bias": state["head.bias"] * temperature}
         return state, {"head_temperature": temperature}
     if cfg.head == "train":
         for r in range(1, cfg.head_rounds + 1):
-            state, metrics = strategy.advance(r, state, ConfigRecord({"phase": "head"}))
+            state, metrics = strategy.advance(r, state, ConfigRecord({Key.PHASE: "head"}))
             log.info("head round %d/%d  train_loss %.4f", r, cfg.head_rounds, metrics["train_loss"])
     return state, {}
 
@@ -60,7 +59,7 @@ def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: 
     def client_fisher(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         r = next(rounds)
         pids = sample_partitions(cfg.seed, r, cfg.num_clients, cfg.calibration_clients, Phase.CALIBRATION)
-        arrays = RecordDict({"arrays": pack_state(model.state_dict())})
+        arrays = RecordDict({Key.ARRAYS: pack_state(model.state_dict())})
         replies = strategy.federation.query(r, "fisher", arrays, pids).replies
         total = reply_flat(replies[0])
         for reply in replies[1:]:  # in partition order: the same float sums every time
@@ -68,7 +67,7 @@ def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: 
         return {n: s.to(worker.device) for n, s in split_flat(total, worker.trainable_shapes()).items()}
 
     def reply_flat(reply) -> torch.Tensor:
-        return reply.content["sums"].to_torch_state_dict()["flat"]
+        return reply.content[Key.SUMS].to_torch_state_dict()[Form.FLAT]
 
     masks = calibrate(worker.model, cfg.mask_rule, cfg.sparsity, cfg.calibration_rounds, client_fisher,
                       damping=cfg.mask_damping, seed=cfg.seed)
@@ -78,8 +77,8 @@ def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: 
 def federated_local_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker,
                           state: State) -> dict[int, Masks]:
     """mask-scope 'local': every client calibrates its own mask on its own shard; partition id -> mask."""
-    replies = strategy.federation.query(0, "local_mask", RecordDict({"arrays": pack_state(state)}),
+    replies = strategy.federation.query(0, "local_mask", RecordDict({Key.ARRAYS: pack_state(state)}),
                                         list(range(cfg.num_clients))).replies
     shapes = worker.trainable_shapes()
-    return {int(r.content["metrics"]["partition-id"]): unpack_masks(r.content["mask"]["bits"].numpy(), shapes)
+    return {int(r.content[Key.METRICS][Key.PARTITION_ID]): unpack_masks(r.content[Key.MASK][Key.BITS].numpy(), shapes)
             for r in replies}

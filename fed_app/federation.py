@@ -14,6 +14,8 @@ from flwr.serverapp import Grid
 from fed_app.config import ConfigError, RunConfig
 from fed_app.transport import payload_bytes
 
+from fed_app.wire import Key
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,7 @@ class Federation:
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: "
                                    f"{reply.error.reason}")
-            nodes[int(reply.content["info"]["partition-id"])] = reply.metadata.src_node_id
+            nodes[int(reply.content[Key.INFO][Key.PARTITION_ID])] = reply.metadata.src_node_id
         if sorted(nodes) != list(range(cfg.num_clients)):
             raise _wrong_federation(cfg, f"the federation's {len(node_ids)} nodes hold partitions "
                                          f"{sorted(nodes)[:5]}...")

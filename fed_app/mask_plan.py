@@ -11,7 +11,7 @@ import torch
 from fed_app.config import RunConfig
 from fed_app.rundir import RunDir
 from masking.calibrate import Masks, density_of, load_masks
-from masking.payload import pack_masks, unpack_masks
+from fed_app.wire import pack_masks, unpack_masks
 
 
 @dataclass(frozen=True)

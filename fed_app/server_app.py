@@ -17,7 +17,7 @@ from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
 from fed_app.task import client_lr
 from fed_app.transport import SharedFiles
-from fed_app.wire import flat_state, pack_state, split_flat
+from fed_app.wire import Form, flat_state, pack_state, split_flat
 from fed_app.worker import State, get_worker
 from strategies.fedavg import SeededFedAvg
 
@@ -89,7 +89,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: Seede
     else:  # resumed: the masks were saved before the round-0 checkpoint; calibration is not redone
         plan = MaskPlan.load(run_dir, worker.trainable_shapes(), cfg)
     if all(t.dtype == torch.float32 for t in state.values()):  # one buffer: a round's payload is not a copy
-        state = split_flat(flat_state(state)["flat"], {n: t.shape for n, t in state.items()})
+        state = split_flat(flat_state(state)[Form.FLAT], {n: t.shape for n, t in state.items()})
     strategy.use_masks(plan, compact=plan is not None and plan.shared is not None
                        and _frozen_as_initial(state, plan.shared, worker.initial_state()))
     for server_round in range(start + 1, rounds + 1):

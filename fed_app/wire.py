@@ -1,5 +1,10 @@
-"""Models on the wire: one flat float32 buffer instead of one array per tensor (~150 for a ViT); under a
-global mask, only the entries that can differ from the initial model."""
+"""What travels between server and clients, named once: the message keys (`Key`), the payload forms of a
+model (`Form`: one flat float32 buffer instead of ~150 arrays for a ViT; under a global mask only the entries
+that can differ from the initial model), masks as packed bits, and sparse updates as trainable entries only.
+How a payload travels (inside the message or as a file) is fed_app.transport's.
+
+Both sides order entries the same way: parameters in the given name order, each flattened (row-major),
+keeping the entries whose mask is True. Frozen entries never travel."""
 
 from __future__ import annotations
 
@@ -7,10 +12,33 @@ import torch
 from flwr.app import ArrayRecord
 from torch import Tensor
 
-from masking.payload import add_trainable_, gather_trainable
+import numpy as np
 
 State = dict[str, Tensor]
+Masks = dict[str, Tensor]
 Shapes = dict[str, torch.Size]
+
+
+class Key:
+    """Record keys of Flower messages and the fields inside them (records: lower case, fields: kebab case)."""
+
+    ARRAYS = "arrays"  # the global model, in one of the Forms (Flower's FedAvg arrayrecord_key)
+    CONFIG = "config"  # the train config: SERVER_ROUND, PHASE (Flower's FedAvg configrecord_key)
+    METRICS = "metrics"  # every reply: PARTITION_ID, NUM_EXAMPLES, and TRAIN_LOSS, WORKER_BUILDS for training
+    DELTA = "delta"  # a client's update, in one of the Forms
+    MASK = "mask"  # packed mask bits under field BITS
+    INFO, STATS, LOSSES, SUMS = "info", "stats", "losses", "sums"  # step-0 query replies
+    BITS = "bits"
+    PARTITION_ID, NUM_EXAMPLES, WORKER_BUILDS = "partition-id", "num-examples", "worker-builds"
+    SERVER_ROUND, PHASE, TRAIN_LOSS = "server-round", "phase", "train_loss"
+
+
+class Form:
+    """The payload forms of a model or an update."""
+
+    FLAT = "flat"  # every tensor in one float32 vector, in state-dict order
+    VALUES = "values"  # only the trainable entries under a mask, in mask order
+    REST = "rest"  # with VALUES: the parameters no mask covers (the frozen head), flat
 
 
 def flat_state(state: State) -> State:
@@ -24,8 +52,8 @@ def flat_state(state: State) -> State:
             offsets.append(offsets[-1] + t.numel())
         if offsets[-1] - offsets[0] == base.numel() and all(
                 t._base is base and t.is_contiguous() and t.storage_offset() == o for t, o in zip(tensors, offsets)):
-            return {"flat": base}
-    return {"flat": torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])}
+            return {Form.FLAT: base}
+    return {Form.FLAT: torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])}
 
 
 def pack_state(state: State) -> ArrayRecord:
@@ -35,7 +63,7 @@ def pack_state(state: State) -> ArrayRecord:
 
 def unpack_state(record: ArrayRecord, shapes: Shapes) -> State:
     """Inverse of pack_state, for tensors of these names and shapes (the same order on both sides)."""
-    return split_flat(record.to_torch_state_dict()["flat"], shapes)
+    return split_flat(record.to_torch_state_dict()[Form.FLAT], shapes)
 
 
 def split_flat(flat: Tensor, shapes: Shapes) -> State:
@@ -49,7 +77,7 @@ def masked_state(state: State, masks: dict[str, Tensor]) -> State:
     """A model under a global mask, as only what can differ from the seeded initial model: its trainable
     entries ('values', in mask order) and every parameter the mask does not cover ('rest', e.g. the head)."""
     rest = [t.detach().reshape(-1).float() for n, t in state.items() if n not in masks]
-    return {"values": gather_trainable(state, masks), "rest": torch.cat(rest) if rest else torch.zeros(0)}
+    return {Form.VALUES: gather_trainable(state, masks), Form.REST: torch.cat(rest) if rest else torch.zeros(0)}
 
 
 def unpack_masked_state(arrays: State, base: State, masks: dict[str, Tensor]) -> State:
@@ -59,9 +87,9 @@ def unpack_masked_state(arrays: State, base: State, masks: dict[str, Tensor]) ->
     offset = 0
     for n, m in masks.items():
         k = int(m.sum())
-        state[n].view(-1)[m.flatten()] = arrays["values"][offset:offset + k].to(state[n].dtype)
+        state[n].view(-1)[m.flatten()] = arrays[Form.VALUES][offset:offset + k].to(state[n].dtype)
         offset += k
-    rest = split_flat(arrays["rest"], {n: t.shape for n, t in base.items() if n not in masks})
+    rest = split_flat(arrays[Form.REST], {n: t.shape for n, t in base.items() if n not in masks})
     state.update({n: t.to(base[n].dtype) for n, t in rest.items()})
     return state
 
@@ -69,11 +97,42 @@ def unpack_masked_state(arrays: State, base: State, masks: dict[str, Tensor]) ->
 def apply_update(state: State, update: State, masks: dict[str, Tensor] | None) -> State:
     """global + averaged delta, in place: a flat dense delta, the flat trainable entries of a global mask,
     or (local masks) the parameters that have a mask; what no update names (the frozen head) is untouched."""
-    if "values" in update:
-        add_trainable_(state, update["values"], masks)
+    if Form.VALUES in update:
+        add_trainable_(state, update[Form.VALUES], masks)
         return state
-    if "flat" in update:
-        update = split_flat(update["flat"], {n: t.shape for n, t in state.items()})
+    if Form.FLAT in update:
+        update = split_flat(update[Form.FLAT], {n: t.shape for n, t in state.items()})
     for name, delta in update.items():
         state[name] += delta.to(state[name].dtype)
     return state
+
+
+def pack_masks(masks: Masks) -> np.ndarray:
+    """All masks, in their dict order, as one packed uint8 bit array."""
+    flat = torch.cat([m.flatten().cpu() for m in masks.values()]).numpy()
+    return np.packbits(flat)
+
+
+def unpack_masks(bits: np.ndarray, shapes: dict[str, torch.Size]) -> Masks:
+    """Inverse of pack_masks for parameters of these shapes (in this order)."""
+    sizes = [int(np.prod(s)) for s in shapes.values()]
+    flat = torch.from_numpy(np.unpackbits(np.asarray(bits, dtype=np.uint8), count=sum(sizes)).astype(bool))
+    return {n: part.view(s) for (n, s), part in zip(shapes.items(), flat.split(sizes))}
+
+
+def gather_trainable(state: dict[str, Tensor], masks: Masks) -> Tensor:
+    """The entries of `state` that the masks mark trainable, as one flat float32 vector."""
+    return torch.cat([state[n].flatten()[m.flatten()].float() for n, m in masks.items()])
+
+
+@torch.no_grad()
+def add_trainable_(state: dict[str, Tensor], values: Tensor, masks: Masks) -> None:
+    """state[n][mask] += values, in gather order; entries outside the masks are not touched at all."""
+    offset = 0
+    for n, m in masks.items():
+        k = int(m.sum())
+        flat = state[n].view(-1)
+        flat[m.flatten()] += values[offset:offset + k].to(flat.dtype)
+        offset += k
+    if offset != len(values):
+        raise ValueError(f"{len(values)} values for {offset} trainable entries; the masks do not match the update.")

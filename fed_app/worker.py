@@ -21,8 +21,7 @@ from fed_app.registry import OBJECTIVES
 from fed_app.seeds import client_generator
 from fed_app.task import (autocast, client_lr, evaluate, make_optimizer, resolve_device, train_steps,
                           training_module)
-from fed_app.wire import split_flat, unpack_masked_state
-from masking.payload import unpack_masks
+from fed_app.wire import Form, split_flat, unpack_masked_state, unpack_masks
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +69,9 @@ class Worker:
 
     def global_state(self, arrays: dict[str, Tensor], masks: dict[str, Tensor] | None) -> State:
         """The global model from a message's tensors: a flat dense buffer, or (global mask) its compact form."""
-        if "values" in arrays:
+        if Form.VALUES in arrays:
             return unpack_masked_state(arrays, self._initial(), masks)  # copies the base once
-        return split_flat(arrays["flat"], self.state_shapes())
+        return split_flat(arrays[Form.FLAT], self.state_shapes())
 
     def load(self, state: State) -> None:
         self.model.load_state_dict(state)

@@ -17,14 +17,13 @@ from fed_app.seeds import Phase, sample_partitions
 from fed_app.transport import SharedFiles, TransportError, carry, discard, take
 from fed_app.mask_plan import MaskPlan
 from fed_app.registry import AGGREGATIONS
-from fed_app.wire import apply_update, flat_state, masked_state
-from masking.payload import add_trainable_, pack_masks
+from fed_app.wire import Form, Key, add_trainable_, apply_update, flat_state, masked_state, pack_masks
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SeededFedAvg", "RoundFailedError", "sample_partitions", "weighted_average", "masked_average"]
 
-PHASES = {"": Phase.TRAIN, "head": Phase.HEAD}  # config "phase" -> whose sampling stream
+PHASES = {"": Phase.TRAIN, "head": Phase.HEAD}  # config Key.PHASE -> whose sampling stream
 
 
 @AGGREGATIONS.register("fedavg")
@@ -96,7 +95,7 @@ class SeededFedAvg(FedAvg):
         records: dict[int, ArrayRecord] = {}  # by mask object: a global mask is packed once
         for pid, masks in (plan.per_partition.items() if plan else []):
             if id(masks) not in records:
-                records[id(masks)] = ArrayRecord({"bits": torch.from_numpy(pack_masks(masks))})
+                records[id(masks)] = ArrayRecord({Key.BITS: torch.from_numpy(pack_masks(masks))})
             self.mask_records[pid] = records[id(masks)]
 
     def advance(self, server_round: int, state: dict[str, Tensor],
@@ -104,7 +103,7 @@ class SeededFedAvg(FedAvg):
         """One round from the global `state`: its payload (dense, or compact under a global mask), the train
         round, and the averaged update added in place; the new state and the round's metrics."""
         config = ConfigRecord() if config is None else config
-        training = PHASES[str(config.get("phase", ""))] == Phase.TRAIN
+        training = PHASES[str(config.get(Key.PHASE, ""))] == Phase.TRAIN
         shared = self.plan.shared if self.plan is not None and training else None
         payload = masked_state(state, shared) if shared is not None and self.compact else flat_state(state)
         delta, metrics = self.train_round(server_round, payload, config)
@@ -114,14 +113,14 @@ class SeededFedAvg(FedAvg):
                         grid=None) -> dict[int, RecordDict]:
         """Each sampled partition's train record: the model `arrays` (inside the record, or written once as a
         file they all reference), the config, and its mask if any."""
-        phase = PHASES[str(config.get("phase", ""))]
+        phase = PHASES[str(config.get(Key.PHASE, ""))]
         pids = sample_partitions(self.seed, server_round, self.num_clients, self.per_round, phase)
-        config["server-round"] = server_round
+        config[Key.SERVER_ROUND] = server_round
         base = {**carry(self.arrayrecord_key, arrays, self.files.root if self.files else None),
                 self.configrecord_key: config}
         if phase != Phase.TRAIN or not self.mask_records:
             return {p: RecordDict(base) for p in pids}
-        return {p: RecordDict({**base, "mask": self.mask_records[p]}) for p in pids}
+        return {p: RecordDict({**base, Key.MASK: self.mask_records[p]}) for p in pids}
 
     def train_round(self, server_round: int, arrays: dict[str, Tensor],
                     config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
@@ -149,27 +148,27 @@ class SeededFedAvg(FedAvg):
                                  share_of(fraction, self.num_clients), Phase.EVALUATE)
         exchange = self.federation.exchange(server_round, MessageType.EVALUATE,
                                             {p: RecordDict({self.arrayrecord_key: arrays}) for p in pids})
-        metrics = [m.content["metrics"] for m in exchange.replies]
-        total = sum(float(m["num-examples"]) for m in metrics)
-        return MetricRecord({k: sum(float(m[k]) * float(m["num-examples"]) for m in metrics) / total
+        metrics = [m.content[Key.METRICS] for m in exchange.replies]
+        total = sum(float(m[Key.NUM_EXAMPLES]) for m in metrics)
+        return MetricRecord({k: sum(float(m[k]) * float(m[Key.NUM_EXAMPLES]) for m in metrics) / total
                              for k in ("loss", "accuracy")})
 
     def aggregate_train(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """The example-weighted mean delta (dense, or the flat trainable entries), summed one reply at a time
         in partition-id order (each delta read, added and dropped), and the weighted train loss."""
-        contents = sorted((m.content for m in replies), key=lambda c: int(c["metrics"]["partition-id"]))
-        weights = [float(c["metrics"][self.weighted_by_key]) for c in contents]
+        contents = sorted((m.content for m in replies), key=lambda c: int(c[Key.METRICS][Key.PARTITION_ID]))
+        weights = [float(c[Key.METRICS][self.weighted_by_key]) for c in contents]
         local = self.plan is not None and self.plan.shared is None  # mask-scope 'local'
         total = self.aggregator(sum(weights), masked=local)
         for content, weight in zip(contents, weights):
-            delta = take(content, "delta", delete=True)
+            delta = take(content, Key.DELTA, delete=True)
             if not local:
                 total.add(delta, weight)
             else:  # each client's trainable entries, scattered to full size
-                mask = self.plan.per_partition[int(content["metrics"]["partition-id"])]
-                total.add(self._scatter(delta["values"], mask), weight, mask)
-        loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, contents)) / sum(weights)
-        builds = max(int(c["metrics"].get("worker-builds", 0)) for c in contents)  # 1: built once per process
+                mask = self.plan.per_partition[int(content[Key.METRICS][Key.PARTITION_ID])]
+                total.add(self._scatter(delta[Form.VALUES], mask), weight, mask)
+        loss = sum(w * float(c[Key.METRICS]["train_loss"]) for w, c in zip(weights, contents)) / sum(weights)
+        builds = max(int(c[Key.METRICS].get(Key.WORKER_BUILDS, 0)) for c in contents)  # 1: built once per process
         return ArrayRecord(total.result()), MetricRecord({"train_loss": loss, "clients": len(contents),
                                                           "worker_builds": builds})
 

@@ -14,7 +14,7 @@ from fed_app.model import build_model
 from fed_app.simulation import LocalSimulation
 from masking.calibrate import load_masks
 from fed_app.wire import apply_update, flat_state, masked_state, pack_state, split_flat, unpack_masked_state
-from masking.payload import add_trainable_, gather_trainable, pack_masks, unpack_masks
+from fed_app.wire import add_trainable_, gather_trainable, pack_masks, unpack_masks
 
 from .conftest import TINY
 
