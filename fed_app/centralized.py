@@ -81,16 +81,13 @@ def run(cfg: RunConfig) -> RunDir:
 
 
 def _restore(run_dir: RunDir, model, optimizer, scheduler) -> int | None:
-    """Load the last checkpoint, if any, and drop rows written after it; the epoch to go on from."""
-    ckpt = run_dir.load_checkpoint()
+    """Model, optimizer and scheduler from the last checkpoint, if any; the epoch to go on from."""
+    ckpt = run_dir.resume("epoch")
     if ckpt is None:
-        run_dir.keep_rows("epoch", -1)
         return None
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    run_dir.keep_rows("epoch", ckpt["epoch"])
-    log.info("resuming %s after epoch %d", run_dir.path, ckpt["epoch"])
     return ckpt["epoch"]
 
 

@@ -84,6 +84,15 @@ class RunDir:
         """client_masks.pt: partition id -> packed mask bits (mask-scope 'local')."""
         _atomic_torch_save(bits, self.path / "client_masks.pt")
 
+    def resume(self, key: str) -> dict[str, Any] | None:
+        """The last checkpoint (None when fresh), with the rows written after it dropped: the one restore
+        step of every run, keyed by its step column ('epoch' or 'round')."""
+        ckpt = self.load_checkpoint()
+        self.keep_rows(key, -1 if ckpt is None else ckpt[key])
+        if ckpt is not None:
+            log.info("resuming %s after %s %d", self.path, key, ckpt[key])
+        return ckpt
+
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         _atomic_torch_save(state, self.checkpoint_file)
 

@@ -143,10 +143,7 @@ def _prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
 
 def _restore(run_dir: RunDir) -> tuple[State | None, int | None, float]:
     """(global weights, last finished round, wall time so far) from the checkpoint; Nones if fresh."""
-    ckpt = run_dir.load_checkpoint()
+    ckpt = run_dir.resume("round")
     if ckpt is None:
-        run_dir.keep_rows("round", -1)
         return None, None, 0.0
-    run_dir.keep_rows("round", ckpt["round"])
-    log.info("resuming %s after round %d", run_dir.path, ckpt["round"])
     return ckpt["model"], ckpt["round"], ckpt["wall_time"]
