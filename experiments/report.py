@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fed_app.config import key_applies
+from fed_app.applicability import key_applies
 from fed_app.errors import UserError
 
 log = logging.getLogger(__name__)

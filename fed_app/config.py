@@ -81,41 +81,6 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
 }
 
 
-# Keys that shape only one kind of run, and keys that shape a run only when another key says so.
-ONLY_FOR_KIND: dict[str, frozenset[str]] = {
-    "centralized": frozenset({"epochs", "scheduler", "warmup_epochs", "step_size", "gamma", "head_epochs"}),
-    "federated": frozenset({"num_rounds", "rounds_scaling", "local_steps", "round_scheduler", "partition",
-                            "classes_per_client", "num_clients", "fraction_train", "eval_every", "fraction_evaluate",
-                            "test_every", "checkpoint_every", "on_client_failure", "max_retries", "round_timeout",
-                            "transport", "head_rounds", "calibration_fraction", "mask_scope", "client_objective",
-                            "aggregation"}),
-}
-SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")
-ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping, e.g. a saved config.json)
-    "data_root": lambda c: c["dataset"] == "cifar100",
-    "download": lambda c: c["dataset"] == "cifar100",
-    "synthetic_train_size": lambda c: c["dataset"] == "synthetic",
-    "synthetic_test_size": lambda c: c["dataset"] == "synthetic",
-    "warmup_epochs": lambda c: c["scheduler"] == "warmup-cosine",
-    "step_size": lambda c: c["scheduler"] == "step",
-    "gamma": lambda c: c["scheduler"] in ("step", "exponential"),
-    "head_epochs": lambda c: c["head"] == "train",
-    "head_rounds": lambda c: c["head"] == "train",
-    "ridge_lambda": lambda c: c["head"] == "ridge",
-    "ridge_calibrate": lambda c: c["head"] == "ridge",
-    "freeze_head": lambda c: c["head"] != "none",
-    "sparsity": lambda c: c["optimizer"] == "sparse-sgdm",
-    "calibration_rounds": lambda c: c["optimizer"] == "sparse-sgdm",
-    "mask_rule": lambda c: c["optimizer"] == "sparse-sgdm",
-    "mask_scope": lambda c: c["optimizer"] == "sparse-sgdm",
-    "calibration_fraction": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
-    "fisher_mode": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
-    "fisher_samples": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
-    "fisher_chunk": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
-    "mask_damping": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
-    "classes_per_client": lambda c: c["partition"] == "noniid",
-}
-
 # Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes.
 NOT_RESULTS = frozenset({"run_dir", "transport"})
 
@@ -273,6 +238,8 @@ class RunConfig:
     def applies(self, name: str, kind: str) -> bool:
         """Whether key `name` (snake_case) shapes a run of this `kind` (centralized or federated) with this
         config: e.g. sparsity only under optimizer='sparse-sgdm', epochs only in centralized runs."""
+        from fed_app.applicability import key_applies
+
         return key_applies(name, kind, self.to_dict())
 
     def replace(self, **changes: Any) -> RunConfig:
@@ -292,28 +259,9 @@ class RunConfig:
         return digest[:10]
 
 
-def _uses_fisher(rule: str) -> bool:
-    """Whether mask rule `rule` scores Fisher sensitivity (a registered rule says so; unknown ones may)."""
-    if rule in SENSITIVITY_RULES:
-        return True
-    from fed_app.registry import MASK_RULES
-
-    found = MASK_RULES.find(rule)
-    return rule not in CHOICES["mask_rule"] and (found is None or found.needs_fisher)
-
-
 def share_of(fraction: float, total: int) -> int:
     """How many of `total` clients a fraction stands for: round(fraction * total), at least one."""
     return max(1, round(fraction * total))
-
-
-def key_applies(name: str, kind: str, values: Mapping[str, Any]) -> bool:
-    """RunConfig.applies for a mapping of snake_case values (missing keys take their defaults)."""
-    other = "federated" if kind == "centralized" else "centralized"
-    if name in ONLY_FOR_KIND[other]:
-        return False
-    condition = ONLY_WHEN.get(name)
-    return condition is None or condition({**_DEFAULTS, **values})
 
 
 def to_snake(key: str) -> str:
@@ -355,6 +303,3 @@ def _unknown_key_message(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean '{close[0]}'?" if close else "the keys are listed in pyproject.toml"
     return f"unknown run-config key '{key}': {hint} (all keys: [tool.flwr.app.config] in pyproject.toml)."
-
-
-_DEFAULTS = RunConfig().to_dict()
