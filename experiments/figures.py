@@ -113,8 +113,8 @@ def heterogeneity_heatmap(summary: pd.DataFrame, out: Path) -> Path:
     """Final test accuracy for each shard setting (iid, Nc) and number of local steps J."""
     s = summary.copy()
     s = s[s["local_steps"].notna() & s["partition"].notna()]
-    s["shards"] = np.where(s["partition"] == "iid", "iid",
-                           "Nc=" + pd.to_numeric(s["classes_per_client"], errors="coerce").fillna(0).astype(int).astype(str))
+    nc = pd.to_numeric(s["classes_per_client"], errors="coerce").fillna(0).astype(int)
+    s["shards"] = np.where(s["partition"] == "iid", "iid", "Nc=" + nc.astype(str))
     order = sorted(s["shards"].unique(), key=lambda v: (v == "iid", int(v[3:]) if v != "iid" else 0))
     grid = s.pivot_table(index="shards", columns="local_steps", values="test_accuracy").reindex(order)
     fig, ax = plt.subplots(figsize=(6, 4.5))

@@ -15,11 +15,11 @@ from fed_app.errors import UserError
 log = logging.getLogger(__name__)
 
 IGNORED = {"run_dir", "seed"}  # config columns that never define a group
-RULES = ("final", "best-val")
+RULES = ("final", "best-val")  # which step of a run is selected on and reported: the last, or best validation
 
 
 class NoResultsError(UserError, FileNotFoundError):
-    """A results folder without any run's rows."""  # which checkpoint of a run is selected on and reported: the last, or best validation
+    """A results folder without any run's rows."""
 
 
 def load_results(results_dir: Path) -> pd.DataFrame:

@@ -36,7 +36,7 @@ def run(cfg: RunConfig) -> RunDir:
     data = load_dataset(cfg, device)
     model, spec = build_model(cfg, data.num_classes)
     model.to(device)
-    if cfg.head != "none" and cfg.freeze_head:
+    if cfg.head_frozen:
         freeze_head(model)  # before the optimizer is built: the head stays out of it
     optimizer = make_optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)

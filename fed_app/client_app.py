@@ -51,7 +51,8 @@ def train(msg: Message, context: Context) -> Message:
     payload = {Form.VALUES: gather_trainable(delta, masks)} if masks else flat_state(delta)
     metrics = MetricRecord({Key.TRAIN_LOSS: loss, Key.NUM_EXAMPLES: examples, Key.PARTITION_ID: pid,
                             Key.WORKER_BUILDS: worker.builds})
-    return Message(RecordDict({**carry(Key.DELTA, payload, folder_of(msg.content)), Key.METRICS: metrics}), reply_to=msg)
+    content = {**carry(Key.DELTA, payload, folder_of(msg.content)), Key.METRICS: metrics}
+    return Message(RecordDict(content), reply_to=msg)
 
 
 @app.query("ridge")

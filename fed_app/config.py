@@ -228,6 +228,11 @@ class RunConfig:
         return share_of(self.fraction_train, self.num_clients)
 
     @property
+    def head_frozen(self) -> bool:
+        """Whether a step-0 head is fitted and then kept frozen (rather than trained with the backbone)."""
+        return self.head != "none" and self.freeze_head
+
+    @property
     def calibration_clients(self) -> int:
         return share_of(self.calibration_fraction, self.num_clients)
 

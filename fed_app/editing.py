@@ -45,7 +45,7 @@ def fit_head(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tens
                 loss = train_steps(model, opt, split, batch_stream(indices, cfg.batch_size, generator), steps,
                                    train_tf, generator, precision)
                 log.info("head epoch %d/%d  train_loss %.4f", epoch + 1, cfg.head_epochs, loss)
-    if cfg.head != "none" and cfg.freeze_head:
+    if cfg.head_frozen:
         freeze_head(model)
     return found
 

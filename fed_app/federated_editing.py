@@ -7,28 +7,27 @@ import logging
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
-from flwr.serverapp import Grid
 
 from fed_app.config import RunConfig
 from fed_app.head import fit_temperature, solve_ridge
+from fed_app.seeds import Phase, sample_partitions
 from fed_app.wire import Form, Key, pack_state, split_flat, unpack_masks
 from fed_app.worker import State, Worker
 from masking.calibrate import Masks, calibrate
-from fed_app.seeds import Phase, sample_partitions
 from strategies.fedavg import SeededFedAvg
 
 log = logging.getLogger(__name__)
 
 
-def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker,
-                   state: State) -> tuple[State, dict]:
+def federated_head(cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state: State) -> tuple[State, dict]:
     """head='ridge': every client's X^T X and X^T Y summed, solved once (equal to ridge on the union), then
     every client's cross-entropy sums at each candidate temperature summed, and the best one folded into the
     head (equal to the centralized fit); head='train': head-rounds FedAvg rounds in which clients train only
     the head. Then it stays frozen (unless freeze-head=false). Also what step 0 found, for the round-0 row."""
     everyone = list(range(cfg.num_clients))
     if cfg.head == "ridge":
-        replies = strategy.federation.query(0, "ridge", RecordDict({Key.ARRAYS: pack_state(state)}), everyone).replies
+        arrays = RecordDict({Key.ARRAYS: pack_state(state)})
+        replies = strategy.federation.query(0, "ridge", arrays, everyone).replies
         parts = [r.content[Key.STATS].to_torch_state_dict() for r in replies]  # in partition order
         stats = {k: sum(p[k] for p in parts) for k in ("xtx", "xty")}
         weight, bias = solve_ridge(stats, cfg.ridge_lambda)
@@ -50,7 +49,7 @@ def federated_head(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: W
     return state, {}
 
 
-def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state: State) -> Masks:
+def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state: State) -> Masks:
     """TaLoS calibration where each round's Fisher sums come from the clients: the server sends the
     soft-masked (damped) global model to a `calibration-fraction` of them and adds their sums up."""
     worker.load(state)
@@ -74,11 +73,10 @@ def federated_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: 
     return {n: m.cpu() for n, m in masks.items()}
 
 
-def federated_local_masks(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker: Worker,
-                          state: State) -> dict[int, Masks]:
+def federated_local_masks(cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state: State) -> dict[int, Masks]:
     """mask-scope 'local': every client calibrates its own mask on its own shard; partition id -> mask."""
     replies = strategy.federation.query(0, "local_mask", RecordDict({Key.ARRAYS: pack_state(state)}),
                                         list(range(cfg.num_clients))).replies
     shapes = worker.trainable_shapes()
-    return {int(r.content[Key.METRICS][Key.PARTITION_ID]): unpack_masks(r.content[Key.MASK][Key.BITS].numpy(), shapes)
-            for r in replies}
+    return {int(r.content[Key.METRICS][Key.PARTITION_ID]):
+            unpack_masks(r.content[Key.MASK][Key.BITS].numpy(), shapes) for r in replies}

@@ -13,7 +13,6 @@ from flwr.serverapp import Grid
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.transport import payload_bytes
-
 from fed_app.wire import Key
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,8 @@ class Registry:
 
     def get(self, name: str) -> Any:
         if name not in self._entries:
-            raise KeyError(f"{self.kind} {name!r} is not registered; {self.key} is one of {', '.join(self.names())}.")
+            raise ValueError(f"{self.kind} {name!r} is not registered; {self.key} is one of "
+                             f"{', '.join(self.names())}.")
         return self._entries[name]
 
     def names(self) -> list[str]:

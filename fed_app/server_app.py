@@ -46,14 +46,14 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
     try:
         strategy = SeededFedAvg(cfg.seed, cfg.num_clients, cfg.clients_per_round, Federation.discover(grid, cfg),
                                 files, cfg.aggregation)
-        _rounds(grid, cfg, run_dir, worker, strategy)
+        _rounds(cfg, run_dir, worker, strategy)
     finally:
         if files is not None:
             files.close()
     return run_dir
 
 
-def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: SeededFedAvg) -> None:
+def _rounds(cfg: RunConfig, run_dir: RunDir, worker, strategy: SeededFedAvg) -> None:
     """Step 0 and calibration when fresh, then the FedAvg rounds left; rows, checkpoints, DONE."""
     rounds = cfg.total_rounds
     t0 = time.perf_counter()
@@ -64,7 +64,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: Seede
             row.update(_prefixed("val", worker.evaluate(state, worker.data.val)))
             if cfg.fraction_evaluate > 0:  # the global model on the clients' own data (telling when non-iid)
                 row.update(_prefixed("client", strategy.evaluate_round(server_round, pack_state(state),
-                                                                       cfg.fraction_evaluate)))
+                                                                       cfg.evaluate_clients)))
         if evaluates_test(cfg, server_round):
             row.update(_prefixed("test", worker.evaluate(state, worker.data.test)))
         row["round_time"] = time.perf_counter() - started
@@ -81,7 +81,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: RunDir, worker, strategy: Seede
         started = time.perf_counter()
         federation = strategy.federation
         before = federation.bytes_sent, federation.bytes_received
-        state, plan, found = _step_zero(grid, cfg, strategy, worker, run_dir)
+        state, plan, found = _step_zero(cfg, strategy, worker, run_dir)
         finish_round(0, state, {"round": 0, "density": plan.density if plan else 1.0, **found,
                                 "bytes_sent": federation.bytes_sent - before[0],  # every step-0 exchange
                                 "bytes_received": federation.bytes_received - before[1]}, started)
@@ -114,16 +114,16 @@ def evaluates_test(cfg: RunConfig, server_round: int) -> bool:
     return server_round in (0, cfg.total_rounds) or bool(cfg.test_every and server_round % cfg.test_every == 0)
 
 
-def _step_zero(grid: Grid, cfg: RunConfig, strategy: SeededFedAvg, worker, run_dir: RunDir):
+def _step_zero(cfg: RunConfig, strategy: SeededFedAvg, worker, run_dir: RunDir):
     """(global weights after step 0, the mask plan or None when dense, what step 0 found for the round-0
     row); the plan saved."""
-    state, found = federated_head(grid, cfg, strategy, worker, worker.initial_state())
+    state, found = federated_head(cfg, strategy, worker, worker.initial_state())
     if cfg.optimizer != "sparse-sgdm":
         return state, None, found
     if cfg.mask_scope == "global":
-        plan = MaskPlan.global_mask(federated_masks(grid, cfg, strategy, worker, state), cfg.num_clients)
+        plan = MaskPlan.global_mask(federated_masks(cfg, strategy, worker, state), cfg.num_clients)
     else:
-        plan = MaskPlan.local_masks(federated_local_masks(grid, cfg, strategy, worker, state))
+        plan = MaskPlan.local_masks(federated_local_masks(cfg, strategy, worker, state))
     plan.save(run_dir)
     return state, plan, found
 

@@ -44,20 +44,22 @@ def training_module(cfg: RunConfig, model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model, dynamic=False) if cfg.compile else model
 
 
-def make_optimizer(cfg: RunConfig, model: torch.nn.Module,
-                   masks: dict[str, torch.Tensor] | None = None) -> torch.optim.SGD:
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module, masks: dict[str, torch.Tensor] | None = None,
+                   lr: float | None = None) -> torch.optim.SGD:
     """SGD with momentum over the model's trainable parameters, or SparseSGDM under `masks` (by parameter name;
     a name without one is dense) for optimizer='sparse-sgdm'. Weight decay follows timm's groups: none on
-    biases, norms and the model's no_weight_decay() names (pos_embed, cls_token), as the ViT and DINO recipes."""
+    biases, norms and the model's no_weight_decay() names (pos_embed, cls_token), as the ViT and DINO recipes.
+    `lr` defaults to cfg.lr (FL rounds pass client_lr)."""
     from timm.optim import param_groups_weight_decay
 
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    lr = cfg.lr if lr is None else lr
     if cfg.optimizer != "sparse-sgdm":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
     from masking import SparseSGDM
 
-    optimizer = SparseSGDM(groups, None, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    optimizer = SparseSGDM(groups, None, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            foreach=True)
     if masks is not None:
         set_masks_by_name(optimizer, model, masks)

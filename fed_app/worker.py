@@ -83,10 +83,8 @@ class Worker:
         cfg = self.cfg
         self.load(global_state)
         with only_head_trainable(self.model) if head_only else contextlib.nullcontext():
-            optimizer = make_optimizer(cfg, self.model, masks)  # fresh each round, as in FedAvg
-            if not head_only:
-                for group in optimizer.param_groups:
-                    group["lr"] = client_lr(cfg, server_round)
+            lr = cfg.lr if head_only else client_lr(cfg, server_round)
+            optimizer = make_optimizer(cfg, self.model, masks, lr)  # fresh each round, as in FedAvg
             shard = self.shards[partition_id]
             generator = client_generator(self.device, cfg.seed, server_round, partition_id, head_only)
             objective = OBJECTIVES.get(cfg.client_objective)(self.model)  # built from the global model
@@ -158,7 +156,7 @@ def get_worker(cfg: RunConfig) -> Worker:
         device = resolve_device(cfg)
         data = load_dataset(cfg, device)
         model, spec = build_model(cfg, data.num_classes)
-        if cfg.head != "none" and cfg.freeze_head:
+        if cfg.head_frozen:
             freeze_head(model)  # step 0 fits it; afterwards it is neither trained nor masked
         shards = [torch.as_tensor(s, device=device) for s in client_shards(cfg, data.train.labels.cpu().numpy())]
         _BUILDS += 1

@@ -87,10 +87,7 @@ def calibrate(
     seed: int = 0,
 ) -> Masks:
     """Masks over the model's trainable parameters; `score_fn(model)` gives Fisher sums (by name)."""
-    try:
-        ranking = MASK_RULES.get(rule)
-    except KeyError as err:
-        raise ValueError(str(err).strip("'\"")) from None
+    ranking = MASK_RULES.get(rule)
     params = scored_parameters(model)
     device = next(iter(params.values())).device
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -11,7 +11,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
-from fed_app.config import share_of
 from fed_app.federation import Federation, RoundFailedError
 from fed_app.seeds import Phase, sample_partitions
 from fed_app.transport import SharedFiles, TransportError, carry, discard, take
@@ -142,10 +141,9 @@ class SeededFedAvg(FedAvg):
         metrics["bytes_sent"], metrics["bytes_received"] = exchange.bytes_sent, exchange.bytes_received
         return delta, metrics
 
-    def evaluate_round(self, server_round: int, arrays: ArrayRecord, fraction: float) -> MetricRecord:
-        """A `fraction` of the clients evaluate the global model on their own shards: example-weighted means."""
-        pids = sample_partitions(self.seed, server_round, self.num_clients,
-                                 share_of(fraction, self.num_clients), Phase.EVALUATE)
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord, clients: int) -> MetricRecord:
+        """`clients` sampled clients evaluate the global model on their own shards: example-weighted means."""
+        pids = sample_partitions(self.seed, server_round, self.num_clients, clients, Phase.EVALUATE)
         exchange = self.federation.exchange(server_round, MessageType.EVALUATE,
                                             {p: RecordDict({self.arrayrecord_key: arrays}) for p in pids})
         metrics = [m.content[Key.METRICS] for m in exchange.replies]
