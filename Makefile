@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 # The headline job: FedAvg, K=100, C=0.1, J=4, iid, CIFAR-100, DINO ViT-S/16 (defaults in pyproject.toml)
 run: $(STAMP)
-	$(PY) -m fed_app.simulation --run-config "$(RUN_CONFIG)"
+	$(PY) -m fed_app.launch --run-config "$(RUN_CONFIG)"
 
 clean:
 	rm -rf $(VENV)

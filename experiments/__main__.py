@@ -50,7 +50,7 @@ def _run(args) -> int:
 
     from experiments.manifest import load_manifest
     from experiments.run import print_plan, run_manifest, select
-    from fed_app.simulation import client_gpus
+    from fed_app.local_federation import client_gpus
 
     manifest = load_manifest(args.manifest, args.results)
     runs = select(manifest, args.only)
@@ -78,7 +78,7 @@ def _bench(args) -> int:
     from experiments.bench import (bench_data, bench_fisher, bench_grid, bench_round, print_data, print_fisher,
                                    print_grid, print_round)
     from fed_app.config import RunConfig, parse_overrides
-    from fed_app.simulation import client_gpus
+    from fed_app.local_federation import client_gpus
 
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

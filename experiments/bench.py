@@ -90,22 +90,22 @@ def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
     client in turn, J steps from the global model, its delta (only trainable entries under a mask), then
     the example-weighted average added to the global model. No Flower, no serialization; on a CPU, torch's
     default threads (all cores), where the simulation runs one single-threaded client per core."""
-    from fed_app.worker import get_worker
+    from fed_app.loaded_task import load_task
     from masking.calibrate import calibrate
     from fed_app.wire import Form, add_trainable_, gather_trainable
     from strategies.fedavg import sample_partitions, weighted_average
 
-    worker = get_worker(cfg)
-    state = worker.initial_state()
+    task = load_task(cfg)
+    state = task.initial_state()
     masks = None
     if cfg.optimizer == "sparse-sgdm":  # which entries are trainable does not change a round's cost
-        masks = {n: m.cpu() for n, m in calibrate(worker.model, "random", cfg.sparsity, 1, None, seed=0).items()}
+        masks = {n: m.cpu() for n, m in calibrate(task.model, "random", cfg.sparsity, 1, None, seed=0).items()}
     times = []
     for r in range(1, rounds + 1):
         t = time.perf_counter()
         deltas, weights = [], []
         for pid in sample_partitions(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
-            delta, _, n = worker.local_update(state, pid, r, masks)
+            delta, _, n = task.local_update(state, pid, r, masks)
             deltas.append({Form.VALUES: gather_trainable(delta, masks)} if masks else delta)
             weights.append(n)
         avg = weighted_average(deltas, weights)
@@ -113,7 +113,7 @@ def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
             add_trainable_(state, avg[Form.VALUES], masks)
         else:
             state = {k: v + avg[k] for k, v in state.items()}
-        _sync(worker.device)
+        _sync(task.device)
         times.append(time.perf_counter() - t)
     return statistics.median(times[warmup:])
 
@@ -122,12 +122,12 @@ def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: 
     """The fedit app under `flwr run` for `rounds` rounds: median seconds per training round (first `warmup`
     rounds and the last, which evaluates, excluded), mean bytes per round to and from clients, and the
     run's fixed cost (wall time of the whole `flwr run` less its rounds: start-up, step 0, shut-down)."""
-    from fed_app.simulation import LocalSimulation
+    from fed_app.local_federation import LocalFederation
 
     run_cfg = cfg.replace(num_rounds=rounds, rounds_scaling=False, eval_every=10**6, test_every=0,
                           checkpoint_every=10**6, run_dir=str((workdir / f"run-{cfg.run_id()}").resolve()))
     started = time.perf_counter()
-    with LocalSimulation(workdir / ".flwr") as sim:
+    with LocalFederation(workdir / ".flwr") as sim:
         sim.run(run_cfg, num_supernodes=cfg.num_clients, cpus=cpus, gpus=gpus)
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (Path(run_cfg.run_dir) / "rows.jsonl").read_text().splitlines()]
@@ -191,7 +191,7 @@ def projected_seconds(cfg: RunConfig, round_s: float, fixed_s: float, val_s: flo
 def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, cpus: int, gpus: float) -> list[dict]:
     """Project a manifest's wall time from measurements: per group of runs that cost the same per round, one
     short `flwr run` (median s/round, fixed cost per run) and the server's evaluations timed in process."""
-    from fed_app.worker import get_worker
+    from fed_app.loaded_task import load_task
 
     groups = group_by_cost(runs)
     probes = [g[0].to_run_config() for g in groups]
@@ -200,10 +200,10 @@ def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, c
     for members, values in zip(groups, probes):
         probe = members[0]
         flower = round_flower(probe, rounds, warmup, workdir, cpus, gpus)
-        worker = get_worker(probe)
-        state = worker.initial_state()
-        val_s, _ = _measure(lambda: worker.evaluate(state, worker.data.val), worker.device, repeats=1)
-        test_s, _ = _measure(lambda: worker.evaluate(state, worker.data.test), worker.device, repeats=1)
+        task = load_task(probe)
+        state = task.initial_state()
+        val_s, _ = _measure(lambda: task.evaluate(state, task.data.val), task.device, repeats=1)
+        test_s, _ = _measure(lambda: task.evaluate(state, task.data.test), task.device, repeats=1)
         total = sum(projected_seconds(c, flower["round"], flower["fixed"], val_s, test_s) for c in members)
         rows.append({"config": " ".join(f"{k}={values[k]}" for k in varying) or "all runs", "runs": len(members),
                      "rounds": sum(c.total_rounds for c in members), "round": flower["round"],

@@ -68,7 +68,7 @@ def varying(df: pd.DataFrame) -> list[str]:
 
 def _is_metric(column: str) -> bool:
     return column.startswith(("train_", "val_", "test_", "bytes_", "wall_", "round_time", "learning_rate",
-                              "density", "clients", "client_", "worker_", "head_temperature", "step0_"))
+                              "density", "clients", "client_", "task_", "head_temperature", "step0_"))
 
 
 def checkpoint_row(g: pd.DataFrame, rule: str) -> pd.Series | None:

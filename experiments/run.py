@@ -16,7 +16,8 @@ from rich.table import Table
 from experiments.manifest import Manifest, Run
 from fed_app import centralized
 from fed_app.errors import UserError
-from fed_app.simulation import LocalSimulation, preflight
+from fed_app.launch import preflight
+from fed_app.local_federation import LocalFederation
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
     failed, checked = [], set()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with LocalSimulation(results / manifest.name / ".flwr") as sim, Progress(*columns, console=console) as bar:
+    with LocalFederation(results / manifest.name / ".flwr") as sim, Progress(*columns, console=console) as bar:
         overall = bar.add_task(f"[bold]{manifest.name}", total=len(runs))
         for run in runs:
             if status(run) == "done":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from fed_app.head import freeze_head
 from fed_app.model import build_model
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
+from fed_app.run_loop import run_steps
 from fed_app.seeds import epoch_generator
 from fed_app.task import (autocast, evaluate, make_optimizer, make_scheduler, resolve_device, set_masks_by_name,
                           train_steps, training_module)
@@ -32,63 +32,76 @@ def run(cfg: RunConfig) -> RunDir:
     if run_dir.done:
         log.info("run %s is already done; nothing to do", run_dir.path)
         return run_dir
-    device = resolve_device(cfg)
-    data = load_dataset(cfg, device)
-    model, spec = build_model(cfg, data.num_classes)
-    model.to(device)
-    if cfg.head_frozen:
-        freeze_head(model)  # before the optimizer is built: the head stays out of it
-    optimizer = make_optimizer(cfg, model)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
-    train_tf = BatchTransform.for_model(spec, augment=cfg.augment)
-    eval_tf = BatchTransform.for_model(spec)
-    precision = autocast(cfg, device)
-    all_train = torch.arange(len(data.train), device=device)
+    return run_steps(cfg, run_dir, Epochs(cfg, run_dir))
 
-    def finish_epoch(epoch: int, **row) -> None:
-        val = evaluate(model, data.val, eval_tf, cfg.eval_batch_size, precision)
-        test = evaluate(model, data.test, eval_tf, cfg.eval_batch_size, precision)
-        run_dir.append_row({"epoch": epoch, **row, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                            "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-                            "wall_time": time.perf_counter() - t0})
-        run_dir.save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "config": cfg.to_dict()})
-        log.info("epoch %d/%d  val_acc %.4f  test_acc %.4f", epoch, cfg.epochs, val["accuracy"], test["accuracy"])
 
-    t0 = time.perf_counter()
-    start = _restore(run_dir, model, optimizer, scheduler)
-    if start is None:  # a fresh run: step 0, calibration, and the starting point as epoch 0
-        found = fit_head(cfg, model, data.train, all_train, train_tf, eval_tf, precision, data.num_classes)
+class Epochs:
+    """The centralized run's steps (`run_loop.Steps`): step 0 on all training data, then epochs of SGDM or
+    SparseSGDM with the learning-rate schedule; model, optimizer and scheduler in every checkpoint."""
+
+    key = "epoch"
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir):
+        self.cfg, self.run_dir, self.total = cfg, run_dir, cfg.epochs
+        self.device = resolve_device(cfg)
+        self.data = load_dataset(cfg, self.device)
+        model, spec = build_model(cfg, self.data.num_classes)
+        self.model = model.to(self.device)
+        if cfg.head_frozen:
+            freeze_head(self.model)  # before the optimizer is built: the head stays out of it
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.steps_per_epoch = math.ceil(len(self.data.train) / cfg.batch_size)
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.train_tf = BatchTransform.for_model(spec, augment=cfg.augment)
+        self.eval_tf = BatchTransform.for_model(spec)
+        self.precision = autocast(cfg, self.device)
+        self.all_train = torch.arange(len(self.data.train), device=self.device)
+        self._trainer = None
+
+    def step_zero(self) -> dict:
+        cfg, data = self.cfg, self.data
+        found = fit_head(cfg, self.model, data.train, self.all_train, self.train_tf, self.eval_tf, self.precision,
+                         data.num_classes)
         density = 1.0
         if cfg.optimizer == "sparse-sgdm":
-            masks = calibrate_masks(cfg, model, data.train, all_train, eval_tf)
-            run_dir.save_mask(masks)
-            set_masks_by_name(optimizer, model, masks)
+            masks = calibrate_masks(cfg, self.model, data.train, self.all_train, self.eval_tf)
+            self.run_dir.save_mask(masks)
+            set_masks_by_name(self.optimizer, self.model, masks)
             density = density_of(masks)
-        finish_epoch(0, density=density, **found)
-        start = 0
-    trainer = training_module(cfg, model)
-    for epoch in range(start, cfg.epochs):
-        generator = epoch_generator(device, cfg.seed, epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_steps(trainer, optimizer, data.train, batch_stream(all_train, cfg.batch_size, generator),
-                                 steps_per_epoch, train_tf, generator, precision, scheduler)
-        finish_epoch(epoch + 1, learning_rate=lr, train_loss=train_loss)
-    plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="epoch", title=f"centralized {cfg.run_id()}")
-    run_dir.mark_done()
-    return run_dir
+        return {"density": density, **found}
 
+    def restore(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
 
-def _restore(run_dir: RunDir, model, optimizer, scheduler) -> int | None:
-    """Model, optimizer and scheduler from the last checkpoint, if any; the epoch to go on from."""
-    ckpt = run_dir.resume("epoch")
-    if ckpt is None:
-        return None
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    return ckpt["epoch"]
+    def step(self, epoch: int) -> dict:
+        if self._trainer is None:
+            self._trainer = training_module(self.cfg, self.model)
+        generator = epoch_generator(self.device, self.cfg.seed, epoch - 1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        train_loss = train_steps(self._trainer, self.optimizer, self.data.train,
+                                 batch_stream(self.all_train, self.cfg.batch_size, generator), self.steps_per_epoch,
+                                 self.train_tf, generator, self.precision, self.scheduler)
+        return {"learning_rate": lr, "train_loss": train_loss}
+
+    def evaluate(self, epoch: int) -> dict:
+        metrics = {}
+        for split in ("val", "test"):
+            result = evaluate(self.model, getattr(self.data, split), self.eval_tf, self.cfg.eval_batch_size,
+                              self.precision)
+            metrics.update({f"{split}_loss": result["loss"], f"{split}_accuracy": result["accuracy"]})
+        return metrics
+
+    def checkpoints(self, epoch: int) -> bool:
+        return True
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def finish(self, run_dir: RunDir) -> None:
+        plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="epoch", title=f"centralized {self.cfg.run_id()}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""ClientApp: thin adapters between Flower messages and the cached worker's task code."""
+"""ClientApp: thin adapters between Flower messages and the task loaded once per process (fed_app/loaded_task.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from fed_app.config import ConfigError, RunConfig
 from fed_app.transport import carry, folder_of, take
 from fed_app.wire import Form, Key, flat_state, gather_trainable, pack_masks, unpack_state
-from fed_app.worker import Worker, get_worker
+from fed_app.loaded_task import LoadedTask, load_task
 
 app = ClientApp()
 
@@ -22,9 +22,9 @@ def _partition_id(context: Context, cfg: RunConfig) -> int:
     return pid
 
 
-def _setup(context: Context) -> tuple[RunConfig, int, Worker]:
+def _setup(context: Context) -> tuple[RunConfig, int, LoadedTask]:
     cfg = RunConfig.from_run_config(context.run_config)
-    return cfg, _partition_id(context, cfg), get_worker(cfg)
+    return cfg, _partition_id(context, cfg), load_task(cfg)
 
 
 @app.query()
@@ -40,17 +40,17 @@ def train(msg: Message, context: Context) -> Message:
     """J local steps from the received global model; reply with the delta and the example count.
     Under a mask (content Key.MASK) only the trainable entries travel back, as one flat vector. A model that
     came as a file (transport='files') is answered with a file in the same folder."""
-    cfg, pid, worker = _setup(context)
+    cfg, pid, task = _setup(context)
     config = msg.content[Key.CONFIG]
     masks = None
     if Key.MASK in msg.content:
-        masks = worker.masks_from_bits(msg.content[Key.MASK][Key.BITS].numpy())
-    delta, loss, examples = worker.local_update(worker.global_state(take(msg.content, Key.ARRAYS), masks), pid,
+        masks = task.masks_from_bits(msg.content[Key.MASK][Key.BITS].numpy())
+    delta, loss, examples = task.local_update(task.global_state(take(msg.content, Key.ARRAYS), masks), pid,
                                                 int(config[Key.SERVER_ROUND]), masks,
                                                 head_only=config.get(Key.PHASE, "") == "head")
     payload = {Form.VALUES: gather_trainable(delta, masks)} if masks else flat_state(delta)
     metrics = MetricRecord({Key.TRAIN_LOSS: loss, Key.NUM_EXAMPLES: examples, Key.PARTITION_ID: pid,
-                            Key.WORKER_BUILDS: worker.builds})
+                            Key.TASK_BUILDS: task.builds})
     content = {**carry(Key.DELTA, payload, folder_of(msg.content)), Key.METRICS: metrics}
     return Message(RecordDict(content), reply_to=msg)
 
@@ -58,8 +58,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.query("ridge")
 def ridge(msg: Message, context: Context) -> Message:
     """Step 0, head='ridge': X^T X, X^T Y of this shard's backbone features (they add up across clients)."""
-    _, pid, worker = _setup(context)
-    stats = worker.ridge_statistics(unpack_state(msg.content[Key.ARRAYS], worker.state_shapes()), pid)
+    _, pid, task = _setup(context)
+    stats = task.ridge_statistics(unpack_state(msg.content[Key.ARRAYS], task.state_shapes()), pid)
     metrics = MetricRecord({Key.NUM_EXAMPLES: int(stats["count"]), Key.PARTITION_ID: pid})
     return Message(RecordDict({Key.STATS: ArrayRecord({k: stats[k] for k in ("xtx", "xty")}), Key.METRICS: metrics}),
                    reply_to=msg)
@@ -68,18 +68,18 @@ def ridge(msg: Message, context: Context) -> Message:
 @app.query("temperature")
 def temperature(msg: Message, context: Context) -> Message:
     """Step 0, head='ridge': this shard's cross-entropy sums of the solved head at each candidate temperature."""
-    _, pid, worker = _setup(context)
-    losses = worker.temperature_losses(unpack_state(msg.content[Key.ARRAYS], worker.state_shapes()), pid)
-    metrics = MetricRecord({Key.NUM_EXAMPLES: len(worker.shards[pid]), Key.PARTITION_ID: pid})
+    _, pid, task = _setup(context)
+    losses = task.temperature_losses(unpack_state(msg.content[Key.ARRAYS], task.state_shapes()), pid)
+    metrics = MetricRecord({Key.NUM_EXAMPLES: len(task.shards[pid]), Key.PARTITION_ID: pid})
     return Message(RecordDict({Key.LOSSES: ArrayRecord({Key.SUMS: losses}), Key.METRICS: metrics}), reply_to=msg)
 
 
 @app.query("fisher")
 def fisher(msg: Message, context: Context) -> Message:
     """Calibration: Fisher sums of this shard on the weights received (already damped by the server)."""
-    cfg, pid, worker = _setup(context)
-    sums = worker.fisher_sums(unpack_state(msg.content[Key.ARRAYS], worker.state_shapes()), pid)
-    metrics = MetricRecord({Key.NUM_EXAMPLES: min(cfg.fisher_samples, len(worker.shards[pid])), Key.PARTITION_ID: pid})
+    cfg, pid, task = _setup(context)
+    sums = task.fisher_sums(unpack_state(msg.content[Key.ARRAYS], task.state_shapes()), pid)
+    metrics = MetricRecord({Key.NUM_EXAMPLES: min(cfg.fisher_samples, len(task.shards[pid])), Key.PARTITION_ID: pid})
     flat = torch.cat([s.flatten() for s in sums.values()])  # float64, as summed: the server adds these up
     return Message(RecordDict({Key.SUMS: ArrayRecord({Form.FLAT: flat}), Key.METRICS: metrics}), reply_to=msg)
 
@@ -87,8 +87,8 @@ def fisher(msg: Message, context: Context) -> Message:
 @app.query("local_mask")
 def local_mask(msg: Message, context: Context) -> Message:
     """mask-scope 'local': calibrate this client's own mask on its own shard; reply with it as packed bits."""
-    _, pid, worker = _setup(context)
-    masks = worker.local_masks(unpack_state(msg.content[Key.ARRAYS], worker.state_shapes()), pid)
+    _, pid, task = _setup(context)
+    masks = task.local_masks(unpack_state(msg.content[Key.ARRAYS], task.state_shapes()), pid)
     bits = ArrayRecord({Key.BITS: torch.from_numpy(pack_masks(masks))})
     return Message(RecordDict({Key.MASK: bits, Key.METRICS: MetricRecord({Key.PARTITION_ID: pid})}), reply_to=msg)
 
@@ -96,8 +96,8 @@ def local_mask(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The received model's loss and accuracy on this client's own shard."""
-    cfg, pid, worker = _setup(context)
-    result = worker.evaluate(unpack_state(msg.content[Key.ARRAYS], worker.state_shapes()), worker.shard(pid))
+    cfg, pid, task = _setup(context)
+    result = task.evaluate(unpack_state(msg.content[Key.ARRAYS], task.state_shapes()), task.shard(pid))
     metrics = MetricRecord({"loss": result["loss"], "accuracy": result["accuracy"],
-                            Key.NUM_EXAMPLES: len(worker.shards[pid])})
+                            Key.NUM_EXAMPLES: len(task.shards[pid])})
     return Message(RecordDict({Key.METRICS: metrics}), reply_to=msg)

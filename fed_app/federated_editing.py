@@ -12,14 +12,14 @@ from fed_app.config import RunConfig
 from fed_app.head import fit_temperature, solve_ridge
 from fed_app.seeds import Phase, sample_partitions
 from fed_app.wire import Form, Key, pack_state, split_flat, unpack_masks
-from fed_app.worker import State, Worker
+from fed_app.loaded_task import State, LoadedTask
 from masking.calibrate import Masks, calibrate
 from strategies.fedavg import SeededFedAvg
 
 log = logging.getLogger(__name__)
 
 
-def federated_head(cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state: State) -> tuple[State, dict]:
+def federated_head(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, state: State) -> tuple[State, dict]:
     """head='ridge': every client's X^T X and X^T Y summed, solved once (equal to ridge on the union), then
     every client's cross-entropy sums at each candidate temperature summed, and the best one folded into the
     head (equal to the centralized fit); head='train': head-rounds FedAvg rounds in which clients train only
@@ -49,10 +49,10 @@ def federated_head(cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state
     return state, {}
 
 
-def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state: State) -> Masks:
+def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, state: State) -> Masks:
     """TaLoS calibration where each round's Fisher sums come from the clients: the server sends the
     soft-masked (damped) global model to a `calibration-fraction` of them and adds their sums up."""
-    worker.load(state)
+    task.load(state)
     rounds = itertools.count(1)
 
     def client_fisher(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,20 +63,20 @@ def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, stat
         total = reply_flat(replies[0])
         for reply in replies[1:]:  # in partition order: the same float sums every time
             total += reply_flat(reply)
-        return {n: s.to(worker.device) for n, s in split_flat(total, worker.trainable_shapes()).items()}
+        return {n: s.to(task.device) for n, s in split_flat(total, task.trainable_shapes()).items()}
 
     def reply_flat(reply) -> torch.Tensor:
         return reply.content[Key.SUMS].to_torch_state_dict()[Form.FLAT]
 
-    masks = calibrate(worker.model, cfg.mask_rule, cfg.sparsity, cfg.calibration_rounds, client_fisher,
+    masks = calibrate(task.model, cfg.mask_rule, cfg.sparsity, cfg.calibration_rounds, client_fisher,
                       damping=cfg.mask_damping, seed=cfg.seed)
     return {n: m.cpu() for n, m in masks.items()}
 
 
-def federated_local_masks(cfg: RunConfig, strategy: SeededFedAvg, worker: Worker, state: State) -> dict[int, Masks]:
+def federated_local_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, state: State) -> dict[int, Masks]:
     """mask-scope 'local': every client calibrates its own mask on its own shard; partition id -> mask."""
     replies = strategy.federation.query(0, "local_mask", RecordDict({Key.ARRAYS: pack_state(state)}),
                                         list(range(cfg.num_clients))).replies
-    shapes = worker.trainable_shapes()
+    shapes = task.trainable_shapes()
     return {int(r.content[Key.METRICS][Key.PARTITION_ID]):
             unpack_masks(r.content[Key.MASK][Key.BITS].numpy(), shapes) for r in replies}

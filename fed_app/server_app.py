@@ -1,9 +1,9 @@
-"""ServerApp: RunConfig -> restore or init -> SeededFedAvg round loop -> rows, checkpoints, DONE."""
+"""ServerApp: RunConfig -> the run loop (fed_app/run_loop.py) over `Rounds`: restore or step 0, then SeededFedAvg
+rounds -> rows, checkpoints, DONE."""
 
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from flwr.app import Context
@@ -15,10 +15,11 @@ from fed_app.federation import Federation
 from fed_app.mask_plan import MaskPlan
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
+from fed_app.run_loop import run_steps
 from fed_app.task import client_lr
 from fed_app.transport import SharedFiles
 from fed_app.wire import Form, flat_state, pack_state, split_flat
-from fed_app.worker import State, get_worker
+from fed_app.loaded_task import LoadedTask, State, load_task
 from strategies.fedavg import SeededFedAvg
 
 log = logging.getLogger(__name__)
@@ -38,70 +39,78 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
     if run_dir.done:
         log.info("run %s is already done; nothing to do", run_dir.path)
         return run_dir
-    worker = get_worker(cfg)  # the server evaluates the global model with the same task code
+    task = load_task(cfg)  # the server evaluates the global model with the same task code
     files = None
     if cfg.transport == "files":  # room for a round: the global model and every client's update
-        model_bytes = 4 * sum(t.numel() for t in worker.model.state_dict().values())
+        model_bytes = 4 * sum(t.numel() for t in task.model.state_dict().values())
         files = SharedFiles(cfg.run_id(), (cfg.clients_per_round + 2) * model_bytes)
     try:
         strategy = SeededFedAvg(cfg.seed, cfg.num_clients, cfg.clients_per_round, Federation.discover(grid, cfg),
                                 files, cfg.aggregation)
-        _rounds(cfg, run_dir, worker, strategy)
+        run_steps(cfg, run_dir, Rounds(cfg, run_dir, task, strategy))
     finally:
         if files is not None:
             files.close()
     return run_dir
 
 
-def _rounds(cfg: RunConfig, run_dir: RunDir, worker, strategy: SeededFedAvg) -> None:
-    """Step 0 and calibration when fresh, then the FedAvg rounds left; rows, checkpoints, DONE."""
-    rounds = cfg.total_rounds
-    t0 = time.perf_counter()
+class Rounds:
+    """The federated run's steps (`run_loop.Steps`): step 0 and calibration through the clients, then FedAvg
+    rounds of `strategy.advance`; the global model in every checkpoint, the mask plan saved once."""
 
-    def finish_round(server_round: int, state: State, row: dict, started: float) -> None:
-        last = server_round == rounds
-        if evaluates_val(cfg, server_round):
-            row.update(_prefixed("val", worker.evaluate(state, worker.data.val)))
-            if cfg.fraction_evaluate > 0:  # the global model on the clients' own data (telling when non-iid)
-                row.update(_prefixed("client", strategy.evaluate_round(server_round, pack_state(state),
-                                                                       cfg.evaluate_clients)))
-        if evaluates_test(cfg, server_round):
-            row.update(_prefixed("test", worker.evaluate(state, worker.data.test)))
-        row["round_time"] = time.perf_counter() - started
-        row["wall_time"] = time.perf_counter() - t0
-        run_dir.append_row(row)
-        if last or server_round % cfg.checkpoint_every == 0:
-            run_dir.save_checkpoint({"round": server_round, "model": state, "wall_time": row["wall_time"],
-                                     "config": cfg.to_dict()})
-        log.info("round %d/%d  val_acc %s", server_round, rounds, row.get("val_accuracy", "-"))
+    key = "round"
 
-    state, start, elapsed = _restore(run_dir)
-    t0 -= elapsed
-    if start is None:  # fresh: step 0, calibration, and the starting point as round 0
-        started = time.perf_counter()
-        federation = strategy.federation
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, task: LoadedTask, strategy: SeededFedAvg):
+        self.cfg, self.run_dir, self.task, self.strategy = cfg, run_dir, task, strategy
+        self.total = cfg.total_rounds
+        self.global_state: State = {}
+
+    def step_zero(self) -> dict:
+        federation = self.strategy.federation
         before = federation.bytes_sent, federation.bytes_received
-        state, plan, found = _step_zero(cfg, strategy, worker, run_dir)
-        finish_round(0, state, {"round": 0, "density": plan.density if plan else 1.0, **found,
-                                "bytes_sent": federation.bytes_sent - before[0],  # every step-0 exchange
-                                "bytes_received": federation.bytes_received - before[1]}, started)
-        start = 0
-    else:  # resumed: the masks were saved before the round-0 checkpoint; calibration is not redone
-        plan = MaskPlan.load(run_dir, worker.trainable_shapes(), cfg)
-    if all(t.dtype == torch.float32 for t in state.values()):  # one buffer: a round's payload is not a copy
-        state = split_flat(flat_state(state)[Form.FLAT], {n: t.shape for n, t in state.items()})
-    strategy.use_masks(plan, compact=plan is not None and plan.shared is not None
-                       and _frozen_as_initial(state, plan.shared, worker.initial_state()))
-    for server_round in range(start + 1, rounds + 1):
-        started = time.perf_counter()
-        state, metrics = strategy.advance(server_round, state)
-        finish_round(server_round, state, {
-            "round": server_round, "learning_rate": client_lr(cfg, server_round),
-            "train_loss": metrics["train_loss"], "clients": metrics["clients"],
-            "worker_builds": metrics["worker_builds"],
-            "bytes_sent": metrics["bytes_sent"], "bytes_received": metrics["bytes_received"]}, started)
-    plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {cfg.run_id()}")
-    run_dir.mark_done()
+        self.global_state, plan, found = _step_zero(self.cfg, self.strategy, self.task, self.run_dir)
+        self._use(plan)
+        return {"density": plan.density if plan else 1.0, **found,
+                "bytes_sent": federation.bytes_sent - before[0],  # every step-0 exchange
+                "bytes_received": federation.bytes_received - before[1]}
+
+    def restore(self, checkpoint: dict) -> None:
+        """The global model; the masks were saved before the round-0 checkpoint, so calibration is not redone."""
+        self.global_state = checkpoint["model"]
+        self._use(MaskPlan.load(self.run_dir, self.task.trainable_shapes(), self.cfg))
+
+    def _use(self, plan: MaskPlan | None) -> None:
+        state = self.global_state
+        if all(t.dtype == torch.float32 for t in state.values()):  # one buffer: a round's payload is not a copy
+            self.global_state = split_flat(flat_state(state)[Form.FLAT], {n: t.shape for n, t in state.items()})
+        self.strategy.use_masks(plan, compact=plan is not None and plan.shared is not None
+                                and _frozen_as_initial(self.global_state, plan.shared, self.task.initial_state()))
+
+    def step(self, server_round: int) -> dict:
+        self.global_state, metrics = self.strategy.advance(server_round, self.global_state)
+        return {"learning_rate": client_lr(self.cfg, server_round), "train_loss": metrics["train_loss"],
+                "clients": metrics["clients"], "task_builds": metrics["task_builds"],
+                "bytes_sent": metrics["bytes_sent"], "bytes_received": metrics["bytes_received"]}
+
+    def evaluate(self, server_round: int) -> dict:
+        cfg, task, state, row = self.cfg, self.task, self.global_state, {}
+        if evaluates_val(cfg, server_round):
+            row.update(_prefixed("val", task.evaluate(state, task.data.val)))
+            if cfg.fraction_evaluate > 0:  # the global model on the clients' own data (telling when non-iid)
+                row.update(_prefixed("client", self.strategy.evaluate_round(server_round, pack_state(state),
+                                                                            cfg.evaluate_clients)))
+        if evaluates_test(cfg, server_round):
+            row.update(_prefixed("test", task.evaluate(state, task.data.test)))
+        return row
+
+    def checkpoints(self, server_round: int) -> bool:
+        return server_round % self.cfg.checkpoint_every == 0
+
+    def state(self) -> dict:
+        return {"model": self.global_state}
+
+    def finish(self, run_dir: RunDir) -> None:
+        plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {self.cfg.run_id()}")
 
 
 def evaluates_val(cfg: RunConfig, server_round: int) -> bool:
@@ -114,16 +123,16 @@ def evaluates_test(cfg: RunConfig, server_round: int) -> bool:
     return server_round in (0, cfg.total_rounds) or bool(cfg.test_every and server_round % cfg.test_every == 0)
 
 
-def _step_zero(cfg: RunConfig, strategy: SeededFedAvg, worker, run_dir: RunDir):
+def _step_zero(cfg: RunConfig, strategy: SeededFedAvg, task, run_dir: RunDir):
     """(global weights after step 0, the mask plan or None when dense, what step 0 found for the round-0
     row); the plan saved."""
-    state, found = federated_head(cfg, strategy, worker, worker.initial_state())
+    state, found = federated_head(cfg, strategy, task, task.initial_state())
     if cfg.optimizer != "sparse-sgdm":
         return state, None, found
     if cfg.mask_scope == "global":
-        plan = MaskPlan.global_mask(federated_masks(cfg, strategy, worker, state), cfg.num_clients)
+        plan = MaskPlan.global_mask(federated_masks(cfg, strategy, task, state), cfg.num_clients)
     else:
-        plan = MaskPlan.local_masks(federated_local_masks(cfg, strategy, worker, state))
+        plan = MaskPlan.local_masks(federated_local_masks(cfg, strategy, task, state))
     plan.save(run_dir)
     return state, plan, found
 
@@ -139,11 +148,3 @@ def _frozen_as_initial(state: State, masks, initial: State) -> bool:
 
 def _prefixed(split: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{split}_{k}": v for k, v in metrics.items()}
-
-
-def _restore(run_dir: RunDir) -> tuple[State | None, int | None, float]:
-    """(global weights, last finished round, wall time so far) from the checkpoint; Nones if fresh."""
-    ckpt = run_dir.resume("round")
-    if ckpt is None:
-        return None, None, 0.0
-    return ckpt["model"], ckpt["round"], ckpt["wall_time"]

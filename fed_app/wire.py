@@ -24,12 +24,12 @@ class Key:
 
     ARRAYS = "arrays"  # the global model, in one of the Forms (Flower's FedAvg arrayrecord_key)
     CONFIG = "config"  # the train config: SERVER_ROUND, PHASE (Flower's FedAvg configrecord_key)
-    METRICS = "metrics"  # every reply: PARTITION_ID, NUM_EXAMPLES, and TRAIN_LOSS, WORKER_BUILDS for training
+    METRICS = "metrics"  # every reply: PARTITION_ID, NUM_EXAMPLES, and TRAIN_LOSS, TASK_BUILDS for training
     DELTA = "delta"  # a client's update, in one of the Forms
     MASK = "mask"  # packed mask bits under field BITS
     INFO, STATS, LOSSES, SUMS = "info", "stats", "losses", "sums"  # step-0 query replies
     BITS = "bits"
-    PARTITION_ID, NUM_EXAMPLES, WORKER_BUILDS = "partition-id", "num-examples", "worker-builds"
+    PARTITION_ID, NUM_EXAMPLES, TASK_BUILDS = "partition-id", "num-examples", "task-builds"
     SERVER_ROUND, PHASE, TRAIN_LOSS = "server-round", "phase", "train_loss"
 
 

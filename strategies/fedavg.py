@@ -166,9 +166,9 @@ class SeededFedAvg(FedAvg):
                 mask = self.plan.per_partition[int(content[Key.METRICS][Key.PARTITION_ID])]
                 total.add(self._scatter(delta[Form.VALUES], mask), weight, mask)
         loss = sum(w * float(c[Key.METRICS]["train_loss"]) for w, c in zip(weights, contents)) / sum(weights)
-        builds = max(int(c[Key.METRICS].get(Key.WORKER_BUILDS, 0)) for c in contents)  # 1: built once per process
+        builds = max(int(c[Key.METRICS].get(Key.TASK_BUILDS, 0)) for c in contents)  # 1: built once per process
         return ArrayRecord(total.result()), MetricRecord({"train_loss": loss, "clients": len(contents),
-                                                          "worker_builds": builds})
+                                                          "task_builds": builds})
 
     @staticmethod
     def _scatter(values: Tensor, masks: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ from fed_app.task import make_scheduler
 
 from .conftest import TINY
 
-TIMING = {"wall_time"}
+TIMING = {"wall_time", "epoch_time"}
 
 
 def _overrides(cfg_dict):

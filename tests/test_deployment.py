@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fed_app.config import RunConfig
-from fed_app.simulation import LocalSimulation, free_port
+from fed_app.local_federation import LocalFederation, free_port
 
 from .conftest import TINY
 
@@ -19,7 +19,7 @@ def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path):
                                      "fraction-train": 1.0, "num-rounds": 2, "eval-every": 1,
                                      "run-dir": str(tmp_path / "run")})
     port = free_port()
-    with LocalSimulation(tmp_path / "flwr") as fed:
+    with LocalFederation(tmp_path / "flwr") as fed:
         fed.home.mkdir(parents=True)
         (fed.home / "config.toml").write_text(
             f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')

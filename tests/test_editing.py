@@ -12,7 +12,7 @@ from fed_app.head import ridge_statistics, solve_ridge
 from fed_app.model import build_model
 from masking.calibrate import load_masks
 
-TIMING = {"wall_time"}
+TIMING = {"wall_time", "epoch_time"}
 
 
 def _sparse(tiny_cfg, **kw):

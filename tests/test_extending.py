@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fed_app.config import ConfigError, RunConfig
 from fed_app.model import build_model
 from fed_app.registry import AGGREGATIONS, OBJECTIVES
-from fed_app.simulation import LocalSimulation
+from fed_app.local_federation import LocalFederation
 from masking.calibrate import calibrate, load_masks
 from strategies.fedavg import weighted_average
 
@@ -61,7 +61,7 @@ def test_a_plugin_registered_from_outside_the_package_runs_end_to_end(tmp_path):
                                      "lr": 0.01, "sparsity": 0.8, "calibration-rounds": 2,
                                      "mask-rule": "by-position", "client-objective": "proximal",
                                      "aggregation": "half-step", "run-dir": str(tmp_path / "run")})
-    with LocalSimulation(tmp_path / "flwr") as sim:
+    with LocalFederation(tmp_path / "flwr") as sim:
         sim.run(cfg, num_supernodes=6, timeout=300)
     rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["train_loss"] > 0 for r in rows[1:])

@@ -8,9 +8,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fed_app.config import ConfigError, RunConfig
-from fed_app.simulation import LocalSimulation, SimulationError
+from fed_app.local_federation import LocalFederation, FlowerRunError
 from fed_app.transport import SharedFiles
-from fed_app.worker import get_worker
+from fed_app.loaded_task import load_task
 from strategies.fedavg import sample_partitions, weighted_average
 
 from .conftest import TINY
@@ -44,33 +44,33 @@ def test_weighted_average_of_deltas_matches_a_hand_computation():
 
 def test_a_client_takes_exactly_j_optimizer_steps_on_its_own_shard(tmp_path):
     cfg = _cfg(tmp_path, "unit", **{"local-steps": 7})
-    worker = get_worker(cfg)
+    task = load_task(cfg)
     steps = []
     handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(1))
     try:
-        delta, loss, examples = worker.local_update(worker.initial_state(), partition_id=3, server_round=1)
+        delta, loss, examples = task.local_update(task.initial_state(), partition_id=3, server_round=1)
     finally:
         handle.remove()
-    assert len(steps) == 7 and examples == len(worker.shards[3]) == 300
+    assert len(steps) == 7 and examples == len(task.shards[3]) == 300
     assert any(d.abs().sum() > 0 for d in delta.values())
-    again, _, _ = worker.local_update(worker.initial_state(), partition_id=3, server_round=1)
+    again, _, _ = task.local_update(task.initial_state(), partition_id=3, server_round=1)
     assert all(torch.equal(delta[k], again[k]) for k in delta)  # (seed, round, client) fixes the batches
-    assert get_worker(cfg) is worker  # built once per process, reused by every message
+    assert load_task(cfg) is task  # built once per process, reused by every message
 
 
 @pytest.mark.slow
 def test_compile_gives_the_eager_update_and_compiles_once_per_worker(tmp_path):
     cfg = _cfg(tmp_path, "unit", **{"local-steps": 12})  # 300 images, batch 32: a pass's short batch too
-    eager = get_worker(cfg)
+    eager = load_task(cfg)
     state = eager.initial_state()
     expected, expected_loss, _ = eager.local_update(state, partition_id=3, server_round=1)
-    compiled = get_worker(cfg.replace(compile=True))
+    compiled = load_task(cfg.replace(compile=True))
     delta, loss, _ = compiled.local_update(state, partition_id=3, server_round=1)
     assert compiled.trainer is not compiled.model and loss == pytest.approx(expected_loss, rel=1e-5)
     assert all(torch.allclose(delta[k], expected[k], atol=1e-6) for k in delta)
     trainer = compiled.trainer
     compiled.local_update(state, partition_id=4, server_round=2)
-    assert compiled.trainer is trainer and get_worker(cfg.replace(compile=True)) is compiled
+    assert compiled.trainer is trainer and load_task(cfg.replace(compile=True)) is compiled
 
 
 def test_the_client_path_uses_no_dataloader(tmp_path, monkeypatch):
@@ -78,22 +78,22 @@ def test_the_client_path_uses_no_dataloader(tmp_path, monkeypatch):
         raise AssertionError("a DataLoader was built in the client path")
 
     monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", refuse)
-    worker = get_worker(_cfg(tmp_path, "unit"))
-    state = worker.initial_state()
-    worker.local_update(state, partition_id=0, server_round=1)
-    worker.evaluate(state, worker.shard(0))
+    task = load_task(_cfg(tmp_path, "unit"))
+    state = task.initial_state()
+    task.local_update(state, partition_id=0, server_round=1)
+    task.evaluate(state, task.shard(0))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("partition", ["iid", "noniid"])
 def test_flwr_run_simulation_end_to_end(tmp_path, partition):
     cfg = _cfg(tmp_path, partition, partition=partition, **{"classes-per-client": 20, "fraction-evaluate": 0.5})
-    with LocalSimulation(tmp_path / "flwr") as sim:
+    with LocalFederation(tmp_path / "flwr") as sim:
         sim.run(cfg, num_supernodes=10, timeout=300)
     rows = _rows(tmp_path / partition)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # round 0: the starting point, evaluated
     assert all(r["clients"] == 3 for r in rows[1:])
-    assert all(r["worker_builds"] == 1 for r in rows[1:])  # each worker process built model and data once
+    assert all(r["task_builds"] == 1 for r in rows[1:])  # each task process built model and data once
     assert "val_accuracy" in rows[2] and "val_accuracy" not in rows[3] and "test_accuracy" in rows[4]
     assert "client_accuracy" in rows[2] and "client_accuracy" not in rows[3]  # 5 clients on their own shards
     assert rows[1]["bytes_sent"] == rows[1]["bytes_received"] > 0  # dense: a delta as large as the model
@@ -111,7 +111,7 @@ def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights
     whole = _cfg(tmp_path, "whole", transport="messages", **settings)
     cut = _cfg(tmp_path, "cut", **settings)
     assert cut.transport == "files"
-    with LocalSimulation(tmp_path / "flwr") as sim:
+    with LocalFederation(tmp_path / "flwr") as sim:
         sim.run(whole, num_supernodes=10, timeout=300)
         proc = sim.popen(cut, num_supernodes=10)
         rows_file, deadline = tmp_path / "cut" / "rows.jsonl", time.time() + 240
@@ -135,7 +135,7 @@ def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights
 @pytest.mark.slow
 def test_a_federation_of_the_wrong_size_fails_the_run_with_one_sentence(tmp_path):
     cfg = _cfg(tmp_path, "wrong", **{"num-rounds": 1})
-    with LocalSimulation(tmp_path / "flwr") as sim, pytest.raises(SimulationError) as err:
+    with LocalFederation(tmp_path / "flwr") as sim, pytest.raises(FlowerRunError) as err:
         sim.run(cfg, num_supernodes=4, timeout=300)
     assert "num-clients=10 but 4 nodes are connected" in str(err.value)
     assert "start exactly 10 supernodes" in str(err.value)
@@ -162,7 +162,7 @@ def test_make_run_refuses_a_bad_value_in_one_sentence_before_starting_flower(tmp
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "fed_app.simulation", "--run-config", "partition='dirichlet'"],
+    proc = subprocess.run([sys.executable, "-m", "fed_app.launch", "--run-config", "partition='dirichlet'"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: run-config partition='dirichlet' is not one of iid, noniid; pick one of those."
@@ -173,7 +173,7 @@ def test_make_run_without_cifar_offline_says_where_to_put_it_before_starting_flo
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "fed_app.simulation", "--run-config",
+    proc = subprocess.run([sys.executable, "-m", "fed_app.launch", "--run-config",
                            f"data-root='{tmp_path / 'nowhere'}' download=false"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
@@ -187,7 +187,7 @@ def test_round_scheduler_cosine_decays_the_client_lr_over_the_run(tmp_path):
     cfg = _cfg(tmp_path, "cos", **{"round-scheduler": "cosine", "num-rounds": 8})
     assert [round(client_lr(cfg, t) / cfg.lr, 4) for t in (1, 5, 8)] == [1.0, 0.5, 0.0381]
     assert client_lr(cfg.replace(round_scheduler="constant"), 8) == cfg.lr
-    decayed, _, _ = get_worker(cfg).local_update(get_worker(cfg).initial_state(), partition_id=2, server_round=5)
-    plain = get_worker(cfg.replace(round_scheduler="constant", lr=cfg.lr * 0.5))  # the same round at half the lr
+    decayed, _, _ = load_task(cfg).local_update(load_task(cfg).initial_state(), partition_id=2, server_round=5)
+    plain = load_task(cfg.replace(round_scheduler="constant", lr=cfg.lr * 0.5))  # the same round at half the lr
     expected, _, _ = plain.local_update(plain.initial_state(), partition_id=2, server_round=5)
     assert all(torch.equal(decayed[k], expected[k]) for k in expected)

@@ -15,7 +15,7 @@ from fed_app.editing import calibrate_masks, fit_head
 from fed_app.head import features
 from fed_app.task import autocast
 from fed_app.wire import apply_update
-from fed_app.worker import get_worker
+from fed_app.loaded_task import load_task
 from masking.fisher import sample_labels
 from strategies.fedavg import sample_partitions, weighted_average
 
@@ -36,30 +36,30 @@ def pretrained(tmp_path_factory) -> str:
 def fedavg(cfg: RunConfig, rounds: int, state=None, masks=None) -> tuple[dict, list[dict]]:
     """FedAvg in process: the server's sampling, the clients' local update, the weighted average, applied.
     (final global state, test metrics of the starting point and after every 10 rounds)."""
-    worker = get_worker(cfg)
-    state = worker.initial_state() if state is None else state
-    curve = [worker.evaluate(state, worker.data.test)]
+    task = load_task(cfg)
+    state = task.initial_state() if state is None else state
+    curve = [task.evaluate(state, task.data.test)]
     for r in range(1, rounds + 1):
         deltas, weights = [], []
         for pid in sample_partitions(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
-            delta, _, examples = worker.local_update(state, pid, r, masks)
+            delta, _, examples = task.local_update(state, pid, r, masks)
             deltas.append(delta)
             weights.append(examples)
         state = apply_update(state, weighted_average(deltas, weights), None)
         if r % 10 == 0:
-            curve.append(worker.evaluate(state, worker.data.test))
+            curve.append(task.evaluate(state, task.data.test))
     return state, curve
 
 
 def step_zero(cfg: RunConfig):
-    """The worker's model with its step-0 head fitted on the whole training split (the federated fit equals
+    """The task's model with its step-0 head fitted on the whole training split (the federated fit equals
     it, tested in test_sparse_fl.py), and what step 0 found."""
-    worker = get_worker(cfg)
-    worker.load(worker.initial_state())
-    everything = torch.arange(len(worker.data.train))
-    found = fit_head(cfg, worker.model, worker.data.train, everything, worker.train_tf, worker.eval_tf,
-                     autocast(cfg, worker.device), worker.data.num_classes)
-    return worker, everything, found
+    task = load_task(cfg)
+    task.load(task.initial_state())
+    everything = torch.arange(len(task.data.train))
+    found = fit_head(cfg, task.model, task.data.train, everything, task.train_tf, task.eval_tf,
+                     autocast(cfg, task.device), task.data.num_classes)
+    return task, everything, found
 
 
 def test_centralized_training_on_real_digits_reaches_80_percent(tmp_path):
@@ -79,13 +79,13 @@ def test_fedavg_iid_beats_one_class_per_client_after_the_same_rounds():
 
 def test_calibrated_ridge_head_is_close_to_a_cross_entropy_head_and_far_from_uniform(pretrained):
     cfg = RunConfig(**FL, optimizer="sparse-sgdm", head="ridge", ridge_lambda=0.01, model_weights=pretrained)
-    worker, everything, found = step_zero(cfg)
-    prec = autocast(cfg, worker.device)
+    task, everything, found = step_zero(cfg)
+    prec = autocast(cfg, task.device)
 
     def feats(split):
-        return map(torch.cat, zip(*features(worker.model, split, torch.arange(len(split)), worker.eval_tf, 512, prec)))
+        return map(torch.cat, zip(*features(task.model, split, torch.arange(len(split)), task.eval_tf, 512, prec)))
 
-    (x, y), (x_test, y_test) = feats(worker.data.train), feats(worker.data.test)
+    (x, y), (x_test, y_test) = feats(task.data.train), feats(task.data.test)
     weight = torch.zeros(10, x.shape[1], dtype=torch.float64, requires_grad=True)  # reference: a CE-trained head
     bias = torch.zeros(10, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
@@ -99,7 +99,7 @@ def test_calibrated_ridge_head_is_close_to_a_cross_entropy_head_and_far_from_uni
     opt.step(closure)
     with torch.no_grad():
         trained = F.cross_entropy(x_test @ weight.T + bias, y_test).item()
-        logits = worker.model.head(x_test.float()).double()
+        logits = task.model.head(x_test.float()).double()
     calibrated = F.cross_entropy(logits, y_test).item()
     assert found["head_temperature"] > 3  # ridge logits of a one-hot regression lie near [0, 1]
     assert calibrated < 1.25 * trained and calibrated < 0.5 * math.log(10)  # on held-out images
@@ -110,9 +110,9 @@ def test_calibrated_ridge_head_is_close_to_a_cross_entropy_head_and_far_from_uni
 def test_sparse_fedavg_from_the_calibrated_ridge_head_lowers_the_loss_and_raises_accuracy(pretrained):
     cfg = RunConfig(**FL, lr=0.03, optimizer="sparse-sgdm", head="ridge", sparsity=0.9, calibration_rounds=3,
                     fisher_samples=256, model_weights=pretrained)
-    worker, everything, _ = step_zero(cfg)
-    masks = calibrate_masks(cfg, worker.model, worker.data.train, everything, worker.eval_tf)
-    start = {k: v.detach().clone() for k, v in worker.model.state_dict().items()}
+    task, everything, _ = step_zero(cfg)
+    masks = calibrate_masks(cfg, task.model, task.data.train, everything, task.eval_tf)
+    start = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
     final, curve = fedavg(cfg, rounds=30, state=start, masks=masks)
     assert curve[-1]["loss"] < curve[0]["loss"] - 0.05
     assert curve[-1]["accuracy"] > curve[0]["accuracy"] + 0.02
@@ -125,11 +125,11 @@ def test_sampled_fisher_labels_follow_the_model_once_the_head_is_calibrated(pret
     for calibrate in (True, False):
         cfg = RunConfig(**FL, optimizer="sparse-sgdm", head="ridge", model_weights=pretrained,
                         ridge_calibrate=calibrate)
-        worker, _, _ = step_zero(cfg)
+        task, _, _ = step_zero(cfg)
         with torch.no_grad():
-            x = worker.eval_tf(worker.data.train.images[:400])
-            argmax = worker.model(x).argmax(1)
-        drawn = sample_labels(worker.model, x, torch.Generator().manual_seed(0))
+            x = task.eval_tf(task.data.train.images[:400])
+            argmax = task.model(x).argmax(1)
+        drawn = sample_labels(task.model, x, torch.Generator().manual_seed(0))
         agreement[calibrate] = (drawn == argmax).float().mean().item()
     assert agreement[True] > 0.5  # the true Fisher is scored mostly on the labels the model believes
     assert agreement[False] < 0.3  # uncalibrated: close to uniform draws (chance 0.1)

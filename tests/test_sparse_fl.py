@@ -11,7 +11,7 @@ from fed_app.data import BatchTransform, load_dataset
 from fed_app.editing import calibrate_masks, fit_head
 from fed_app.head import freeze_head, set_head
 from fed_app.model import build_model
-from fed_app.simulation import LocalSimulation
+from fed_app.local_federation import LocalFederation
 from masking.calibrate import load_masks
 from fed_app.wire import apply_update, flat_state, masked_state, pack_state, split_flat, unpack_masked_state
 from fed_app.wire import add_trainable_, gather_trainable, pack_masks, unpack_masks
@@ -69,7 +69,7 @@ def test_apply_update_reads_each_wire_form_and_leaves_what_it_does_not_name():
 @pytest.mark.slow
 def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_frozen_entries(tmp_path):
     cfg = RunConfig.from_run_config({**SPARSE_FL, "run-dir": str(tmp_path / "run")})
-    with LocalSimulation(tmp_path / "flwr") as sim:
+    with LocalFederation(tmp_path / "flwr") as sim:
         sim.run(cfg, num_supernodes=10, timeout=300)
     run = tmp_path / "run"
     final = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
@@ -120,7 +120,7 @@ def test_local_masks_each_client_its_own_and_entries_frozen_everywhere_never_mov
     settings = {**SPARSE_FL, "mask-scope": "local", "partition": "noniid", "classes-per-client": 10,
                 "fisher-samples": 64, "fisher-mode": "sampled"}
     cfg = RunConfig.from_run_config({**settings, "run-dir": str(tmp_path / "run")})
-    with LocalSimulation(tmp_path / "flwr") as sim:
+    with LocalFederation(tmp_path / "flwr") as sim:
         sim.run(cfg, num_supernodes=10, timeout=300)
     run = tmp_path / "run"
     model, _ = build_model(cfg, 100)
@@ -146,7 +146,7 @@ def test_head_rounds_train_the_head_and_no_backbone_entry(tmp_path):
     settings = {**SPARSE_FL, "head": "train", "head-rounds": 2, "num-rounds": 2, "fisher-samples": 64,
                 "mask-rule": "random", "calibration-rounds": 1}
     cfg = RunConfig.from_run_config({**settings, "run-dir": str(tmp_path / "run")})
-    with LocalSimulation(tmp_path / "flwr") as sim:
+    with LocalFederation(tmp_path / "flwr") as sim:
         sim.run(cfg, num_supernodes=10, timeout=300)
     model, _ = build_model(cfg, 100)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,5 +1,6 @@
-"""A private local Flower federation (simulation, or a deployment SuperLink): its own FLWR_HOME, `flwr run` with run and federation config,
-the run's real status (not the exit code), and a stop that ends exactly its own processes."""
+"""A private local Flower federation: its own FLWR_HOME and ports, `flwr run` on the local simulation or on
+a deployment SuperLink, the run's real status (not the exit code), and a stop that ends exactly its own
+processes. Used by `make run` (fed_app/launch.py), the experiment runner, the benchmarks and the tests."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: the folder with pyproject.toml
 
 
-class SimulationError(UserError, RuntimeError):
+class FlowerRunError(UserError, RuntimeError):
     """A Flower run that did not finish successfully."""
 
 
@@ -39,7 +40,7 @@ def run_config_arg(cfg: RunConfig) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in cfg.to_run_config().items())
 
 
-class LocalSimulation:
+class LocalFederation:
     """`flwr run` against a local SuperLink that lives under `home` and is stopped by `stop()`."""
 
     def __init__(self, home: Path):
@@ -73,15 +74,15 @@ class LocalSimulation:
 
     def run(self, cfg: RunConfig, num_supernodes: int | None = None, timeout: float | None = None,
             **options) -> str:
-        """Run to the end; the streamed log. Raises SimulationError unless the run's status is completed."""
+        """Run to the end; the streamed log. Raises FlowerRunError unless the run's status is completed."""
         proc = self.popen(cfg, num_supernodes, **options)
         output, _ = proc.communicate(timeout=timeout)
         match = re.search(r"Successfully started run (\d+)", output)
         if proc.returncode != 0 or not match:
-            raise SimulationError(f"`flwr run` failed (exit {proc.returncode}): {output[-2000:]}")
+            raise FlowerRunError(f"`flwr run` failed (exit {proc.returncode}): {output[-2000:]}")
         status = self.status(match.group(1))
         if status != "finished:completed":
-            raise SimulationError(f"Flower run {match.group(1)} ended as {status!r}; its log:\n{output[-4000:]}")
+            raise FlowerRunError(f"Flower run {match.group(1)} ended as {status!r}; its log:\n{output[-4000:]}")
         return output
 
     def status(self, run_id: str) -> str:
@@ -103,7 +104,7 @@ class LocalSimulation:
                 continue
         return killed
 
-    def __enter__(self) -> LocalSimulation:
+    def __enter__(self) -> LocalFederation:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -128,50 +129,3 @@ def client_gpus(asked: float | None) -> float:
     import torch
 
     return 0.1 if torch.cuda.is_available() else 0.0
-
-
-def preflight(cfg: RunConfig) -> None:
-    """Load the data and build the model once here, so a missing dataset or weights file is one sentence
-    before Flower starts, not a traceback inside the ServerApp."""
-    from fed_app.data import read_cifar100
-    from fed_app.model import build_model
-
-    if cfg.dataset == "cifar100":  # read and dropped: this process keeps no copy of the data
-        read_cifar100(cfg.data_root, cfg.download)
-    build_model(cfg, 100)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from fed_app.config import parse_overrides
-    from fed_app.rundir import RunDir
-
-    parser = argparse.ArgumentParser(
-        prog="python -m fed_app.simulation",
-        description="Run the Flower app on a private local simulation (results/.flwr), then stop it.")
-    parser.add_argument("--run-config", default="", help="e.g. \"local-steps=8 partition='noniid'\"")
-    parser.add_argument("--num-supernodes", type=int, default=None, help="default: num-clients")
-    parser.add_argument("--cpus", type=int, default=1, help="CPU cores per client (client-resources-num-cpus)")
-    parser.add_argument("--gpus", type=float, default=None,
-                        help="GPU fraction per client; default 0.1 with CUDA (10 clients share the GPU), else 0")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
-    cfg = cfg.replace(run_dir=str(RunDir.for_config(cfg, group="federated").path))  # absolute for the SuperLink
-    preflight(cfg)
-    gpus = client_gpus(args.gpus)
-    with LocalSimulation(Path("results") / ".flwr") as sim:
-        proc = sim.popen(cfg, args.num_supernodes or cfg.num_clients, cpus=args.cpus, gpus=gpus)
-        for line in proc.stdout:  # stream Flower's log as it comes
-            sys.stdout.write(line)
-        proc.wait()
-    if not (Path(cfg.run_dir) / "DONE").exists():
-        raise SimulationError("the Flower run did not finish; see the log above. Rerun the same command to resume.")
-    log.info("done: %s", cfg.run_dir)
-
-
-if __name__ == "__main__":
-    from fed_app.cli import exit_on_user_error
-
-    exit_on_user_error(main)

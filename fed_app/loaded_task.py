@@ -1,4 +1,6 @@
-"""One process's cached task state (device, data, model, shards), built once and reused by every message."""
+"""The run's task loaded in one process: device, data splits, model and client shards, built once and
+reused by every message. Clients train and score with it; the server evaluates the global model with it and
+takes the seeded initial model from it. Task code only: no Flower."""
 
 from __future__ import annotations
 
@@ -29,14 +31,14 @@ State = dict[str, Tensor]
 
 
 @dataclass
-class Worker:
+class LoadedTask:
     cfg: RunConfig
     device: torch.device
     data: Dataset
     model: torch.nn.Module
     spec: ModelSpec
     shards: list[Tensor]
-    builds: int = 0  # how many times this process built a worker: 1 in steady state
+    builds: int = 0  # how many times this process loaded a task: 1 in steady state
     _mask_cache: tuple[bytes, dict[str, Tensor]] | None = None
     _base: State | None = None
     _trainer: torch.nn.Module | None = None
@@ -145,12 +147,12 @@ class Worker:
         return evaluate(self.model, split, self.eval_tf, self.cfg.eval_batch_size, autocast(self.cfg, self.device))
 
 
-_CURRENT: Worker | None = None
+_CURRENT: LoadedTask | None = None
 _BUILDS = 0
 
 
-def get_worker(cfg: RunConfig) -> Worker:
-    """This process's worker for `cfg`; built on the first message of a run, reused after."""
+def load_task(cfg: RunConfig) -> LoadedTask:
+    """This process's loaded task for `cfg`; built on the first message of a run, reused after."""
     global _CURRENT, _BUILDS
     if _CURRENT is None or _CURRENT.cfg != cfg:
         device = resolve_device(cfg)
@@ -160,6 +162,6 @@ def get_worker(cfg: RunConfig) -> Worker:
             freeze_head(model)  # step 0 fits it; afterwards it is neither trained nor masked
         shards = [torch.as_tensor(s, device=device) for s in client_shards(cfg, data.train.labels.cpu().numpy())]
         _BUILDS += 1
-        _CURRENT = Worker(cfg, device, data, model.to(device), spec, shards, builds=_BUILDS)
-        log.info("process %d built its worker (%s on %s)", os.getpid(), cfg.model, device)
+        _CURRENT = LoadedTask(cfg, device, data, model.to(device), spec, shards, builds=_BUILDS)
+        log.info("process %d loaded its task (%s on %s)", os.getpid(), cfg.model, device)
     return _CURRENT

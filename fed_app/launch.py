@@ -1,0 +1,63 @@
+"""`make run`: one federated run on a private local Flower simulation (results/.flwr), resumed when rerun.
+
+`python -m fed_app.launch --run-config "..."` checks the config, loads the data and builds the model once
+(the preflight: a missing dataset or weights file is one sentence, not a traceback inside the ServerApp),
+starts the simulation, streams its log and stops every process it started."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from fed_app.config import RunConfig
+from fed_app.local_federation import FlowerRunError, LocalFederation, client_gpus
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Load the data and build the model once here, so a missing dataset or weights file is one sentence
+    before Flower starts, not a traceback inside the ServerApp."""
+    from fed_app.data import read_cifar100
+    from fed_app.model import build_model
+
+    if cfg.dataset == "cifar100":  # read and dropped: this process keeps no copy of the data
+        read_cifar100(cfg.data_root, cfg.download)
+    build_model(cfg, 100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from fed_app.config import parse_overrides
+    from fed_app.rundir import RunDir
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fed_app.launch",
+        description="Run the Flower app on a private local simulation (results/.flwr), then stop it.")
+    parser.add_argument("--run-config", default="", help="e.g. \"local-steps=8 partition='noniid'\"")
+    parser.add_argument("--num-supernodes", type=int, default=None, help="default: num-clients")
+    parser.add_argument("--cpus", type=int, default=1, help="CPU cores per client (client-resources-num-cpus)")
+    parser.add_argument("--gpus", type=float, default=None,
+                        help="GPU fraction per client; default 0.1 with CUDA (10 clients share the GPU), else 0")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
+    cfg = cfg.replace(run_dir=str(RunDir.for_config(cfg, group="federated").path))  # absolute for the SuperLink
+    preflight(cfg)
+    gpus = client_gpus(args.gpus)
+    with LocalFederation(Path("results") / ".flwr") as sim:
+        proc = sim.popen(cfg, args.num_supernodes or cfg.num_clients, cpus=args.cpus, gpus=gpus)
+        for line in proc.stdout:  # stream Flower's log as it comes
+            sys.stdout.write(line)
+        proc.wait()
+    if not (Path(cfg.run_dir) / "DONE").exists():
+        raise FlowerRunError("the Flower run did not finish; see the log above. Rerun the same command to resume.")
+    log.info("done: %s", cfg.run_dir)
+
+
+if __name__ == "__main__":
+    from fed_app.cli import exit_on_user_error
+
+    exit_on_user_error(main)

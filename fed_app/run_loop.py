@@ -1,0 +1,80 @@
+"""The one shape of a resumable run, centralized or federated: restore the last checkpoint or take step 0,
+then each step is run, recorded as a row and checkpointed on schedule, then DONE. What a step is (an epoch,
+a FedAvg round) belongs to the caller's `Steps`; when to restore, record and checkpoint belongs here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Protocol
+
+from fed_app.config import RunConfig
+from fed_app.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class Steps(Protocol):
+    key: str  # "epoch" or "round": the rows' counter, the checkpoint's, and the log's
+    total: int  # the last step; step 0 is the starting point
+
+    def step_zero(self) -> dict[str, Any]:
+        """A fresh run's starting point (step 0, calibration, masks saved): row 0's fields."""
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Put back what `state()` saved in `checkpoint`."""
+
+    def step(self, i: int) -> dict[str, Any]:
+        """Step i of 1..total: its row's fields."""
+
+    def evaluate(self, i: int) -> dict[str, Any]:
+        """The metrics of the model after step i that its row holds (validation and test on their schedules)."""
+
+    def checkpoints(self, i: int) -> bool:
+        """Whether step i is checkpointed (the last step always is)."""
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the counter, the wall time and the config."""
+
+    def finish(self, run_dir: RunDir) -> None:
+        """After the last step, before DONE (curves)."""
+
+
+def run_steps(cfg: RunConfig, run_dir: RunDir, steps: Steps) -> RunDir:
+    """Restore or step 0, then steps start+1..total, each one a row and, on schedule, a checkpoint; DONE."""
+    key = steps.key
+    checkpoint = run_dir.resume(key)
+    t0 = time.perf_counter()
+    if checkpoint is None:
+        started = time.perf_counter()
+        _record(cfg, run_dir, steps, 0, steps.step_zero(), started, t0)
+        start = 0
+    else:
+        steps.restore(checkpoint)
+        start = checkpoint[key]
+        t0 -= checkpoint.get("wall_time", 0.0)  # wall time counts on from where the run stopped
+    for i in range(start + 1, steps.total + 1):
+        started = time.perf_counter()
+        _record(cfg, run_dir, steps, i, steps.step(i), started, t0)
+    steps.finish(run_dir)
+    run_dir.mark_done()
+    return run_dir
+
+
+def _record(cfg: RunConfig, run_dir: RunDir, steps: Steps, i: int, fields: dict[str, Any], started: float,
+            t0: float) -> None:
+    row = {steps.key: i, **fields, **steps.evaluate(i)}
+    row[f"{steps.key}_time"] = time.perf_counter() - started
+    row["wall_time"] = time.perf_counter() - t0
+    run_dir.append_row(row)
+    if i == 0 or i == steps.total or steps.checkpoints(i):
+        run_dir.save_checkpoint({steps.key: i, **steps.state(), "wall_time": row["wall_time"],
+                                 "config": cfg.to_dict()})
+    log.info("%s", progress_line(steps.key, i, steps.total, row))
+
+
+def progress_line(key: str, i: int, total: int, row: dict[str, Any]) -> str:
+    """`round 3/40  train_loss 2.1034  val_accuracy 0.4120`: the step and the metrics its row holds."""
+    shown = [f"{name} {row[name]:.4f}" for name in ("train_loss", "val_accuracy", "test_accuracy")
+             if isinstance(row.get(name), float)]
+    return "  ".join([f"{key} {i}/{total}", *shown])
