@@ -13,10 +13,28 @@ TINY = {
     "epochs": 2, "lr": 0.05, "device": "cpu",
 }
 
+FL = {**TINY, "num-clients": 10, "fraction-train": 0.3, "num-rounds": 4, "eval-every": 2, "checkpoint-every": 2,
+      "local-steps": 2}  # a small federation: 3 of 10 clients a round
+
+
+def fl_cfg(tmp_path, name, **changes) -> RunConfig:
+    """The small federation's config with `changes`, its run folder tmp_path/name."""
+    return RunConfig.from_run_config({**FL, **changes, "run-dir": str(tmp_path / name)})
+
 
 @pytest.fixture
 def tiny_cfg(tmp_path) -> RunConfig:
     return RunConfig.from_run_config({**TINY, "run-dir": str(tmp_path / "run")})
+
+
+@pytest.fixture(scope="session")
+def server_app_identity() -> None:
+    """This test process plays a ServerApp's process: a Flower message takes its sender's run, node and task
+    from the process identity, which Flower's runtimes set through these public setters before a ServerApp
+    starts (flwr.server.compat.app does the same)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,7 @@
 """The studies learn: tests that fail when training stops learning, on real images (scikit-learn's 8x8 digits,
 shipped inside the package) with the tiny ViT. FedAvg rounds run in process with the same functions as the
 Flower server and clients (sampling, local update, weighted average, apply); Flower equivalence is tested
-in test_federated.py and test_sparse_fl.py."""
+in tests/fed_app/test_server_app.py and test_server_app_sparse.py."""
 
 import math
 
@@ -53,7 +53,7 @@ def fedavg(cfg: RunConfig, rounds: int, state=None, masks=None) -> tuple[dict, l
 
 def step_zero(cfg: RunConfig):
     """The task's model with its step-0 head fitted on the whole training split (the federated fit equals
-    it, tested in test_sparse_fl.py), and what step 0 found."""
+    it, tested in tests/fed_app/test_server_app_sparse.py), and what step 0 found."""
     task = load_task(cfg)
     task.load(task.initial_state())
     everything = torch.arange(len(task.data.train))

@@ -1,13 +1,13 @@
-"""SeededFedAvg's round: failed clients are retried, never silently dropped; aggregation is weighted."""
+"""SeededFedAvg: sampling is a function of (seed, round); failed clients are retried, never silently dropped;
+aggregation is example-weighted (masked: over the clients that train an entry); files and messages agree."""
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-from fed_app.transport import SharedFiles, TransportError, carry, folder_of, take
+from fed_app.transport import SharedFiles, carry, folder_of, take
 from fed_app.federation import Federation
-from strategies.fedavg import RoundFailedError, SeededFedAvg, sample_partitions
+from strategies.fedavg import RoundFailedError, SeededFedAvg, masked_average, sample_partitions, weighted_average
 
 NODES = {pid: 1000 + pid for pid in range(10)}
 
@@ -33,11 +33,7 @@ class FlakyGrid:
         return replies
 
 
-@pytest.fixture(autouse=True)
-def flower_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+pytestmark = pytest.mark.usefixtures("server_app_identity")  # these tests build Flower messages
 
 
 def _strategy(grid, max_retries, files=None):
@@ -112,23 +108,6 @@ def test_files_transport_gives_the_message_result_with_tiny_messages_and_leaves_
     assert not files.root.exists()
 
 
-def test_a_client_on_another_machine_is_told_to_use_messages(tmp_path):
-    content = RecordDict({"arrays-file": ConfigRecord({"path": str(tmp_path / "gone.pt"), "bytes": 12})})
-    with pytest.raises(TransportError, match=r"transport='files' needs every client on the server's machine; "
-                                             r"pass --run-config \"transport='messages'\""):
-        take(content, "arrays")
-
-
-def test_a_killed_servers_payload_folder_is_removed_by_the_next_one():
-    dead = SharedFiles("test-stale", 10**6)
-    stale = dead.root.with_name("fedit-test-stale-999999999")  # no such process
-    dead.root.rename(stale)
-    (stale / "arrays-x.pt").write_bytes(b"0" * 10)
-    fresh = SharedFiles("test-stale", 10**6)
-    assert not stale.exists() and fresh.root.exists()
-    fresh.close()
-
-
 class RemoteClients(FileClients):
     """Clients on another machine: a model sent as a file cannot be read there."""
 
@@ -155,10 +134,21 @@ def test_when_clients_cannot_read_the_files_the_round_is_redone_inside_messages(
 
 
 def test_local_masks_average_each_entry_over_the_clients_that_train_it():
-    from strategies.fedavg import masked_average
-
     deltas = [{"w": torch.tensor([1.0, 2.0, 3.0])}, {"w": torch.tensor([5.0, 6.0, 7.0])}]
     masks = [{"w": torch.tensor([True, True, False])}, {"w": torch.tensor([True, False, False])}]
     out = masked_average(deltas, masks, [1.0, 3.0])
     # entry 0: both train it, (1*1 + 3*5)/4; entry 1: only client 0, its own update; entry 2: nobody, 0
     assert out["w"].tolist() == [4.0, 2.0, 0.0]
+
+
+def test_sampling_is_a_function_of_seed_and_round():
+    a = sample_partitions(seed=1, server_round=5, num_clients=100, per_round=10)
+    assert a == sample_partitions(1, 5, 100, 10) and len(set(a)) == 10 and all(0 <= p < 100 for p in a)
+    assert a != sample_partitions(1, 6, 100, 10) and a != sample_partitions(2, 5, 100, 10)
+
+
+def test_weighted_average_of_deltas_matches_a_hand_computation():
+    deltas = [{"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])},
+              {"w": torch.tensor([3.0, -2.0]), "b": torch.tensor([6.0])}]
+    avg = weighted_average(deltas, [1, 3])  # (1*d1 + 3*d2) / 4
+    assert torch.allclose(avg["w"], torch.tensor([2.5, -1.0])) and torch.allclose(avg["b"], torch.tensor([4.5]))

@@ -14,7 +14,7 @@ from fed_app.local_federation import LocalFederation
 from masking.calibrate import calibrate, load_masks
 from strategies.fedavg import weighted_average
 
-from .conftest import TINY
+from ..conftest import TINY
 
 PLUGIN = {"plugins": "tests.plugins.example"}
 

@@ -14,7 +14,7 @@ from fed_app import centralized
 from fed_app.config import ConfigError, RunConfig
 from fed_app.task import make_scheduler
 
-from .conftest import TINY
+from ..conftest import TINY
 
 TIMING = {"wall_time", "epoch_time"}
 

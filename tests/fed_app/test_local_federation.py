@@ -10,7 +10,7 @@ import pytest
 from fed_app.config import RunConfig
 from fed_app.local_federation import LocalFederation, free_port
 
-from .conftest import TINY
+from ..conftest import TINY
 
 
 @pytest.mark.slow

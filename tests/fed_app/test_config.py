@@ -7,7 +7,7 @@ import pytest
 
 from fed_app.config import ConfigError, RunConfig, parse_overrides
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def test_pyproject_holds_every_key_with_the_dataclass_default():
@@ -59,3 +59,19 @@ def test_a_key_applies_only_to_the_runs_it_shapes():
     assert RunConfig(partition="noniid").applies("classes_per_client", "federated")
     assert dense.applies("freeze_head", "federated") and not RunConfig().applies("freeze_head", "federated")
     assert not dense.applies("warmup_epochs", "centralized") and dense.applies("lr", "centralized")
+
+
+def test_bad_fl_values_fail_before_any_round():
+    with pytest.raises(ConfigError, match="partition='dirichlet' is not one of iid, noniid"):
+        RunConfig.from_run_config({"partition": "dirichlet"})
+    with pytest.raises(ConfigError, match="local-steps=0 is out of range"):
+        RunConfig.from_run_config({"local-steps": 0})
+    with pytest.raises(ConfigError, match="fraction-train=1.5 is out of range; it must be <= 1.0"):
+        RunConfig.from_run_config({"fraction-train": 1.5})
+
+
+def test_rounds_scaling_keeps_total_local_steps_equal_across_j():
+    for j, rounds in [(4, 500), (8, 250), (16, 125)]:
+        cfg = RunConfig(num_rounds=500, local_steps=j, rounds_scaling=True)
+        assert cfg.total_rounds == rounds and cfg.total_rounds * j == 2000
+    assert RunConfig(num_rounds=500, local_steps=16).total_rounds == 500
