@@ -222,7 +222,8 @@ def print_grid(rows: list[dict], header: str) -> None:
 
 def bench_data(cfg: RunConfig, batches: int) -> list[dict]:
     """Device-side batch preparation (index, resize, normalize, augment) vs the training step's consumption."""
-    from fed_app.data import BatchTransform, load_dataset
+    from fed_app.batches import BatchTransform
+    from fed_app.data import load_dataset
     from fed_app.model import build_model
     from fed_app.task import autocast, make_optimizer, resolve_device, training_module
 

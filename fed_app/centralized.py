@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from fed_app.config import RunConfig, parse_overrides
-from fed_app.data import BatchTransform, batch_stream, load_dataset
+from fed_app.batches import BatchTransform, batch_stream
+from fed_app.data import load_dataset
 from fed_app.editing import calibrate_masks, fit_head
 from fed_app.head import freeze_head
 from fed_app.model import build_model

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from fed_app.config import RunConfig
-from fed_app.data import BatchTransform, Split, batch_stream
+from fed_app.batches import BatchTransform, batch_stream
+from fed_app.data import Split
 from fed_app.head import (fit_temperature, freeze_head, only_head_trainable, ridge_statistics, set_head, solve_ridge,
                           temperature_losses)
 from fed_app.seeds import fisher_images_generator, fisher_labels_generator, head_epoch_generator

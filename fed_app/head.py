@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fed_app.data import BatchTransform, Split
+from fed_app.batches import BatchTransform
+from fed_app.data import Split
 
 
 # Temperatures tried for the ridge head's logits: 401 log-spaced values over five decades (2.9% apart), refined

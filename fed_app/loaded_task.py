@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 
 from fed_app.config import RunConfig
-from fed_app.data import BatchTransform, Dataset, Split, batch_stream, client_shards, load_dataset
+from fed_app.batches import BatchTransform, batch_stream
+from fed_app.data import Dataset, Split, load_dataset
+from fed_app.partition import client_shards
 from fed_app.editing import calibrate_masks, fisher_indices, fisher_sums
 from fed_app.head import freeze_head, only_head_trainable, ridge_statistics, temperature_losses
 from fed_app.model import ModelSpec, build_model

@@ -11,7 +11,7 @@ uninterrupted one would.
     labels drawn for the sampled Fisher         (seed, FISHER_LABELS, *partition id)
     mask ties, and the random mask rule         torch generator seeded with seed
     clients sampled in round t of a phase       numpy (seed, t) for training, (seed, t, phase) otherwise
-    the shards                                  numpy seed (data.iid_shards / noniid_shards)
+    the shards                                  numpy seed (partition.iid_shards / noniid_shards)
     the train/validation split                  numpy split-seed (fixed across training seeds)
 
 The step-0 stream tags lie above any epoch or round number, so no two kinds of draw share a key.

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from fed_app.config import RunConfig
-from fed_app.data import BatchTransform, Split
+from fed_app.batches import BatchTransform
+from fed_app.data import Split
 from fed_app.registry import OBJECTIVES
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> the loss to minimize

@@ -1,4 +1,4 @@
-"""Data: the split, iid/non-iid shards on CIFAR-100-sized labels, the torchvision loader, batches."""
+"""Datasets: the torchvision loader on a copy in the real format, the offline message, synthetic images, one copy\nper process on the device."""
 
 import hashlib
 import pickle
@@ -8,88 +8,7 @@ import pytest
 import torch
 
 from fed_app import data as D
-from fed_app.config import RunConfig
-from fed_app.data import BatchTransform, DataError
-
-# CIFAR-100's training labels after the default split: 45 000 images, 450 per class.
-LABELS_45K = np.repeat(np.arange(100), 450)
-np.random.default_rng(0).shuffle(LABELS_45K)
-
-
-def _assert_partition(shards, n):
-    everything = np.concatenate(shards)
-    assert len(everything) == n and len(np.unique(everything)) == n  # disjoint and covering
-
-
-def test_stratified_split_takes_the_same_share_of_every_class():
-    labels = np.repeat(np.arange(100), 500)
-    train, val = D.stratified_split(labels, 5000, seed=0)
-    assert len(train) == 45000 and len(val) == 5000
-    assert not set(train) & set(val)
-    assert (np.bincount(labels[val], minlength=100) == 50).all()
-    again, _ = D.stratified_split(labels, 5000, seed=0)
-    other, _ = D.stratified_split(labels, 5000, seed=1)
-    assert (again == train).all() and not (other == train).all()
-
-
-def test_stratified_split_with_uneven_classes_hits_the_exact_size():
-    labels = np.array([0] * 7 + [1] * 5 + [2] * 3)
-    _, val = D.stratified_split(labels, 4, seed=0)
-    assert len(val) == 4
-
-
-def test_iid_shards_are_disjoint_covering_balanced_and_class_uniform():
-    shards = D.iid_shards(LABELS_45K, 100, seed=3)
-    _assert_partition(shards, 45000)
-    assert {len(s) for s in shards} == {450}
-    per_class = np.stack([np.bincount(LABELS_45K[s], minlength=100) for s in shards])
-    assert per_class.min() >= 4 and per_class.max() <= 5  # 450 of a class over 100 clients: 4 or 5
-    uneven = D.iid_shards(LABELS_45K[:44999], 100, seed=3)
-    assert max(map(len, uneven)) - min(map(len, uneven)) == 1
-
-
-@pytest.mark.parametrize("nc", [1, 5, 10, 50])
-def test_noniid_shards_hold_exactly_nc_classes_with_equal_sizes(nc):
-    shards = D.noniid_shards(LABELS_45K, 100, nc, seed=7)
-    _assert_partition(shards, 45000)
-    assert {len(np.unique(LABELS_45K[s])) for s in shards} == {nc}
-    assert {len(s) for s in shards} == {450}
-    # each class is shared by K*Nc/C = Nc clients, in pieces within 1 of each other
-    holders = np.zeros((100, 100), dtype=int)
-    for k, s in enumerate(shards):
-        holders[:, k] = np.bincount(LABELS_45K[s], minlength=100)
-    assert ((holders > 0).sum(1) == nc).all()
-    pieces = np.where(holders > 0, holders, np.nan)
-    assert (np.nanmax(pieces, 1) - np.nanmin(pieces, 1) <= 1).all()
-
-
-def test_noniid_class_sets_vary_between_clients_and_follow_the_seed():
-    a = D.noniid_shards(LABELS_45K, 100, 5, seed=1)
-    b = D.noniid_shards(LABELS_45K, 100, 5, seed=1)
-    c = D.noniid_shards(LABELS_45K, 100, 5, seed=2)
-    assert all((x == y).all() for x, y in zip(a, b))
-    assert not all(len(x) == len(y) and (x == y).all() for x, y in zip(a, c))
-    class_sets = {tuple(np.unique(LABELS_45K[s])) for s in a}
-    assert len(class_sets) > 50  # not a few blocks of clients sharing identical classes
-
-
-def test_noniid_with_numbers_that_do_not_divide_stays_exact_in_classes():
-    labels = np.repeat(np.arange(10), 37)
-    shards = D.noniid_shards(labels, 7, 3, seed=0)
-    _assert_partition(shards, 370)
-    assert {len(np.unique(labels[s])) for s in shards} == {3}
-
-
-@pytest.mark.parametrize("nc", [0, 101])
-def test_impossible_nc_is_one_clear_sentence(nc):
-    with pytest.raises(DataError, match=rf"classes-per-client={nc} is impossible with 100 classes; use a value from 1 to 100\."):
-        D.noniid_shards(LABELS_45K, 100, nc, seed=0)
-
-
-def test_too_few_client_class_slots_to_cover_every_class_is_one_sentence():
-    with pytest.raises(DataError, match=r"num-clients=10 x classes-per-client=5 < 100 classes"):
-        D.noniid_shards(LABELS_45K, 10, 5, seed=0)
-
+from fed_app.errors import DataError
 
 def _write_cifar100(root, n_train=60, n_test=20):
     """A CIFAR-100 copy in the released on-disk format: protocol-2 pickles with str keys, uint8 rows."""
@@ -155,34 +74,3 @@ def test_dataset_lives_on_the_device_once_per_process(tiny_cfg):
     first = D.load_dataset(tiny_cfg, torch.device("cpu"))
     assert D.load_dataset(tiny_cfg.replace(lr=0.5), torch.device("cpu")) is first
     assert first.train.images.dtype == torch.uint8 and len(first.train) == 3000 and len(first.val) == 200
-
-
-def test_batch_transform_crops_flips_resizes_and_normalizes():
-    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    plain = BatchTransform(64, (0.5,) * 3, (0.25,) * 3)(images)
-    assert plain.shape == (16, 3, 64, 64)
-    ref = torch.nn.functional.interpolate(images.float() / 255, size=64, mode="bicubic").clamp(0, 1)
-    assert torch.allclose(plain, (ref - 0.5) / 0.25, atol=1e-5)
-
-    aug = BatchTransform(32, (0.0,) * 3, (1.0,) * 3, augment=True)
-    out = aug(images, torch.Generator().manual_seed(0))
-    padded = torch.nn.functional.pad(images.float() / 255, (4, 4, 4, 4))
-    for i in range(16):  # each output is some crop of the padded image, possibly mirrored
-        found = any(
-            torch.equal(out[i], crop) or torch.equal(out[i], crop.flip(-1))
-            for dy in range(9) for dx in range(9)
-            for crop in [padded[i, :, dy:dy + 32, dx:dx + 32]]
-        )
-        assert found
-    again = aug(images, torch.Generator().manual_seed(0))
-    assert torch.equal(out, again)
-
-
-def test_batch_stream_cycles_through_a_shard_with_a_seeded_order():
-    idx = torch.arange(10, 20)
-    stream = D.batch_stream(idx, 4, torch.Generator().manual_seed(0))
-    first_pass = torch.cat([next(stream) for _ in range(3)])
-    assert sorted(first_pass.tolist()) == list(range(10, 20))
-    second_pass = torch.cat([next(stream) for _ in range(3)])
-    assert sorted(second_pass.tolist()) == list(range(10, 20))
-    assert not torch.equal(first_pass, second_pass)

@@ -7,7 +7,8 @@ import torch
 
 from fed_app import centralized
 from fed_app.config import RunConfig
-from fed_app.data import BatchTransform, load_dataset
+from fed_app.batches import BatchTransform
+from fed_app.data import load_dataset
 from fed_app.head import ridge_statistics, solve_ridge
 from fed_app.model import build_model
 from masking.calibrate import load_masks

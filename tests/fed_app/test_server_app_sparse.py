@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fed_app.config import RunConfig
-from fed_app.data import BatchTransform, load_dataset
+from fed_app.batches import BatchTransform
+from fed_app.data import load_dataset
 from fed_app.editing import calibrate_masks, fit_head
 from fed_app.head import freeze_head, set_head
 from fed_app.model import build_model
