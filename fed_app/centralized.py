@@ -17,7 +17,7 @@ from fed_app.head import freeze_head
 from fed_app.model import build_model
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
-from fed_app.run_loop import run_steps
+from fed_app.run_loop import claimed_run, run_steps
 from fed_app.seeds import epoch_generator
 from fed_app.task import (autocast, evaluate, make_optimizer, make_scheduler, resolve_device, set_masks_by_name,
                           train_steps, training_module)
@@ -28,12 +28,11 @@ log = logging.getLogger(__name__)
 
 def run(cfg: RunConfig) -> RunDir:
     """Step 0 and calibration when asked, then cfg.epochs epochs, resuming from the run's checkpoint."""
-    run_dir = RunDir.for_config(cfg, group="centralized")
-    run_dir.claim(cfg)
-    if run_dir.done:
-        log.info("run %s is already done; nothing to do", run_dir.path)
-        return run_dir
-    return run_steps(cfg, run_dir, Epochs(cfg, run_dir))
+    with claimed_run(cfg, "centralized") as (run_dir, claim):
+        if run_dir.done:
+            log.info("run %s is already done; nothing to do", run_dir.path)
+            return run_dir
+        return run_steps(cfg, run_dir, Epochs(cfg, run_dir), guard=claim.check)
 
 
 class Epochs:

@@ -82,7 +82,7 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
 
 
 # Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes.
-NOT_RESULTS = frozenset({"run_dir", "transport"})
+NOT_RESULTS = frozenset({"run_dir", "transport", "claim_token"})
 
 
 class ConfigError(UserError, ValueError):
@@ -160,6 +160,7 @@ class RunConfig:
     plugins: str = ""
     # outputs
     run_dir: str = ""
+    claim_token: str = ""  # set by the command that claimed the run (fed_app/claims.py), not by users
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():

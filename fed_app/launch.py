@@ -2,7 +2,8 @@
 
 `python -m fed_app.launch --run-config "..."` checks the config, loads the data and builds the model once
 (the preflight: a missing dataset or weights file is one sentence, not a traceback inside the ServerApp),
-starts the simulation, streams its log and stops every process it started."""
+starts the simulation, streams its log and stops every process it started, also when SIGTERM or SIGHUP
+stops it. The run is claimed first (fed_app/claims.py), so a second command on a live run is refused."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fed_app import claims
 from fed_app.config import RunConfig
 from fed_app.local_federation import FlowerRunError, LocalFederation, client_gpus
 
@@ -44,14 +46,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
-    cfg = cfg.replace(run_dir=str(RunDir.for_config(cfg, group="federated").path))  # absolute for the SuperLink
-    preflight(cfg)
-    gpus = client_gpus(args.gpus)
-    with LocalFederation(Path("results") / ".flwr") as sim:
-        proc = sim.popen(cfg, args.num_supernodes or cfg.num_clients, cpus=args.cpus, gpus=gpus)
-        for line in proc.stdout:  # stream Flower's log as it comes
-            sys.stdout.write(line)
-        proc.wait()
+    run_dir = RunDir.for_config(cfg, group="federated")
+    cfg = cfg.replace(run_dir=str(run_dir.path))  # absolute for the SuperLink
+    claim = claims.take(run_dir.path)  # before Flower starts: one federation per run, ever
+    if claim is None:
+        raise claims.ClaimedError(claims.busy_message(run_dir.path))
+    with claim:
+        preflight(cfg)
+        gpus = client_gpus(args.gpus)
+        cfg = cfg.replace(claim_token=claim.token)  # the ServerApp adopts this claim and stops if it is lost
+        with LocalFederation(Path("results") / ".flwr") as sim:  # SIGTERM/SIGHUP/Ctrl-C: stopped on the way out
+            proc = sim.popen(cfg, args.num_supernodes or cfg.num_clients, cpus=args.cpus, gpus=gpus)
+            for line in proc.stdout:  # stream Flower's log as it comes
+                sys.stdout.write(line)
+            proc.wait()
     if not (Path(cfg.run_dir) / "DONE").exists():
         raise FlowerRunError("the Flower run did not finish; see the log above. Rerun the same command to resume.")
     log.info("done: %s", cfg.run_dir)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,10 +42,17 @@ def run_config_arg(cfg: RunConfig) -> str:
 
 
 class LocalFederation:
-    """`flwr run` against a local SuperLink that lives under `home` and is stopped by `stop()`."""
+    """`flwr run` against a local SuperLink that lives under its own FLWR_HOME and is stopped by `stop()`."""
 
-    def __init__(self, home: Path):
-        self.home = Path(home).resolve()
+    _count = 0
+
+    def __init__(self, base: Path):
+        # one FLWR_HOME per federation (<base>/<host>-<pid>-<n>): stop() ends exactly this one's processes even
+        # when several commands share `base`; the leftovers of a command that was SIGKILLed are reaped here
+        base = Path(base).resolve()
+        reap_orphans(base)
+        LocalFederation._count += 1
+        self.home = base / f"{socket.gethostname()}-{os.getpid()}-{LocalFederation._count}"
         # Flower's local SuperLink listens on fixed ports by default and `flwr run` reuses any SuperLink
         # answering there, whoever started it: private ports keep two federations from sharing one.
         self.ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
@@ -93,22 +101,54 @@ class LocalFederation:
 
     def stop(self) -> list[int]:
         """SIGKILL every process started under this FLWR_HOME (SuperLink, SuperExec, simulation, Ray)."""
-        mine = f"FLWR_HOME={self.home}".encode()
-        killed = []
-        for pid in _pids():
-            try:
-                if mine in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            except (OSError, PermissionError):
-                continue
-        return killed
+        return _kill_under(lambda home: home == self.home)
+
+    def close(self) -> None:
+        """stop(), then remove this federation's FLWR_HOME."""
+        self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
 
     def __enter__(self) -> LocalFederation:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.close()
+
+
+def reap_orphans(base: Path) -> list[int]:
+    """Kill the Flower processes of federations under `base` whose command (this host, its pid) is gone, and
+    remove their FLWR_HOMEs: what a SIGKILLed runner leaves behind."""
+    host = socket.gethostname()
+
+    def orphaned(home: Path) -> bool:
+        if home.parent != base or not home.name.startswith(host + "-"):
+            return False
+        pid = home.name[len(host) + 1:].split("-")[0]
+        return pid.isdigit() and not Path(f"/proc/{pid}").exists()
+
+    killed = _kill_under(orphaned)
+    for home in base.glob(f"{host}-*") if base.exists() else []:
+        if orphaned(home):
+            shutil.rmtree(home, ignore_errors=True)
+    return killed
+
+
+def _kill_under(chosen) -> list[int]:
+    """SIGKILL every process whose FLWR_HOME is a path that `chosen` accepts."""
+    killed = []
+    for pid in _pids():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (OSError, PermissionError):
+            continue
+        home = next((v[len(b"FLWR_HOME="):] for v in env if v.startswith(b"FLWR_HOME=")), None)
+        if home is not None and chosen(Path(os.fsdecode(home))):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                continue
+    return killed
 
 
 def free_port() -> int:

@@ -4,10 +4,13 @@ a FedAvg round) belongs to the caller's `Steps`; when to restore, record and che
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from fed_app import claims
 from fed_app.config import RunConfig
 from fed_app.rundir import RunDir
 
@@ -40,14 +43,30 @@ class Steps(Protocol):
         """After the last step, before DONE (curves)."""
 
 
-def run_steps(cfg: RunConfig, run_dir: RunDir, steps: Steps) -> RunDir:
-    """Restore or step 0, then steps start+1..total, each one a row and, on schedule, a checkpoint; DONE."""
+@contextlib.contextmanager
+def claimed_run(cfg: RunConfig, group: str) -> Iterator[tuple[RunDir, claims.Claim]]:
+    """The run's folder, claimed by this process (or adopted: `claim-token`) and bound to `cfg`; the claim is
+    released on leaving. A run that a live command holds is refused in one sentence."""
+    run_dir = RunDir.for_config(cfg, group)
+    claim = claims.take(run_dir.path, cfg.claim_token)
+    if claim is None:
+        raise claims.ClaimedError(claims.busy_message(run_dir.path))
+    try:
+        run_dir.bind(cfg)
+        yield run_dir, claim
+    finally:
+        claim.release()
+
+
+def run_steps(cfg: RunConfig, run_dir: RunDir, steps: Steps, guard: Callable[[], None] = lambda: None) -> RunDir:
+    """Restore or step 0, then steps start+1..total, each one a row and, on schedule, a checkpoint; DONE.
+    `guard` runs before anything is written (the claim's check: a run whose command is gone stops)."""
     key = steps.key
     checkpoint = run_dir.resume(key)
     t0 = time.perf_counter()
     if checkpoint is None:
         started = time.perf_counter()
-        _record(cfg, run_dir, steps, 0, steps.step_zero(), started, t0)
+        _record(cfg, run_dir, steps, 0, steps.step_zero(), started, t0, guard)
         start = 0
     else:
         steps.restore(checkpoint)
@@ -55,17 +74,19 @@ def run_steps(cfg: RunConfig, run_dir: RunDir, steps: Steps) -> RunDir:
         t0 -= checkpoint.get("wall_time", 0.0)  # wall time counts on from where the run stopped
     for i in range(start + 1, steps.total + 1):
         started = time.perf_counter()
-        _record(cfg, run_dir, steps, i, steps.step(i), started, t0)
+        _record(cfg, run_dir, steps, i, steps.step(i), started, t0, guard)
+    guard()
     steps.finish(run_dir)
     run_dir.mark_done()
     return run_dir
 
 
 def _record(cfg: RunConfig, run_dir: RunDir, steps: Steps, i: int, fields: dict[str, Any], started: float,
-            t0: float) -> None:
+            t0: float, guard: Callable[[], None]) -> None:
     row = {steps.key: i, **fields, **steps.evaluate(i)}
     row[f"{steps.key}_time"] = time.perf_counter() - started
     row["wall_time"] = time.perf_counter() - t0
+    guard()
     run_dir.append_row(row)
     if i == 0 or i == steps.total or steps.checkpoints(i):
         run_dir.save_checkpoint({steps.key: i, **steps.state(), "wall_time": row["wall_time"],

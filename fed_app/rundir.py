@@ -31,7 +31,7 @@ class RunDir:
         path = Path(cfg.run_dir).expanduser() if cfg.run_dir else Path("results") / group / cfg.run_id()
         return cls(path.resolve())
 
-    def claim(self, cfg: RunConfig) -> None:
+    def bind(self, cfg: RunConfig) -> None:
         """Write config.json, or check that the one already there is this run's (before any work)."""
         mine = cfg.to_dict()
         if self.config_file.exists():

@@ -15,7 +15,7 @@ from fed_app.federation import Federation
 from fed_app.mask_plan import MaskPlan
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
-from fed_app.run_loop import run_steps
+from fed_app.run_loop import claimed_run, run_steps
 from fed_app.task import client_lr
 from fed_app.transport import SharedFiles
 from fed_app.wire import Form, flat_state, pack_state, split_flat
@@ -34,11 +34,14 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, cfg: RunConfig) -> RunDir:
     """Step 0 and calibration when asked, then FedAvg for cfg.total_rounds rounds; resumes from checkpoints."""
-    run_dir = RunDir.for_config(cfg, group="federated")
-    run_dir.claim(cfg)
-    if run_dir.done:
-        log.info("run %s is already done; nothing to do", run_dir.path)
-        return run_dir
+    with claimed_run(cfg, "federated") as (run_dir, claim):
+        if run_dir.done:
+            log.info("run %s is already done; nothing to do", run_dir.path)
+            return run_dir
+        return _run(grid, cfg, run_dir, claim)
+
+
+def _run(grid: Grid, cfg: RunConfig, run_dir: RunDir, claim) -> RunDir:
     task = load_task(cfg)  # the server evaluates the global model with the same task code
     files = None
     if cfg.transport == "files":  # room for a round: the global model and every client's update
@@ -47,7 +50,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunDir:
     try:
         strategy = SeededFedAvg(cfg.seed, cfg.num_clients, cfg.clients_per_round, Federation.discover(grid, cfg),
                                 files, cfg.aggregation)
-        run_steps(cfg, run_dir, Rounds(cfg, run_dir, task, strategy))
+        run_steps(cfg, run_dir, Rounds(cfg, run_dir, task, strategy), guard=claim.check)
     finally:
         if files is not None:
             files.close()

@@ -1,0 +1,82 @@
+"""`make run` (python -m fed_app.launch): SIGTERM and SIGHUP stop everything it started, its claim refuses a
+second federation on a live run, and the rerun ends with the uninterrupted run's rows and weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fed_app.local_federation import LocalFederation, run_config_arg
+
+from ..conftest import fl_cfg
+
+SETTINGS = {"num-rounds": 10, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4}
+TIMING = {"wall_time", "round_time"}
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+
+
+def _launch(cfg, cwd: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fed_app.launch", "--run-config", run_config_arg(cfg)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _flower_processes_under(base: Path) -> list[int]:
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(v.startswith(f"FLWR_HOME={base}".encode()) for v in env):
+            found.append(int(pid))
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """One reference run shared by the tests of this run."""
+    root = tmp_path_factory.mktemp("reference")
+    with LocalFederation(root / "flwr") as fed:
+        fed.run(fl_cfg(root, "whole", **SETTINGS), num_supernodes=10, timeout=300)
+    return root / "whole"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_stops_every_process_and_the_rerun_ends_as_the_uninterrupted_run(tmp_path, uninterrupted, signum):
+    cfg = fl_cfg(tmp_path, "cut", **SETTINGS)
+    cut = Path(cfg.run_dir)
+    proc = _launch(cfg, tmp_path, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((cut / "rows.jsonl").exists()
+                                          and len((cut / "rows.jsonl").read_text().splitlines()) >= 4):
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-m", "fed_app.launch", "--run-config", run_config_arg(cfg)],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert second.returncode == 2 and f"run {cut} is being run by" in second.stderr  # no second federation
+    os.kill(proc.pid, signum)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, output[-2000:]
+    assert f"stopped by {signal.Signals(signum).name}" in output
+    assert _flower_processes_under(tmp_path / "results" / ".flwr") == []  # SuperLink, SuperExec, Ray: all gone
+    rows = len((cut / "rows.jsonl").read_text().splitlines())
+    time.sleep(3)
+    assert len((cut / "rows.jsonl").read_text().splitlines()) == rows < 11  # nobody writes the run any more
+    assert not (cut / "CLAIM").exists() and not (cut / "DONE").exists()
+    rerun = _launch(cfg, tmp_path)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output[-3000:]
+    assert _rows(cut) == _rows(uninterrupted)
+    a = torch.load(uninterrupted / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(cut / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
