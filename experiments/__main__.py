@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
     run.add_argument("--cpus", type=int, default=1, help="CPU cores per Flower client")
     run.add_argument("--gpus", type=float, default=None, help="GPU fraction per client (default 0.1 with CUDA)")
+    run.add_argument("--devices", default=None,
+                     help="run up to one run per device at once, e.g. 0,1,2,3 (GPU indices) or cpu,cpu; "
+                          "default: one run at a time on every visible device")
     report = sub.add_parser("report", help="tables and figures of a results folder (results/<manifest>)")
     report.add_argument("results_dir", type=Path)
     report.add_argument("--checkpoint", choices=["final", "best-val"], default="final",
@@ -49,7 +52,7 @@ def _run(args) -> int:
     from rich.console import Console
 
     from experiments.manifest import load_manifest
-    from experiments.run import print_plan, run_manifest, select
+    from experiments.run import parse_devices, print_plan, run_manifest, select
     from fed_app.local_federation import client_gpus
 
     manifest = load_manifest(args.manifest, args.results)
@@ -57,10 +60,14 @@ def _run(args) -> int:
     if args.dry_run:
         print_plan(manifest, runs, Console())
         return 0
-    failed = run_manifest(manifest, runs, args.results, cpus=args.cpus, gpus=client_gpus(args.gpus))
-    if failed:
-        print(f"error: {len(failed)} runs failed ({', '.join(failed)}); rerun the same command to retry them.",
-              file=sys.stderr)
+    slots = parse_devices(args.devices, torch.cuda.device_count())
+    outcome = run_manifest(manifest, runs, args.results, cpus=args.cpus, gpus=client_gpus(args.gpus), slots=slots)
+    if outcome.elsewhere:
+        print(f"{len(outcome.elsewhere)} runs were being run by other commands ({', '.join(outcome.elsewhere)}); "
+              f"rerun this command once they stop to check on them.", file=sys.stderr)
+    if outcome.failed:
+        print(f"error: {len(outcome.failed)} runs failed ({', '.join(outcome.failed)}); rerun the same command "
+              f"to retry them.", file=sys.stderr)
         return 1
     return 0
 

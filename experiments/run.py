@@ -1,11 +1,17 @@
-"""The runner: every run of a manifest in order; done runs skipped, partial ones resumed, failures listed."""
+"""The runner: every run of a manifest, one per device slot at a time (`--devices 0,1,cpu`); each run claimed
+first (fed_app/claims.py), so runners on one machine or on machines sharing the results split the manifest
+between them and never train a run twice; done runs skipped, partial ones resumed, failures listed."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -14,12 +20,49 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from experiments.manifest import Manifest, Run
-from fed_app import centralized
+from fed_app import claims
 from fed_app.errors import UserError
 from fed_app.launch import preflight
-from fed_app.local_federation import LocalFederation
+from fed_app.local_federation import LocalFederation, run_config_arg
+from fed_app.run_loop import progress_line
 
 log = logging.getLogger(__name__)
+
+
+class DeviceError(UserError, ValueError):
+    """A --devices entry that is not a device of this machine."""
+
+
+class RunFailedError(UserError, RuntimeError):
+    """A centralized run's process failed; its one sentence."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one run at a time goes: a GPU (pinned with CUDA_VISIBLE_DEVICES) or the CPU; 'auto' leaves the
+    environment as it is (one slot, every visible device)."""
+
+    name: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        if self.name == "auto":
+            return {}
+        return {"CUDA_VISIBLE_DEVICES": "" if self.name == "cpu" else self.name}
+
+
+def parse_devices(text: str | None, gpu_count: int) -> list[Slot]:
+    """`0,1,cpu` -> slots; one sentence for an entry that is neither `cpu` nor a GPU index of this machine."""
+    if not text:
+        return [Slot("auto")]
+    slots = []
+    for entry in (e.strip() for e in text.split(",")):
+        if entry != "cpu" and not (entry.isdigit() and int(entry) < gpu_count):
+            there = f"GPUs 0..{gpu_count - 1}" if gpu_count else "no GPU"
+            raise DeviceError(f"--devices entry {entry!r} is not a device here (this machine has {there}); "
+                              f"give GPU indices and/or cpu, e.g. --devices 0,1 or --devices cpu,cpu")
+        slots.append(Slot(entry))
+    return slots
 
 
 def status(run: Run) -> str:
@@ -45,57 +88,171 @@ def print_plan(manifest: Manifest, runs: list[Run], console: Console) -> None:
     console.print(table)
 
 
-def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int = 1, gpus: float = 0.0) -> list[str]:
-    """Run what is not done yet; the ids of the runs that failed (the others went on)."""
+@dataclass
+class Outcome:
+    failed: list[str] = field(default_factory=list)  # runs that failed here
+    elsewhere: list[str] = field(default_factory=list)  # runs another live command holds
+
+
+def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int = 1, gpus: float = 0.0,
+                 slots: list[Slot] | None = None) -> Outcome:
+    """Run what is not done yet, one run per slot at a time; what failed and what others are running."""
+    slots = slots or [Slot("auto")]
     console = Console()
-    (results / manifest.name).mkdir(parents=True, exist_ok=True)
+    claims.writable(results / manifest.name)  # one sentence before any run if the results cannot be written
     shutil.copyfile(manifest.path, results / manifest.name / "manifest.yaml")  # the report reads its axes
-    logging.basicConfig(level=logging.INFO, handlers=[RichHandler(console=console, show_path=False)], force=True)
-    failed, checked = [], set()
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    outcome, queue, lock = Outcome(), list(runs), threading.Lock()
+    checked: set = set()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with LocalFederation(results / manifest.name / ".flwr") as sim, Progress(*columns, console=console) as bar:
+    stop = threading.Event()
+    workers = []
+    with Progress(*columns, console=console) as bar:
         overall = bar.add_task(f"[bold]{manifest.name}", total=len(runs))
-        for run in runs:
-            if status(run) == "done":
-                bar.advance(overall)
-                continue
-            label = run.label(list(manifest.axes))
-            steps = run.cfg.epochs if run.kind == "centralized" else run.cfg.total_rounds
-            task = bar.add_task(f"{run.run_id} {label}", total=steps)
-            stop = threading.Event()
-            watcher = threading.Thread(target=_watch, args=(run, bar, task, label, stop), daemon=True)
-            watcher.start()
-            try:
-                source = (run.cfg.dataset, run.cfg.data_root, run.cfg.model, run.cfg.model_weights)
-                if run.kind == "federated" and source not in checked:
-                    preflight(run.cfg)  # data and model once per source, before Flower starts
-                    checked.add(source)
-                if run.kind == "centralized":
-                    centralized.run(run.cfg)
-                else:
-                    sim.run(run.cfg, num_supernodes=run.cfg.num_clients, cpus=cpus, gpus=gpus)
-            except UserError as err:
+        for i, slot in enumerate(slots):
+            label = slot.name if len(slots) > 1 else ""
+            worker = SlotWorker(label, slot, manifest, results, cpus, gpus, bar, overall, queue, lock, checked,
+                                outcome, stop)
+            workers.append(worker)
+            worker.thread.start()
+        try:
+            while any(w.thread.is_alive() for w in workers):
+                for w in workers:
+                    w.thread.join(timeout=0.2)  # the main thread stays free to take SIGTERM/SIGHUP/Ctrl-C
+        except KeyboardInterrupt:
+            stop.set()
+            for w in workers:
+                w.halt()
+            for w in workers:
+                w.thread.join()
+            raise
+    return outcome
+
+
+class SlotWorker:
+    """One slot's thread: takes the next run it can claim, runs it pinned to its device, releases it."""
+
+    def __init__(self, label, slot, manifest, results, cpus, gpus, bar, overall, queue, lock, checked, outcome,
+                 stop):
+        self.label, self.slot, self.manifest, self.results = label, slot, manifest, results
+        self.cpus, self.gpus = cpus, 0.0 if slot.name == "cpu" else gpus
+        self.bar, self.overall, self.queue, self.lock = bar, overall, queue, lock
+        self.checked, self.outcome, self.stop = checked, outcome, stop
+        self.federation: LocalFederation | None = None
+        self.child: subprocess.Popen | None = None
+        self.thread = threading.Thread(target=self._loop, daemon=True, name=f"slot-{slot.name}")
+
+    def halt(self) -> None:
+        """Stop what this slot started (the runner was told to stop)."""
+        if self.child is not None and self.child.poll() is None:
+            self.child.terminate()
+        if self.federation is not None:
+            self.federation.stop()
+
+    def _next(self) -> Run | None:
+        with self.lock:
+            return self.queue.pop(0) if self.queue and not self.stop.is_set() else None
+
+    def _loop(self) -> None:
+        try:
+            while (run := self._next()) is not None:
+                self._one(run)
+        finally:
+            if self.federation is not None:
+                self.federation.close()
+
+    def _one(self, run: Run) -> None:
+        if status(run) == "done":
+            self.bar.advance(self.overall)
+            return
+        claim = claims.take(Path(run.cfg.run_dir))
+        if claim is None:
+            holder = claims.holder(Path(run.cfg.run_dir))
+            log.info("%s is being run by %s; skipped here", run.run_id, holder.describe() if holder else "another")
+            with self.lock:
+                self.outcome.elsewhere.append(run.run_id)
+            self.bar.advance(self.overall)
+            return
+        with claim:
+            if status(run) == "done":  # finished by another runner between the look and the claim
+                self.bar.advance(self.overall)
+                return
+            self._claimed(run, run.cfg.replace(claim_token=claim.token))
+        self.bar.advance(self.overall)
+
+    def _claimed(self, run: Run, cfg) -> None:
+        label = run.label(list(self.manifest.axes))
+        prefix = f"[{self.label}] " if self.label else ""
+        steps = cfg.epochs if run.kind == "centralized" else cfg.total_rounds
+        task = self.bar.add_task(f"{prefix}{run.run_id} {label}", total=steps)
+        done = threading.Event()
+        watcher = threading.Thread(target=_watch, args=(run, self.bar, task, prefix + label, done), daemon=True)
+        watcher.start()
+        try:
+            if run.kind == "centralized":
+                self._centralized(cfg)
+            else:
+                self._federated(cfg)
+        except (UserError, subprocess.SubprocessError) as err:
+            if not self.stop.is_set():
                 log.error("run %s failed: %s", run.run_id, str(err).splitlines()[0])
-                failed.append(run.run_id)
-            finally:
-                stop.set()
-                watcher.join()
-                bar.remove_task(task)
-            bar.advance(overall)
-    return failed
+                with self.lock:
+                    self.outcome.failed.append(run.run_id)
+        finally:
+            done.set()
+            watcher.join()
+            self.bar.remove_task(task)
+
+    def _centralized(self, cfg) -> None:
+        """In its own process, pinned to the slot's device; its one-sentence error if it fails."""
+        cmd = [sys.executable, "-m", "fed_app.centralized", "--run-config", run_config_arg(cfg)]
+        env = {**os.environ, **self.slot.env, "FEDIT_PARENT_PID": str(os.getpid())}  # it dies with the runner
+        self.child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+        out, err = self.child.communicate()
+        (Path(cfg.run_dir) / "run.log").write_text(out + err)
+        if self.child.returncode != 0 and not self.stop.is_set():
+            lines = [line for line in err.splitlines() if line.startswith("error: ")]
+            raise RunFailedError(lines[-1][len("error: "):] if lines else f"exit {self.child.returncode}: {err[-500:]}")
+
+    def _federated(self, cfg) -> None:
+        source = (cfg.dataset, cfg.data_root, cfg.model, cfg.model_weights)
+        if source not in self.checked:
+            preflight(cfg)  # data and model once per source, before Flower starts
+            with self.lock:
+                self.checked.add(source)
+        if self.federation is None:  # this slot's own federation: FLWR_HOME, ports, device
+            self.federation = LocalFederation(self.results / self.manifest.name / ".flwr", self.slot.env)
+        output = self.federation.run(cfg, num_supernodes=cfg.num_clients, cpus=self.cpus, gpus=self.gpus)
+        (Path(cfg.run_dir) / "run.log").write_text(output)
 
 
 def _watch(run: Run, bar: Progress, task, label: str, stop: threading.Event) -> None:
-    """Show the run's progress and latest accuracy from its rows.jsonl, once a second."""
+    """Show the run's progress and latest accuracy from its rows.jsonl, and log each new row once."""
     rows_file = Path(run.cfg.run_dir) / "rows.jsonl"
     key = "epoch" if run.kind == "centralized" else "round"
-    while not stop.wait(1.0):
-        try:
-            rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-        except (OSError, ValueError):
-            continue
+    total = run.cfg.epochs if run.kind == "centralized" else run.cfg.total_rounds
+    seen = len(_rows(rows_file))  # rows of an earlier session were logged then
+    while True:
+        finished = stop.wait(1.0)
+        rows = _rows(rows_file)
+        seen = min(seen, len(rows))  # a resume drops the rows after its checkpoint
+        for row in rows[seen:]:
+            log.info("%s %s", run.run_id, progress_line(key, row[key], total, row))
+        seen = len(rows)
         if rows:
             accuracy = next((r["val_accuracy"] for r in reversed(rows) if r.get("val_accuracy") is not None), None)
             shown = f" val {100 * accuracy:.1f}%" if accuracy is not None else ""
             bar.update(task, completed=rows[-1][key], description=f"{run.run_id} {label}{shown}")
+        if finished:
+            return
+
+
+def _rows(rows_file: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+

@@ -46,13 +46,14 @@ class LocalFederation:
 
     _count = 0
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, extra_env: dict[str, str] | None = None):
         # one FLWR_HOME per federation (<base>/<host>-<pid>-<n>): stop() ends exactly this one's processes even
         # when several commands share `base`; the leftovers of a command that was SIGKILLed are reaped here
         base = Path(base).resolve()
         reap_orphans(base)
         LocalFederation._count += 1
         self.home = base / f"{socket.gethostname()}-{os.getpid()}-{LocalFederation._count}"
+        self.extra_env = dict(extra_env or {})  # e.g. CUDA_VISIBLE_DEVICES: the device this federation is pinned to
         # Flower's local SuperLink listens on fixed ports by default and `flwr run` reuses any SuperLink
         # answering there, whoever started it: private ports keep two federations from sharing one.
         self.ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
@@ -61,7 +62,7 @@ class LocalFederation:
     @property
     def env(self) -> dict[str, str]:
         bin_dir = str(Path(sys.executable).parent)
-        return {**os.environ, **self.ports, "FLWR_HOME": str(self.home),
+        return {**os.environ, **self.extra_env, **self.ports, "FLWR_HOME": str(self.home),
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 

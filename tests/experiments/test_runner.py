@@ -1,5 +1,6 @@
 """The runner: a killed manifest run restarts where it stopped and never redoes a finished run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -76,3 +77,84 @@ def test_missing_cifar_fails_each_federated_run_with_the_fix_before_flower_start
     assert "2 runs failed" in proc.stderr
     assert not list((tmp_path / "results" / "offline").glob("federated-*/rows.jsonl"))
     assert not (tmp_path / "results" / "offline" / ".flwr").exists()  # no flwr run was started
+
+
+TIMING = {"wall_time", "epoch_time"}
+SIX = MANIFEST.replace("seeds: [1]", "seeds: [1, 2]").replace("epochs: 3", "epochs: 2")
+
+
+def _rows(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (Path(run_dir) / "rows.jsonl").read_text().splitlines()]
+
+
+def _reference(tmp_path, text):
+    """The runs of `text` done by one runner, one at a time: id -> rows."""
+    manifest = tmp_path / "reference" / "tiny.yaml"
+    manifest.parent.mkdir()
+    manifest.write_text(text)
+    subprocess.run(_runner(manifest, tmp_path / "reference"), check=True, capture_output=True)
+    return {r.run_id: _rows(r.cfg.run_dir) for r in load_manifest(manifest, tmp_path / "reference").runs}
+
+
+@pytest.mark.slow
+def test_three_runners_at_once_do_every_run_exactly_once_with_a_single_runners_results(tmp_path):
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(SIX)
+    results = tmp_path / "results"
+    procs = [subprocess.Popen(_runner(manifest, results, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "COLUMNS": "300"})
+             for extra in (["--devices", "cpu,cpu"], [], [])]  # the first runner runs two at a time
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    runs = load_manifest(manifest, results).runs
+    for run in runs:
+        assert [r["epoch"] for r in _rows(run.cfg.run_dir)] == [0, 1, 2]  # no step twice
+        assert (Path(run.cfg.run_dir) / "DONE").exists() and not (Path(run.cfg.run_dir) / "CLAIM").exists()
+    trained = sum(o.count("epoch 2/2") for o in outputs)
+    assert trained == len(runs)  # each run trained by exactly one runner
+    reference = _reference(tmp_path, SIX)
+    assert {r.run_id: _rows(r.cfg.run_dir) for r in runs} == reference
+
+
+@pytest.mark.slow
+def test_a_runner_sigkilled_mid_run_has_its_run_finished_by_another(tmp_path):
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(MANIFEST)
+    results = tmp_path / "results"
+    runs = load_manifest(manifest, results).runs
+    rows_file = Path(runs[0].cfg.run_dir) / "rows.jsonl"
+    proc = subprocess.Popen(_runner(manifest, results), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (rows_file.exists() and len(rows_file.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-run: its claim stays behind, its training process is told to stop
+    proc.wait()
+    assert (Path(runs[0].cfg.run_dir) / "CLAIM").exists() and not (Path(runs[0].cfg.run_dir) / "DONE").exists()
+    other = subprocess.run(_runner(manifest, results), capture_output=True, text=True, env={**os.environ,
+                                                                                           "COLUMNS": "300"})
+    assert other.returncode == 0, other.stdout + other.stderr
+    assert {r.run_id: _rows(r.cfg.run_dir) for r in runs} == _reference(tmp_path, MANIFEST)
+
+
+def test_a_device_that_is_not_there_is_one_sentence_before_any_run(tmp_path):
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(MANIFEST)
+    for devices, what in (("7", "'7'"), ("gpu0", "'gpu0'")):
+        proc = subprocess.run(_runner(manifest, tmp_path / "results", "--devices", devices), capture_output=True,
+                              text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == (f"error: --devices entry {what} is not a device here (this machine has no GPU); "
+                                       f"give GPU indices and/or cpu, e.g. --devices 0,1 or --devices cpu,cpu")
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_results_folder_that_cannot_be_written_is_one_sentence_before_any_run(tmp_path):
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(MANIFEST)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = subprocess.run(_runner(manifest, blocker / "results"), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"error: cannot write a claim in {blocker / 'results' / 'tiny'} (")
+    assert proc.stderr.strip().endswith("point --results (or run-dir) at a folder this user can write")
