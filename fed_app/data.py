@@ -78,12 +78,15 @@ def read_cifar100(root: str, download: bool) -> tuple[tuple[np.ndarray, np.ndarr
         try:
             ds = CIFAR100(str(path), train=train, download=False)
         except RuntimeError:
+            there = (path / CIFAR100.base_folder).is_dir()  # the folder is there, its files fail the md5 check
             if not download:
-                raise DataError(_missing_cifar_message(path, "download=false")) from None
+                raise DataError(_damaged_cifar_message(path) if there else
+                                _missing_cifar_message(path, "download=false")) from None
             try:
                 ds = CIFAR100(str(path), train=train, download=True)
             except Exception as err:  # offline: URLError, socket errors, a partial archive
-                raise DataError(_missing_cifar_message(path, f"download failed: {err}")) from err
+                raise DataError(_damaged_cifar_message(path) if there else
+                                _missing_cifar_message(path, f"download failed: {err}")) from err
         out.append((ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)))
     return tuple(out)
 
@@ -93,6 +96,15 @@ def _missing_cifar_message(path: Path, why: str) -> str:
         f"CIFAR-100 is not under data-root={str(path)!r} ({why}); put the extracted "
         f"'cifar-100-python' folder (from cifar-100-python.tar.gz) there, or pass "
         f"--run-config \"data-root='/path/to/dir/containing/it'\", or use dataset='synthetic' offline."
+    )
+
+
+def _damaged_cifar_message(path: Path) -> str:
+    return (
+        f"CIFAR-100's files are under data-root={str(path)!r} (cifar-100-python/) but fail torchvision's integrity "
+        f"check (md5 of train, test, meta): a partial or damaged copy; replace that folder with one extracted from "
+        f"an intact cifar-100-python.tar.gz (md5 eb9058c3a382ffc7106e4002c42a8d85), or delete it and rerun with "
+        f"download=true where the internet is reachable."
     )
 
 

@@ -29,7 +29,19 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _log_lines()
     run(grid, RunConfig.from_run_config(context.run_config))
+
+
+def _log_lines() -> None:
+    """fed_app's INFO lines (one per round: loss, validation accuracy) in the run's log, beside Flower's."""
+    logger = logging.getLogger("fed_app")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def run(grid: Grid, cfg: RunConfig) -> RunDir:

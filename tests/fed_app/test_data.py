@@ -59,6 +59,20 @@ def test_missing_data_offline_says_where_to_put_it(tmp_path, monkeypatch):
         assert "cifar-100-python" in message and "data-root" in message and "\n" not in message
 
 
+def test_a_damaged_copy_is_said_to_be_there_and_damaged_not_missing(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR100
+
+    _write_cifar100(tmp_path)  # the real format, but not the real files: torchvision's md5 check fails
+    monkeypatch.setattr(CIFAR100, "url", "http://127.0.0.1:9/cifar-100-python.tar.gz")  # nothing listens
+    for download in (False, True):
+        with pytest.raises(DataError) as err:
+            D.read_cifar100(str(tmp_path), download=download)
+        message = str(err.value)
+        assert message.startswith(f"CIFAR-100's files are under data-root={str(tmp_path)!r} (cifar-100-python/) "
+                                  f"but fail torchvision's integrity check")
+        assert "intact cifar-100-python.tar.gz" in message and "not under" not in message
+
+
 def test_synthetic_images_are_class_structured():
     x, y = D.synthetic_images(2000, seed=0)
     assert x.shape == (2000, 3, 32, 32) and x.dtype == np.uint8
