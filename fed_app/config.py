@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -29,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "round_scheduler": ("constant", "cosine"),
     "client_objective": ("cross-entropy",),
     "aggregation": ("fedavg",),
+    "tracker": ("none", "tensorboard", "wandb"),
 }
 # Keys whose values may also be names that a module in `plugins` registered (fed_app/registry.py).
 REGISTERED = {"mask_rule": "MASK_RULES", "client_objective": "OBJECTIVES", "aggregation": "AGGREGATIONS"}
@@ -82,7 +84,7 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
 
 
 # Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes.
-NOT_RESULTS = frozenset({"run_dir", "transport", "claim_token"})
+NOT_RESULTS = frozenset({"run_dir", "transport", "claim_token", "tracker"})
 
 
 class ConfigError(UserError, ValueError):
@@ -160,6 +162,7 @@ class RunConfig:
     plugins: str = ""
     # outputs
     run_dir: str = ""
+    tracker: str = "none"  # live tracking beside rows.jsonl: none | tensorboard | wandb (fed_app/trackers.py)
     claim_token: str = ""  # set by the command that claimed the run (fed_app/claims.py), not by users
 
     def __post_init__(self) -> None:
@@ -206,6 +209,9 @@ class RunConfig:
         if self.optimizer == "sparse-sgdm" and not self.freeze_head:
             raise ConfigError("run-config optimizer='sparse-sgdm' keeps the step-0 head frozen (the brief's "
                               "protocol), so freeze-head=false does not apply; drop it or use optimizer='sgdm'.")
+        if self.tracker != "none" and importlib.util.find_spec(self.tracker) is None:
+            raise ConfigError(f"run-config tracker={self.tracker!r} needs the {self.tracker} package, which is not "
+                              f"installed; pip install -e \".[track]\" (or tracker='none').")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:

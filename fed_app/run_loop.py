@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from fed_app import claims
 from fed_app.config import RunConfig
 from fed_app.rundir import RunDir
+from fed_app.trackers import Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -63,31 +64,37 @@ def run_steps(cfg: RunConfig, run_dir: RunDir, steps: Steps, guard: Callable[[],
     `guard` runs before anything is written (the claim's check: a run whose command is gone stops)."""
     key = steps.key
     checkpoint = run_dir.resume(key)
+    tracker = open_tracker(cfg, run_dir.path, key)
+    tracker.catch_up(run_dir.rows())  # rows the tracker does not hold yet (kept from before a stop)
     t0 = time.perf_counter()
-    if checkpoint is None:
-        started = time.perf_counter()
-        _record(cfg, run_dir, steps, 0, steps.step_zero(), started, t0, guard)
-        start = 0
-    else:
-        steps.restore(checkpoint)
-        start = checkpoint[key]
-        t0 -= checkpoint.get("wall_time", 0.0)  # wall time counts on from where the run stopped
-    for i in range(start + 1, steps.total + 1):
-        started = time.perf_counter()
-        _record(cfg, run_dir, steps, i, steps.step(i), started, t0, guard)
-    guard()
-    steps.finish(run_dir)
-    run_dir.mark_done()
+    try:
+        if checkpoint is None:
+            started = time.perf_counter()
+            _record(cfg, run_dir, steps, 0, steps.step_zero(), started, t0, guard, tracker)
+            start = 0
+        else:
+            steps.restore(checkpoint)
+            start = checkpoint[key]
+            t0 -= checkpoint.get("wall_time", 0.0)  # wall time counts on from where the run stopped
+        for i in range(start + 1, steps.total + 1):
+            started = time.perf_counter()
+            _record(cfg, run_dir, steps, i, steps.step(i), started, t0, guard, tracker)
+        guard()
+        steps.finish(run_dir)
+        run_dir.mark_done()
+    finally:
+        tracker.close()
     return run_dir
 
 
 def _record(cfg: RunConfig, run_dir: RunDir, steps: Steps, i: int, fields: dict[str, Any], started: float,
-            t0: float, guard: Callable[[], None]) -> None:
+            t0: float, guard: Callable[[], None], tracker: Tracker) -> None:
     row = {steps.key: i, **fields, **steps.evaluate(i)}
     row[f"{steps.key}_time"] = time.perf_counter() - started
     row["wall_time"] = time.perf_counter() - t0
     guard()
     run_dir.append_row(row)
+    tracker.log(row)
     if i == 0 or i == steps.total or steps.checkpoints(i):
         run_dir.save_checkpoint({steps.key: i, **steps.state(), "wall_time": row["wall_time"],
                                  "config": cfg.to_dict()})
