@@ -52,7 +52,8 @@ def _run(args) -> int:
     from rich.console import Console
 
     from experiments.manifest import load_manifest
-    from experiments.run import parse_devices, print_plan, run_manifest, select
+    from experiments.run import print_plan, run_manifest, select
+    from experiments.slots import parse_devices
     from fed_app.local_federation import client_gpus
 
     manifest = load_manifest(args.manifest, args.results)

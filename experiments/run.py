@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from experiments.manifest import Manifest, Run
+from experiments.slots import Slot
 from fed_app import claims
 from fed_app.errors import UserError
 from fed_app.launch import preflight
@@ -29,40 +30,8 @@ from fed_app.run_loop import progress_line
 log = logging.getLogger(__name__)
 
 
-class DeviceError(UserError, ValueError):
-    """A --devices entry that is not a device of this machine."""
-
-
 class RunFailedError(UserError, RuntimeError):
     """A centralized run's process failed; its one sentence."""
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where one run at a time goes: a GPU (pinned with CUDA_VISIBLE_DEVICES) or the CPU; 'auto' leaves the
-    environment as it is (one slot, every visible device)."""
-
-    name: str
-
-    @property
-    def env(self) -> dict[str, str]:
-        if self.name == "auto":
-            return {}
-        return {"CUDA_VISIBLE_DEVICES": "" if self.name == "cpu" else self.name}
-
-
-def parse_devices(text: str | None, gpu_count: int) -> list[Slot]:
-    """`0,1,cpu` -> slots; one sentence for an entry that is neither `cpu` nor a GPU index of this machine."""
-    if not text:
-        return [Slot("auto")]
-    slots = []
-    for entry in (e.strip() for e in text.split(",")):
-        if entry != "cpu" and not (entry.isdigit() and int(entry) < gpu_count):
-            there = f"GPUs 0..{gpu_count - 1}" if gpu_count else "no GPU"
-            raise DeviceError(f"--devices entry {entry!r} is not a device here (this machine has {there}); "
-                              f"give GPU indices and/or cpu, e.g. --devices 0,1 or --devices cpu,cpu")
-        slots.append(Slot(entry))
-    return slots
 
 
 def status(run: Run) -> str:
@@ -225,7 +194,9 @@ class SlotWorker:
                 self.checked.add(source)
         if self.federation is None:  # this slot's own federation: FLWR_HOME, ports, device
             self.federation = LocalFederation(self.results / self.manifest.name / ".flwr", self.slot.env)
-        output = self.federation.run(cfg, num_supernodes=cfg.num_clients, cpus=self.cpus, gpus=self.gpus)
+        cores = self.slot.threads or None  # a CPU slot's Ray gets its share of the cores, not all of them
+        output = self.federation.run(cfg, num_supernodes=cfg.num_clients, cpus=min(self.cpus, cores or self.cpus),
+                                     gpus=self.gpus, total_cpus=cores)
         (Path(cfg.run_dir) / "run.log").write_text(output)
 
 
@@ -255,4 +226,3 @@ def _rows(rows_file: Path) -> list[dict]:
         return [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return []
-

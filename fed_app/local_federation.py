@@ -67,13 +67,16 @@ class LocalFederation:
                 "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
     def command(self, cfg: RunConfig, num_supernodes: int | None = None, cpus: int = 1, gpus: float = 0.0,
-                superlink: str | None = None) -> list[str]:
-        """`flwr run` on the local simulation (num_supernodes), or on a named SuperLink connection."""
+                superlink: str | None = None, total_cpus: int | None = None) -> list[str]:
+        """`flwr run` on the local simulation (num_supernodes; Ray limited to `total_cpus` cores if given), or on
+        a named SuperLink connection."""
         cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR)]
         if superlink:
             return cmd + [superlink, "--stream", "--run-config", run_config_arg(cfg)]
         federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus} "
                       f"client-resources-num-gpus={gpus}")
+        if total_cpus:
+            federation += f" init-args-num-cpus={total_cpus}"
         return cmd + ["--stream", "--run-config", run_config_arg(cfg), "--federation-config", federation]
 
     def popen(self, cfg: RunConfig, num_supernodes: int | None = None, **options) -> subprocess.Popen:

@@ -158,3 +158,16 @@ def test_a_results_folder_that_cannot_be_written_is_one_sentence_before_any_run(
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith(f"error: cannot write a claim in {blocker / 'results' / 'tiny'} (")
     assert proc.stderr.strip().endswith("point --results (or run-dir) at a folder this user can write")
+
+
+@pytest.mark.slow
+def test_two_cpu_slots_run_two_runs_at_once(tmp_path):
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(MANIFEST)
+    results = tmp_path / "results"
+    subprocess.run(_runner(manifest, results, "--devices", "cpu,cpu"), check=True, capture_output=True)
+    spans = sorted(((Path(r.cfg.run_dir) / "config.json").stat().st_mtime,
+                    (Path(r.cfg.run_dir) / "DONE").stat().st_mtime) for r in load_manifest(manifest, results).runs)
+    assert spans[1][0] < spans[0][1]  # the second run started before the first one finished
+    logs = [(Path(r.cfg.run_dir) / "run.log").read_text() for r in load_manifest(manifest, results).runs]
+    assert all("epoch 3/3" in log for log in logs)  # each run's own output kept in its folder
