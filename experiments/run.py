@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,15 +88,14 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
             workers.append(worker)
             worker.thread.start()
         try:
-            while any(w.thread.is_alive() for w in workers):
-                for w in workers:
-                    w.thread.join(timeout=0.2)  # the main thread stays free to take SIGTERM/SIGHUP/Ctrl-C
+            while not all(w.finished.is_set() for w in workers):
+                time.sleep(0.2)  # the main thread stays free to take SIGTERM/SIGHUP/Ctrl-C
         except KeyboardInterrupt:
             stop.set()
             for w in workers:
                 w.halt()
-            for w in workers:
-                w.thread.join()
+            for w in workers:  # not Thread.join: a join that a signal interrupted may return early afterwards
+                w.finished.wait()
             raise
     return outcome
 
@@ -111,6 +111,7 @@ class SlotWorker:
         self.checked, self.outcome, self.stop = checked, outcome, stop
         self.federation: LocalFederation | None = None
         self.child: subprocess.Popen | None = None
+        self.finished = threading.Event()  # set once its runs are over and their claims released
         self.thread = threading.Thread(target=self._loop, daemon=True, name=f"slot-{slot.name}")
 
     def halt(self) -> None:
@@ -131,6 +132,7 @@ class SlotWorker:
         finally:
             if self.federation is not None:
                 self.federation.close()
+            self.finished.set()
 
     def _one(self, run: Run) -> None:
         if status(run) == "done":

@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny synthetic run configs, CUDA gating for `gpu` tests."""
+"""Shared fixtures and helpers: tiny synthetic run configs (TINY, FL), Flower process checks, CUDA gating for `gpu` tests."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +28,19 @@ def fl_cfg(tmp_path, name, **changes) -> RunConfig:
 @pytest.fixture
 def tiny_cfg(tmp_path) -> RunConfig:
     return RunConfig.from_run_config({**TINY, "run-dir": str(tmp_path / "run")})
+
+
+def flower_processes_under(base: Path) -> list[int]:
+    """The processes whose FLWR_HOME lies under `base`: what a stopped command must leave none of."""
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(v.startswith(f"FLWR_HOME={base}".encode()) for v in env):
+            found.append(int(pid))
+    return found
 
 
 @pytest.fixture(scope="session")

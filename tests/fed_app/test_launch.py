@@ -14,7 +14,7 @@ import torch
 
 from fed_app.local_federation import LocalFederation, run_config_arg
 
-from ..conftest import fl_cfg
+from ..conftest import fl_cfg, flower_processes_under
 
 SETTINGS = {"num-rounds": 10, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4}
 TIMING = {"wall_time", "round_time"}
@@ -28,18 +28,6 @@ def _rows(run_dir: Path) -> list[dict]:
 def _launch(cfg, cwd: Path, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fed_app.launch", "--run-config", run_config_arg(cfg)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def _flower_processes_under(base: Path) -> list[int]:
-    found = []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(v.startswith(f"FLWR_HOME={base}".encode()) for v in env):
-            found.append(int(pid))
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +56,7 @@ def test_a_signal_stops_every_process_and_the_rerun_ends_as_the_uninterrupted_ru
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, output[-2000:]
     assert f"stopped by {signal.Signals(signum).name}" in output
-    assert _flower_processes_under(tmp_path / "results" / ".flwr") == []  # SuperLink, SuperExec, Ray: all gone
+    assert flower_processes_under(tmp_path / "results" / ".flwr") == []  # SuperLink, SuperExec, Ray: all gone
     rows = len((cut / "rows.jsonl").read_text().splitlines())
     time.sleep(3)
     assert len((cut / "rows.jsonl").read_text().splitlines()) == rows < 11  # nobody writes the run any more
