@@ -148,3 +148,33 @@ def make_figures(df: pd.DataFrame, summary: pd.DataFrame, axes: list[str], out: 
     if summary["bytes_per_round"].notna().any() and len(summary) > 1:
         made.append(bytes_per_round(summary, axes, out))
     return made
+
+
+def client_classes(results_dir: Path, out: Path) -> list[Path]:
+    """One clients x classes heatmap (images per class held by each client, clients sorted by size) per
+    distinct partition among the federated runs (`shards.json`, written at step 0), titled by its settings."""
+    import json
+
+    made, seen = [], set()
+    for shards in sorted(Path(results_dir).glob("*/shards.json")):
+        config = json.loads((shards.parent / "config.json").read_text())
+        key = tuple(config.get(k) for k in ("partition", "classes_per_client", "dirichlet_alpha", "num_clients",
+                                             "seed", "split_seed", "dataset", "val_size"))
+        if key in seen:
+            continue
+        seen.add(key)
+        counts = np.array(json.loads(shards.read_text())["class_counts"])
+        counts = counts[np.argsort(-counts.sum(1), kind="stable")]
+        setting = {"iid": "iid", "noniid": f"Nc={config['classes_per_client']}",
+                   "dirichlet": f"Dirichlet alpha={config.get('dirichlet_alpha')}"}[config["partition"]]
+        sizes = counts.sum(1)
+        fig, ax = plt.subplots(figsize=(8, 5))
+        image = ax.imshow(counts, aspect="auto", interpolation="nearest", cmap="viridis")
+        fig.colorbar(image, ax=ax, label="images")
+        ax.set_xlabel("class")
+        ax.set_ylabel("client (largest first)")
+        ax.set_title(f"{setting}, seed {config['seed']}: {len(counts)} clients, {sizes.min()}-{sizes.max()} images, "
+                     f"{np.mean((counts > 0).sum(1)):.1f} classes each on average", fontsize=9)
+        safe = setting.replace(" ", "_").replace("=", "")
+        made.append(_save(fig, out / f"clients_x_classes_{safe}_seed{config['seed']}.png"))
+    return made

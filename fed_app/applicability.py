@@ -13,7 +13,7 @@ from fed_app.config import CHOICES, RunConfig
 ONLY_FOR_KIND: dict[str, frozenset[str]] = {
     "centralized": frozenset({"epochs", "scheduler", "warmup_epochs", "step_size", "gamma", "head_epochs"}),
     "federated": frozenset({"num_rounds", "rounds_scaling", "local_steps", "round_scheduler", "partition",
-                            "classes_per_client", "num_clients", "fraction_train", "eval_every", "fraction_evaluate",
+                            "classes_per_client", "dirichlet_alpha", "num_clients", "fraction_train", "eval_every", "fraction_evaluate",
                             "test_every", "checkpoint_every", "on_client_failure", "max_retries", "round_timeout",
                             "transport", "head_rounds", "calibration_fraction", "mask_scope", "client_objective",
                             "aggregation"}),
@@ -42,6 +42,7 @@ ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping
     "fisher_chunk": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
     "mask_damping": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
     "classes_per_client": lambda c: c["partition"] == "noniid",
+    "dirichlet_alpha": lambda c: c["partition"] == "dirichlet",
 }
 
 

@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "head": ("none", "train", "ridge"),
     "mask_rule": ("least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"),
     "fisher_mode": ("sampled", "empirical", "batch"),
-    "partition": ("iid", "noniid"),
+    "partition": ("iid", "noniid", "dirichlet"),
     "on_client_failure": ("retry", "fail"),
     "transport": ("files", "messages"),
     "mask_scope": ("global", "local"),
@@ -59,6 +59,7 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "num_rounds": (1, False),
     "local_steps": (1, False),
     "classes_per_client": (1, False),
+    "dirichlet_alpha": (0.0, True),
     "num_clients": (1, False),
     "fraction_train": (0.0, True),
     "eval_every": (1, False),
@@ -143,6 +144,7 @@ class RunConfig:
     round_scheduler: str = "constant"
     partition: str = "iid"
     classes_per_client: int = 10
+    dirichlet_alpha: float = 0.5
     num_clients: int = 100
     fraction_train: float = 0.1
     eval_every: int = 10

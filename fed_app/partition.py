@@ -1,5 +1,5 @@
-"""Who holds which image: the stratified train/val split and the client shards (iid, or Nc classes per
-client), each a seeded function of the labels, exact in its sizes and classes."""
+"""Who holds which image: the stratified train/val split and the client shards (iid, Nc classes per client, or
+Dirichlet label skew), each a seeded function of the labels."""
 
 from __future__ import annotations
 
@@ -74,11 +74,48 @@ def noniid_shards(labels: np.ndarray, num_clients: int, classes_per_client: int,
     return [np.sort(np.concatenate(parts)) for parts in shards]
 
 
+MIN_SHARD = 10  # the fewest images a Dirichlet client may hold (NIID-Bench's rule), or N/K if that is less
+DRAWS = 1000
+
+
+def dirichlet_shards(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Label skew (Hsu et al. 2019): each class's images go to the clients in proportions drawn from
+    Dir(alpha, ..., alpha); the whole draw is repeated (seeded) until every client holds at least MIN_SHARD
+    images. alpha -> inf approaches iid; small alpha gives each client few classes."""
+    labels = np.asarray(labels)
+    if not 1 <= num_clients <= len(labels):
+        raise DataError(f"num-clients={num_clients} must be between 1 and the {len(labels)} training images.")
+    need = min(MIN_SHARD, len(labels) // num_clients)
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for _ in range(DRAWS):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for idx in by_class:
+            idx = rng.permutation(idx)
+            shares = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = np.floor(np.cumsum(shares)[:-1] * len(idx)).astype(int)
+            for client, part in enumerate(np.split(idx, cuts)):
+                parts[client].append(part)
+        shards = [np.sort(np.concatenate(p)) for p in parts]
+        if min(map(len, shards)) >= need:
+            return shards
+    raise DataError(f"dirichlet-alpha={alpha} left a client with fewer than {need} images in {DRAWS} draws; "
+                    f"raise dirichlet-alpha or lower num-clients.")
+
+
 def client_shards(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
-    """The K shards of the training split the run config asks for (iid, or Nc classes per client)."""
+    """The K shards of the training split the run config asks for (iid, Nc classes, or Dirichlet label skew)."""
     if cfg.partition == "iid":
         return iid_shards(labels, cfg.num_clients, cfg.seed)
+    if cfg.partition == "dirichlet":
+        return dirichlet_shards(labels, cfg.num_clients, cfg.dirichlet_alpha, cfg.seed)
     return noniid_shards(labels, cfg.num_clients, cfg.classes_per_client, cfg.seed)
+
+
+def class_counts(shards: list[np.ndarray], labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(clients, classes) image counts of each client's shard: what the report draws."""
+    labels = np.asarray(labels)
+    return np.stack([np.bincount(labels[s], minlength=num_classes) for s in shards])
 
 
 def _class_slots(num_classes: int, num_clients: int, classes_per_client: int) -> np.ndarray:

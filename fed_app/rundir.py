@@ -80,6 +80,10 @@ class RunDir:
         save_masks(masks, self.path / "mask.pt")
         atomic_write_bytes(self.path / "mask_stats.json", json.dumps(mask_stats(masks), indent=1).encode())
 
+    def save_shards(self, counts) -> None:
+        """shards.json: each client's image count per class (a (clients, classes) table), for the report."""
+        atomic_write_bytes(self.path / "shards.json", json.dumps({"class_counts": counts.tolist()}).encode())
+
     def save_client_masks(self, bits: dict[int, Any]) -> None:
         """client_masks.pt: partition id -> packed mask bits (mask-scope 'local')."""
         _atomic_torch_save(bits, self.path / "client_masks.pt")

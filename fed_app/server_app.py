@@ -13,6 +13,7 @@ from fed_app.config import RunConfig
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
 from fed_app.federation import Federation
 from fed_app.mask_plan import MaskPlan
+from fed_app.partition import class_counts
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
 from fed_app.run_loop import claimed_run, run_steps
@@ -83,6 +84,9 @@ class Rounds:
     def step_zero(self) -> dict:
         federation = self.strategy.federation
         before = federation.bytes_sent, federation.bytes_received
+        task = self.task
+        self.run_dir.save_shards(class_counts([s.cpu().numpy() for s in task.shards],
+                                              task.data.train.labels.cpu().numpy(), task.data.num_classes))
         self.global_state, plan, found = _step_zero(self.cfg, self.strategy, self.task, self.run_dir)
         self._use(plan)
         return {"density": plan.density if plan else 1.0, **found,

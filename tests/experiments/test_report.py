@@ -97,3 +97,24 @@ def test_a_missing_or_empty_results_folder_is_one_sentence_and_exit_2(tmp_path):
                               text=True)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
         assert str(folder) in proc.stderr
+
+
+def test_one_clients_x_classes_figure_per_distinct_partition(tmp_path):
+    from experiments.figures import client_classes
+
+    def run(name, **changes):
+        cfg = RunConfig(partition="dirichlet", dirichlet_alpha=0.1, num_clients=3, **changes)
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+        (folder / "shards.json").write_text(json.dumps({"class_counts": [[5, 0, 1], [0, 7, 0], [2, 2, 2]]}))
+
+    run("a", lr=0.01)
+    run("b", lr=0.1)  # the same partition under another lr: no second figure
+    run("c", seed=7)
+    out = tmp_path / "figures"
+    out.mkdir()
+    made = client_classes(tmp_path, out)
+    assert sorted(p.name for p in made) == ["clients_x_classes_Dirichlet_alpha0.1_seed42.png",
+                                            "clients_x_classes_Dirichlet_alpha0.1_seed7.png"]
+    assert all(p.stat().st_size > 0 for p in made)

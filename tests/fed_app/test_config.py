@@ -62,8 +62,8 @@ def test_a_key_applies_only_to_the_runs_it_shapes():
 
 
 def test_bad_fl_values_fail_before_any_round():
-    with pytest.raises(ConfigError, match="partition='dirichlet' is not one of iid, noniid"):
-        RunConfig.from_run_config({"partition": "dirichlet"})
+    with pytest.raises(ConfigError, match="partition='pathological' is not one of iid, noniid, dirichlet"):
+        RunConfig.from_run_config({"partition": "pathological"})
     with pytest.raises(ConfigError, match="local-steps=0 is out of range"):
         RunConfig.from_run_config({"local-steps": 0})
     with pytest.raises(ConfigError, match="fraction-train=1.5 is out of range; it must be <= 1.0"):

@@ -3,6 +3,7 @@
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +35,10 @@ def test_flwr_run_simulation_end_to_end(tmp_path, partition):
     assert "client_accuracy" in rows[2] and "client_accuracy" not in rows[3]  # 5 clients on their own shards
     assert rows[1]["bytes_sent"] == rows[1]["bytes_received"] > 0  # dense: a delta as large as the model
     assert (tmp_path / partition / "DONE").exists()
+    counts = np.array(json.loads((tmp_path / partition / "shards.json").read_text())["class_counts"])
+    assert counts.shape == (10, 100) and counts.sum() == 3200 - 200  # every training image, once
+    if partition == "noniid":
+        assert ((counts > 0).sum(1) == 20).all()  # classes-per-client, as the report's figure draws them
 
 
 SPARSE = {"optimizer": "sparse-sgdm", "head": "ridge", "sparsity": 0.8, "calibration-rounds": 2, "fisher-samples": 64}
@@ -82,10 +87,10 @@ def test_make_run_refuses_a_bad_value_in_one_sentence_before_starting_flower(tmp
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "fed_app.launch", "--run-config", "partition='dirichlet'"],
+    proc = subprocess.run([sys.executable, "-m", "fed_app.launch", "--run-config", "partition='pathological'"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: run-config partition='dirichlet' is not one of iid, noniid; pick one of those."
+    assert proc.stderr.strip() == "error: run-config partition='pathological' is not one of iid, noniid, dirichlet; pick one of those."
     assert not (tmp_path / "results").exists()  # no SuperLink home, no run directory
 
 
