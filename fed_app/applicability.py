@@ -13,10 +13,12 @@ from fed_app.config import CHOICES, RunConfig
 ONLY_FOR_KIND: dict[str, frozenset[str]] = {
     "centralized": frozenset({"epochs", "scheduler", "warmup_epochs", "step_size", "gamma", "head_epochs"}),
     "federated": frozenset({"num_rounds", "rounds_scaling", "local_steps", "round_scheduler", "partition",
-                            "classes_per_client", "dirichlet_alpha", "num_clients", "fraction_train", "eval_every", "fraction_evaluate",
+                            "classes_per_client", "dirichlet_alpha", "num_clients", "fraction_train", "eval_every",
+                            "fraction_evaluate",
                             "test_every", "checkpoint_every", "on_client_failure", "max_retries", "round_timeout",
                             "transport", "head_rounds", "calibration_fraction", "mask_scope", "client_objective",
-                            "aggregation"}),
+                            "aggregation", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
+                            "server_beta2", "server_tau"}),
 }
 SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")
 ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping, e.g. a saved config.json)
@@ -43,6 +45,11 @@ ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping
     "mask_damping": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
     "classes_per_client": lambda c: c["partition"] == "noniid",
     "dirichlet_alpha": lambda c: c["partition"] == "dirichlet",
+    "server_lr": lambda c: c.get("server_optimizer", "fedavg") != "fedavg",
+    "server_momentum": lambda c: c.get("server_optimizer", "fedavg") == "fedavgm",
+    "server_beta1": lambda c: c.get("server_optimizer", "fedavg") in ("fedadam", "fedyogi"),
+    "server_beta2": lambda c: c.get("server_optimizer", "fedavg") in ("fedadam", "fedyogi"),
+    "server_tau": lambda c: c.get("server_optimizer", "fedavg") in ("fedadam", "fedyogi", "fedadagrad"),
 }
 
 

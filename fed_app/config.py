@@ -31,6 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_objective": ("cross-entropy",),
     "aggregation": ("fedavg",),
     "tracker": ("none", "tensorboard", "wandb"),
+    "server_optimizer": ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
 }
 # Keys whose values may also be names that a module in `plugins` registered (fed_app/registry.py).
 REGISTERED = {"mask_rule": "MASK_RULES", "client_objective": "OBJECTIVES", "aggregation": "AGGREGATIONS"}
@@ -70,6 +71,11 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "head_rounds": (1, False),
     "calibration_fraction": (0.0, True),
     "fraction_evaluate": (0.0, False),
+    "server_lr": (0.0, True),
+    "server_momentum": (0.0, False),
+    "server_beta1": (0.0, False),
+    "server_beta2": (0.0, False),
+    "server_tau": (0.0, True),
 }
 
 
@@ -80,6 +86,9 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
     "fraction_train": (1.0, False),
     "calibration_fraction": (1.0, False),
     "fraction_evaluate": (1.0, False),
+    "server_momentum": (1.0, True),
+    "server_beta1": (1.0, True),
+    "server_beta2": (1.0, True),
     "classes_per_client": (100, False),  # CIFAR-100 and the synthetic set both have 100 classes
 }
 
@@ -161,6 +170,13 @@ class RunConfig:
     # extensions (fed_app/registry.py): a client objective, an aggregation rule, modules that register more
     client_objective: str = "cross-entropy"
     aggregation: str = "fedavg"
+    # server optimizer (strategies/server_opt.py): the mean client delta as a negative pseudo-gradient
+    server_optimizer: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
     plugins: str = ""
     # outputs
     run_dir: str = ""
@@ -211,6 +227,9 @@ class RunConfig:
         if self.optimizer == "sparse-sgdm" and not self.freeze_head:
             raise ConfigError("run-config optimizer='sparse-sgdm' keeps the step-0 head frozen (the brief's "
                               "protocol), so freeze-head=false does not apply; drop it or use optimizer='sgdm'.")
+        if self.server_optimizer != "fedavg" and self.optimizer != "sgdm":
+            raise ConfigError(f"run-config server-optimizer={self.server_optimizer!r} steps on the dense global model; "
+                              f"with optimizer={self.optimizer!r} use server-optimizer='fedavg' (or optimizer='sgdm').")
         if self.tracker != "none" and importlib.util.find_spec(self.tracker) is None:
             raise ConfigError(f"run-config tracker={self.tracker!r} needs the {self.tracker} package, which is not "
                               f"installed; pip install -e \".[track]\" (or tracker='none').")

@@ -22,6 +22,7 @@ from fed_app.transport import SharedFiles
 from fed_app.wire import Form, flat_state, pack_state, split_flat
 from fed_app.loaded_task import LoadedTask, State, load_task
 from strategies.fedavg import SeededFedAvg
+from strategies.server_opt import make_server_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def _run(grid: Grid, cfg: RunConfig, run_dir: RunDir, claim) -> RunDir:
         files = SharedFiles(cfg.run_id(), (cfg.clients_per_round + 2) * model_bytes)
     try:
         strategy = SeededFedAvg(cfg.seed, cfg.num_clients, cfg.clients_per_round, Federation.discover(grid, cfg),
-                                files, cfg.aggregation)
+                                files, cfg.aggregation, make_server_optimizer(cfg))
         run_steps(cfg, run_dir, Rounds(cfg, run_dir, task, strategy), guard=claim.check)
     finally:
         if files is not None:
@@ -96,6 +97,8 @@ class Rounds:
     def restore(self, checkpoint: dict) -> None:
         """The global model; the masks were saved before the round-0 checkpoint, so calibration is not redone."""
         self.global_state = checkpoint["model"]
+        if self.strategy.server_optimizer is not None:
+            self.strategy.server_optimizer.load_state_dict(checkpoint["server_optimizer"])
         self._use(MaskPlan.load(self.run_dir, self.task.trainable_shapes(), self.cfg))
 
     def _use(self, plan: MaskPlan | None) -> None:
@@ -126,7 +129,8 @@ class Rounds:
         return server_round % self.cfg.checkpoint_every == 0
 
     def state(self) -> dict:
-        return {"model": self.global_state}
+        opt = self.strategy.server_optimizer
+        return {"model": self.global_state, **({"server_optimizer": opt.state_dict()} if opt is not None else {})}
 
     def finish(self, run_dir: RunDir) -> None:
         plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {self.cfg.run_id()}")

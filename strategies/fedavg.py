@@ -16,7 +16,9 @@ from fed_app.seeds import Phase, sample_partitions
 from fed_app.transport import SharedFiles, TransportError, carry, discard, take
 from fed_app.mask_plan import MaskPlan
 from fed_app.registry import AGGREGATIONS
-from fed_app.wire import Form, Key, add_trainable_, apply_update, flat_state, masked_state, pack_masks
+from fed_app.wire import (Form, Key, add_trainable_, apply_update, flat_state, masked_state, pack_masks,
+                          split_flat)
+from strategies.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ class SeededFedAvg(FedAvg):
     runs its rounds (with step 0, calibration and checkpoints) instead of the inherited start()."""
 
     def __init__(self, seed: int, num_clients: int, per_round: int, federation: Federation,
-                 files: SharedFiles | None = None, aggregation: str = "fedavg"):
+                 files: SharedFiles | None = None, aggregation: str = "fedavg",
+                 server_optimizer: ServerOptimizer | None = None):
         super().__init__(fraction_train=per_round / num_clients, fraction_evaluate=0.0,
                          min_available_nodes=num_clients)
         self.seed, self.num_clients, self.per_round = seed, num_clients, per_round
@@ -86,6 +89,7 @@ class SeededFedAvg(FedAvg):
         self.plan: MaskPlan | None = None  # sparse runs: which entries each partition trains
         self.mask_records: dict[int, ArrayRecord] = {}  # partition id -> the mask its train messages carry
         self.compact = False  # send only what can differ from the seeded initial model
+        self.server_optimizer = server_optimizer  # None: the mean delta is added as it is (FedAvg)
 
     def use_masks(self, plan: MaskPlan | None, compact: bool = False) -> None:
         """Train messages carry each partition's mask (one record for a global mask); with `compact`, the
@@ -106,7 +110,13 @@ class SeededFedAvg(FedAvg):
         shared = self.plan.shared if self.plan is not None and training else None
         payload = masked_state(state, shared) if shared is not None and self.compact else flat_state(state)
         delta, metrics = self.train_round(server_round, payload, config)
-        return apply_update(state, delta.to_torch_state_dict(), shared), metrics
+        update = delta.to_torch_state_dict()
+        if self.server_optimizer is not None and training:  # dense runs only (RunConfig checks)
+            x = flat_state(state)[Form.FLAT]  # the global buffer itself (a copy if state is not one buffer)
+            mean = update[Form.FLAT] if Form.FLAT in update else flat_state(update)[Form.FLAT]
+            self.server_optimizer.step(x, mean, server_round)
+            return split_flat(x, {n: t.shape for n, t in state.items()}), metrics
+        return apply_update(state, update, shared), metrics
 
     def configure_train(self, server_round: int, arrays: dict[str, Tensor], config: ConfigRecord,
                         grid=None) -> dict[int, RecordDict]:

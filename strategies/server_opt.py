@@ -1,0 +1,95 @@
+"""Server optimizers (Reddi et al., "Adaptive Federated Optimization", 2021): the server treats the negative
+example-weighted mean client delta as a pseudo-gradient and takes one optimizer step on the global model per
+round. Each follows the update of Flower's strategy of the same name (flwr.serverapp.strategy.FedAvgM,
+FedAdam, FedYogi, FedAdagrad) term for term, including FedAdam's bias correction at round t+1, and works in
+place on the flat float32 global model; its state is part of the run's checkpoint."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fed_app.config import RunConfig
+
+
+class ServerOptimizer:
+    """x <- x + step(delta) for the flat global model x and the round's mean client delta."""
+
+    def __init__(self, cfg: RunConfig):
+        self.lr, self.momentum = cfg.server_lr, cfg.server_momentum
+        self.beta1, self.beta2, self.tau = cfg.server_beta1, cfg.server_beta2, cfg.server_tau
+        self.state: dict[str, Tensor] = {}
+
+    def step(self, x: Tensor, delta: Tensor, server_round: int) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.state = {k: v.clone() for k, v in state.items()}
+
+
+class FedAvgM(ServerOptimizer):
+    """Server momentum (Hsu et al. 2019): pseudo-gradient g = -delta; m = g, then m = momentum * m + g;
+    x -= server_lr * m (with momentum 0: x -= server_lr * g; server_lr 1 gives FedAvg, bit for bit)."""
+
+    def step(self, x: Tensor, delta: Tensor, server_round: int) -> None:
+        g = -delta
+        if self.momentum > 0.0:
+            m = self.state.get("momentum")
+            g = g if m is None else self.momentum * m + g
+            self.state["momentum"] = g
+        x.sub_(self.lr * g)
+
+
+class FedOpt(ServerOptimizer):
+    """m = beta1 * m + (1 - beta1) * delta (m from zeros), then the rule's v, then x += lr_t * m / (sqrt(v) + tau)."""
+
+    beta1_fixed: float | None = None  # FedAdagrad uses no first moment
+
+    def step(self, x: Tensor, delta: Tensor, server_round: int) -> None:
+        beta1 = self.beta1 if self.beta1_fixed is None else self.beta1_fixed
+        m = self.state.get("m", torch.zeros_like(delta))
+        v = self.state.get("v", torch.zeros_like(delta))
+        m = beta1 * m + (1 - beta1) * delta
+        v = self.second_moment(v, delta)
+        self.state["m"], self.state["v"] = m, v
+        x.add_(self.rate(server_round) * m / (torch.sqrt(v) + self.tau))
+
+    def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def rate(self, server_round: int) -> float:
+        return self.lr
+
+
+class FedAdam(FedOpt):
+    def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
+        return self.beta2 * v + (1 - self.beta2) * delta ** 2
+
+    def rate(self, server_round: int) -> float:  # Adam's bias correction, at Flower's t = round + 1
+        t = server_round + 1.0
+        return self.lr * math.sqrt(1 - self.beta2 ** t) / (1 - self.beta1 ** t)
+
+
+class FedYogi(FedOpt):
+    def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
+        return v - (1.0 - self.beta2) * delta ** 2 * torch.sign(v - delta ** 2)
+
+
+class FedAdagrad(FedOpt):
+    beta1_fixed = 0.0
+
+    def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
+        return v + delta ** 2
+
+
+SERVER_OPTIMIZERS = {"fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+
+
+def make_server_optimizer(cfg: RunConfig) -> ServerOptimizer | None:
+    """None for plain FedAvg (the mean delta is added as it is)."""
+    return SERVER_OPTIMIZERS[cfg.server_optimizer](cfg) if cfg.server_optimizer != "fedavg" else None
