@@ -17,7 +17,7 @@ ONLY_FOR_KIND: dict[str, frozenset[str]] = {
                             "fraction_evaluate",
                             "test_every", "checkpoint_every", "on_client_failure", "max_retries", "round_timeout",
                             "transport", "head_rounds", "calibration_fraction", "mask_scope", "client_objective",
-                            "aggregation", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
+                            "aggregation", "prox_mu", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
                             "server_beta2", "server_tau"}),
 }
 SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")

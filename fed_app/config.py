@@ -72,6 +72,7 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "calibration_fraction": (0.0, True),
     "fraction_evaluate": (0.0, False),
     "server_lr": (0.0, True),
+    "prox_mu": (0.0, False),
     "server_momentum": (0.0, False),
     "server_beta1": (0.0, False),
     "server_beta2": (0.0, False),
@@ -170,6 +171,7 @@ class RunConfig:
     # extensions (fed_app/registry.py): a client objective, an aggregation rule, modules that register more
     client_objective: str = "cross-entropy"
     aggregation: str = "fedavg"
+    prox_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to the client objective
     # server optimizer (strategies/server_opt.py): the mean client delta as a negative pseudo-gradient
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0

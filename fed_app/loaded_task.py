@@ -23,7 +23,7 @@ from fed_app.head import freeze_head, only_head_trainable, ridge_statistics, tem
 from fed_app.model import ModelSpec, build_model
 from fed_app.registry import OBJECTIVES
 from fed_app.seeds import client_generator
-from fed_app.task import (autocast, client_lr, evaluate, make_optimizer, resolve_device, train_steps,
+from fed_app.task import (autocast, client_lr, evaluate, make_optimizer, proximal, resolve_device, train_steps,
                           training_module)
 from fed_app.wire import Form, split_flat, unpack_masked_state, unpack_masks
 
@@ -92,6 +92,8 @@ class LoadedTask:
             shard = self.shards[partition_id]
             generator = client_generator(self.device, cfg.seed, server_round, partition_id, head_only)
             objective = OBJECTIVES.get(cfg.client_objective)(self.model)  # built from the global model
+            if cfg.prox_mu > 0 and not head_only:
+                objective = proximal(objective, self.model, cfg.prox_mu)
             loss = train_steps(self.trainer, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
                                cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device),
                                objective=objective)
