@@ -178,3 +178,55 @@ def client_classes(results_dir: Path, out: Path) -> list[Path]:
         safe = setting.replace(" ", "_").replace("=", "")
         made.append(_save(fig, out / f"clients_x_classes_{safe}_seed{config['seed']}.png"))
     return made
+
+
+def _block(name: str) -> str:
+    """'blocks.3.attn.qkv.weight' -> 'blocks.3'; 'patch_embed.proj.weight' -> 'patch_embed'."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 1 else parts[0]
+
+
+def block_densities(stats: list[dict]) -> dict[str, float]:
+    """mask_stats.json rows (per tensor, then the total) -> trainable fraction per block, in model order."""
+    blocks: dict[str, list[int]] = {}
+    for row in stats[:-1]:  # the last row is the total
+        total = blocks.setdefault(_block(row["name"]), [0, 0])
+        total[0] += row["trainable"]
+        total[1] += row["numel"]
+    return {b: t / n for b, (t, n) in blocks.items()}
+
+
+def mask_layers(results_dir: Path, out: Path) -> Path | None:
+    """Where each mask puts the trainable weights: density per block of the model (from each sparse run's
+    `mask_stats.json`), one line per configuration (its first seed), labelled by what differs between them
+    (e.g. mask-aggregation, mask-rule, sparsity)."""
+    import json
+
+    from fed_app.applicability import key_applies
+
+    runs = {}
+    for stats in sorted(Path(results_dir).glob("*/mask_stats.json")):
+        config = json.loads((stats.parent / "config.json").read_text())
+        key = json.dumps({k: v for k, v in config.items() if k not in ("seed", "run_dir", "claim_token")},
+                         sort_keys=True)
+        kind = "centralized" if stats.parent.name.startswith("centralized") else "federated"
+        runs.setdefault(key, (config, json.loads(stats.read_text()), kind))
+    if not runs:
+        return None
+    configs = [c for c, _, _ in runs.values()]
+    differing = [k for k in configs[0] if k not in ("seed", "run_dir", "claim_token")
+                 and len({json.dumps(c.get(k)) for c in configs}) > 1]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for config, rows, kind in runs.values():
+        blocks = block_densities(rows)
+        label = ", ".join(f"{k.replace('_', '-')}={config[k]}" for k in differing
+                          if key_applies(k, kind, config))
+        ax.plot(list(blocks), [100 * d for d in blocks.values()], marker=".",
+                label=label or f"density {100 * rows[-1]['density']:.1f}%")
+    ax.set_ylabel("trainable entries (%)")
+    ax.set_xlabel("model block")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("where the masks put the trainable weights, per block")
+    return _save(fig, out / "mask_density_per_block.png")

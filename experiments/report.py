@@ -176,9 +176,10 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
     figures.mkdir(exist_ok=True)
     for old in figures.glob("*.png"):  # figures of axes that no longer vary must not linger
         old.unlink()
-    from experiments.figures import client_classes, make_figures
+    from experiments.figures import client_classes, make_figures, mask_layers
 
     made = make_figures(df, summary, axes, figures) + client_classes(results_dir, figures)
+    made += [p for p in [mask_layers(results_dir, figures)] if p is not None]
     where = {"final": "at each run's last evaluated step", "best-val": "at each run's best-validation step"}[rule]
     lines = [f"# Report: {results_dir.name}", "", f"{summary['run_id'].nunique()} runs "
              f"({int(summary['done'].sum())} finished). Checkpoint rule `{rule}`: configurations are selected by "

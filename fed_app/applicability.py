@@ -16,7 +16,8 @@ ONLY_FOR_KIND: dict[str, frozenset[str]] = {
                             "classes_per_client", "dirichlet_alpha", "num_clients", "fraction_train", "eval_every",
                             "fraction_evaluate",
                             "test_every", "checkpoint_every", "on_client_failure", "max_retries", "round_timeout",
-                            "transport", "head_rounds", "calibration_fraction", "mask_scope", "client_objective",
+                            "transport", "head_rounds", "calibration_fraction", "mask_scope", "mask_aggregation",
+                            "mask_quorum", "client_objective",
                             "aggregation", "prox_mu", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
                             "server_beta2", "server_tau"}),
 }
@@ -45,6 +46,8 @@ ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping
     "mask_damping": lambda c: c["optimizer"] == "sparse-sgdm" and _uses_fisher(c["mask_rule"]),
     "classes_per_client": lambda c: c["partition"] == "noniid",
     "dirichlet_alpha": lambda c: c["partition"] == "dirichlet",
+    "mask_aggregation": lambda c: c["optimizer"] == "sparse-sgdm" and c.get("mask_scope", "global") == "global",
+    "mask_quorum": lambda c: c["optimizer"] == "sparse-sgdm" and c.get("mask_aggregation", "scores") == "vote",
     "server_lr": lambda c: c.get("server_optimizer", "fedavg") != "fedavg",
     "server_momentum": lambda c: c.get("server_optimizer", "fedavg") == "fedavgm",
     "server_beta1": lambda c: c.get("server_optimizer", "fedavg") in ("fedadam", "fedyogi"),

@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "aggregation": ("fedavg",),
     "tracker": ("none", "tensorboard", "wandb"),
     "server_optimizer": ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+    "mask_aggregation": ("scores", "vote", "intersection", "union"),
 }
 # Keys whose values may also be names that a module in `plugins` registered (fed_app/registry.py).
 REGISTERED = {"mask_rule": "MASK_RULES", "client_objective": "OBJECTIVES", "aggregation": "AGGREGATIONS"}
@@ -73,6 +74,7 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "fraction_evaluate": (0.0, False),
     "server_lr": (0.0, True),
     "prox_mu": (0.0, False),
+    "mask_quorum": (0.0, True),
     "server_momentum": (0.0, False),
     "server_beta1": (0.0, False),
     "server_beta2": (0.0, False),
@@ -88,6 +90,7 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
     "calibration_fraction": (1.0, False),
     "fraction_evaluate": (1.0, False),
     "server_momentum": (1.0, True),
+    "mask_quorum": (1.0, False),
     "server_beta1": (1.0, True),
     "server_beta2": (1.0, True),
     "classes_per_client": (100, False),  # CIFAR-100 and the synthetic set both have 100 classes
@@ -168,6 +171,8 @@ class RunConfig:
     head_rounds: int = 10
     calibration_fraction: float = 1.0
     mask_scope: str = "global"
+    mask_aggregation: str = "scores"  # global mask from summed client scores, or the clients' own masks combined
+    mask_quorum: float = 0.5  # mask-aggregation='vote': the share of clients that must train an entry
     # extensions (fed_app/registry.py): a client objective, an aggregation rule, modules that register more
     client_objective: str = "cross-entropy"
     aggregation: str = "fedavg"
@@ -229,6 +234,9 @@ class RunConfig:
         if self.optimizer == "sparse-sgdm" and not self.freeze_head:
             raise ConfigError("run-config optimizer='sparse-sgdm' keeps the step-0 head frozen (the brief's "
                               "protocol), so freeze-head=false does not apply; drop it or use optimizer='sgdm'.")
+        if self.mask_aggregation != "scores" and self.mask_scope != "global":
+            raise ConfigError(f"run-config mask-aggregation={self.mask_aggregation!r} combines the clients' masks into "
+                              f"one global mask, so mask-scope={self.mask_scope!r} does not fit; use mask-scope='global'.")
         if self.server_optimizer != "fedavg" and self.optimizer != "sgdm":
             raise ConfigError(f"run-config server-optimizer={self.server_optimizer!r} steps on the dense global model; "
                               f"with optimizer={self.optimizer!r} use server-optimizer='fedavg' (or optimizer='sgdm').")

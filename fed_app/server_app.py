@@ -21,6 +21,7 @@ from fed_app.task import client_lr
 from fed_app.transport import SharedFiles
 from fed_app.wire import Form, flat_state, pack_state, split_flat
 from fed_app.loaded_task import LoadedTask, State, load_task
+from masking.combine import combine_masks
 from strategies.fedavg import SeededFedAvg
 from strategies.server_opt import make_server_optimizer
 
@@ -152,7 +153,11 @@ def _step_zero(cfg: RunConfig, strategy: SeededFedAvg, task, run_dir: RunDir):
     state, found = federated_head(cfg, strategy, task, task.initial_state())
     if cfg.optimizer != "sparse-sgdm":
         return state, None, found
-    if cfg.mask_scope == "global":
+    if cfg.mask_scope == "global" and cfg.mask_aggregation != "scores":  # the clients' own masks, combined
+        local = federated_local_masks(cfg, strategy, task, state)
+        combined = combine_masks([local[p] for p in sorted(local)], cfg.mask_aggregation, cfg.mask_quorum)
+        plan = MaskPlan.global_mask(combined, cfg.num_clients)
+    elif cfg.mask_scope == "global":
         plan = MaskPlan.global_mask(federated_masks(cfg, strategy, task, state), cfg.num_clients)
     else:
         plan = MaskPlan.local_masks(federated_local_masks(cfg, strategy, task, state))

@@ -118,3 +118,25 @@ def test_one_clients_x_classes_figure_per_distinct_partition(tmp_path):
     assert sorted(p.name for p in made) == ["clients_x_classes_Dirichlet_alpha0.1_seed42.png",
                                             "clients_x_classes_Dirichlet_alpha0.1_seed7.png"]
     assert all(p.stat().st_size > 0 for p in made)
+
+
+def test_mask_densities_per_block_one_line_per_configuration(tmp_path):
+    from experiments.figures import _block, block_densities, mask_layers
+
+    assert _block("blocks.3.attn.qkv.weight") == "blocks.3" and _block("patch_embed.proj.weight") == "patch_embed"
+    assert mask_layers(tmp_path, tmp_path) is None  # no sparse run, no figure
+    stats = [{"name": "blocks.0.w", "numel": 10, "trainable": 1, "density": 0.1},
+             {"name": "blocks.1.w", "numel": 10, "trainable": 5, "density": 0.5},
+             {"name": "blocks.1.b", "numel": 10, "trainable": 0, "density": 0.0},
+             {"name": "total", "numel": 30, "trainable": 6, "density": 0.2}]
+    assert block_densities(stats) == {"blocks.0": 0.1, "blocks.1": 0.25}
+    for name, rule in (("federated-a", "vote"), ("federated-b", "union")):
+        folder = tmp_path / name
+        folder.mkdir()
+        cfg = RunConfig(optimizer="sparse-sgdm", head="ridge", mask_aggregation=rule)
+        (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+        (folder / "mask_stats.json").write_text(json.dumps(stats))
+    out = tmp_path / "figures"
+    out.mkdir()
+    made = mask_layers(tmp_path, out)
+    assert made == out / "mask_density_per_block.png" and made.stat().st_size > 0

@@ -15,6 +15,7 @@ from fed_app.model import build_model
 from fed_app.local_federation import LocalFederation
 from masking.calibrate import load_masks
 from fed_app.wire import unpack_masks
+from masking.combine import combine_masks
 
 from ..conftest import TINY
 
@@ -112,3 +113,31 @@ def test_head_rounds_train_the_head_and_no_backbone_entry(tmp_path):
     assert "head.weight" not in masks and not torch.equal(final["head.weight"], init["head.weight"])
     for name, mask in masks.items():  # head rounds moved no backbone entry; sparse rounds only trainable ones
         assert torch.equal(final[name][~mask], init[name][~mask]), name
+
+
+@pytest.mark.slow
+def test_a_voted_global_mask_is_the_clients_own_masks_combined_and_frozen_entries_never_move(tmp_path):
+    settings = {**SPARSE_FL, "partition": "noniid", "classes-per-client": 10, "fisher-samples": 64,
+                "fisher-mode": "sampled", "num-rounds": 2}
+    own = RunConfig.from_run_config({**settings, "mask-scope": "local", "run-dir": str(tmp_path / "own")})
+    voted = RunConfig.from_run_config({**settings, "mask-aggregation": "vote", "mask-quorum": 0.3,
+                                       "run-dir": str(tmp_path / "voted")})
+    with LocalFederation(tmp_path / "flwr") as sim:
+        sim.run(own, num_supernodes=10, timeout=300)
+        sim.run(voted, num_supernodes=10, timeout=300)
+    model, _ = build_model(voted, 100)
+    freeze_head(model)
+    shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bits = torch.load(tmp_path / "own" / "client_masks.pt", weights_only=False)
+    clients = [unpack_masks(bits[p], shapes) for p in sorted(bits)]  # the same calibration, client by client
+    mask = load_masks(tmp_path / "voted" / "mask.pt")
+    expected = combine_masks(clients, "vote", 0.3)
+    assert all(torch.equal(mask[n], expected[n]) for n in shapes)
+    density = sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+    assert 0.2 < density < 1.0  # 3 of 10 votes keep more than one client's 20%
+    rows = [json.loads(line) for line in (tmp_path / "voted" / "rows.jsonl").read_text().splitlines()]
+    assert rows[0]["density"] == pytest.approx(density)
+    final = torch.load(tmp_path / "voted" / "checkpoint.pt", weights_only=False)["model"]
+    for name in shapes:
+        assert torch.equal(final[name][~mask[name]], init[name][~mask[name]]), name
