@@ -23,8 +23,9 @@ ONLY_FOR_KIND: dict[str, frozenset[str]] = {
 }
 SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")
 ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping, e.g. a saved config.json)
-    "data_root": lambda c: c["dataset"] == "cifar100",
-    "download": lambda c: c["dataset"] == "cifar100",
+    "data_root": lambda c: c["dataset"] in ("cifar100", "cifar10", "imagefolder"),
+    "download": lambda c: c["dataset"] in ("cifar100", "cifar10"),
+    "image_size": lambda c: c["dataset"] == "imagefolder",
     "synthetic_train_size": lambda c: c["dataset"] == "synthetic",
     "synthetic_test_size": lambda c: c["dataset"] == "synthetic",
     "warmup_epochs": lambda c: c["scheduler"] == "warmup-cosine",

@@ -14,7 +14,7 @@ from typing import Any
 from fed_app.errors import UserError
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": ("cifar100", "synthetic", "digits"),
+    "dataset": ("cifar100", "cifar10", "imagefolder", "synthetic", "digits"),
     "model": ("vit-small-dino", "vit-tiny-test"),
     "precision": ("auto", "bf16", "fp32"),
     "device": ("auto", "cpu", "cuda"),
@@ -42,6 +42,7 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "val_size": (0, False),
     "synthetic_train_size": (1, False),
     "synthetic_test_size": (1, False),
+    "image_size": (8, False),
     "batch_size": (1, False),
     "eval_batch_size": (1, False),
     "lr": (0.0, True),
@@ -113,6 +114,7 @@ class RunConfig:
     dataset: str = "cifar100"
     data_root: str = "~/.cache/fedit/data"
     download: bool = True
+    image_size: int = 224  # dataset='imagefolder': images resized and center-cropped to this, kept as uint8
     val_size: int = 5000
     split_seed: int = 0
     synthetic_train_size: int = 50000

@@ -1,4 +1,4 @@
-"""Datasets: CIFAR-100, digits or synthetic images read into device-resident uint8 tensors, split into
+"""Datasets: CIFAR-100, CIFAR-10, the user's own ImageFolder, digits or synthetic images read into device-resident uint8 tensors, split into
 train/val/test (the split itself: fed_app/partition.py), once per process."""
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ _CACHE: dict[tuple, Dataset] = {}
 def load_dataset(cfg: RunConfig, device: torch.device) -> Dataset:
     """The train/val/test splits on `device`, loaded once per process for the same data settings."""
     key = (cfg.dataset, cfg.data_root, cfg.val_size, cfg.split_seed, cfg.synthetic_train_size,
-           cfg.synthetic_test_size, str(device))
+           cfg.synthetic_test_size, cfg.image_size, str(device))
     if key not in _CACHE:
-        if cfg.dataset == "cifar100":
-            (x_train, y_train), (x_test, y_test) = read_cifar100(cfg.data_root, cfg.download)
+        if cfg.dataset in CIFAR:
+            (x_train, y_train), (x_test, y_test) = read_cifar(cfg.dataset, cfg.data_root, cfg.download)
+        elif cfg.dataset == "imagefolder":
+            (x_train, y_train), (x_test, y_test) = read_image_folder(cfg.data_root, cfg.image_size)
         elif cfg.dataset == "digits":
             (x_train, y_train), (x_test, y_test) = read_digits()
         else:
@@ -68,44 +70,91 @@ def load_dataset(cfg: RunConfig, device: torch.device) -> Dataset:
     return _CACHE[key]
 
 
+CIFAR = {"cifar100": ("CIFAR-100", "CIFAR100", "cifar-100-python", "cifar-100-python.tar.gz",
+                      "eb9058c3a382ffc7106e4002c42a8d85"),
+         "cifar10": ("CIFAR-10", "CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                     "c58f30108f718f92721af3b95e74349a")}
+
+
 def read_cifar100(root: str, download: bool) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """CIFAR-100 through torchvision as ((x_train, y_train), (x_test, y_test)), x in (N, 3, 32, 32)."""
-    from torchvision.datasets import CIFAR100
+    return read_cifar("cifar100", root, download)
 
+
+def read_cifar(which: str, root: str, download: bool) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """CIFAR-100 or CIFAR-10 through torchvision as ((x_train, y_train), (x_test, y_test)), x (N, 3, 32, 32)."""
+    import torchvision.datasets
+
+    name, cls_name, folder, _, _ = CIFAR[which]
+    cls = getattr(torchvision.datasets, cls_name)
     path = Path(root).expanduser().resolve()
     out = []
     for train in (True, False):
         try:
-            ds = CIFAR100(str(path), train=train, download=False)
+            ds = cls(str(path), train=train, download=False)
         except RuntimeError:
-            there = (path / CIFAR100.base_folder).is_dir()  # the folder is there, its files fail the md5 check
+            there = (path / folder).is_dir()  # the folder is there, its files fail the md5 check
             if not download:
-                raise DataError(_damaged_cifar_message(path) if there else
-                                _missing_cifar_message(path, "download=false")) from None
+                raise DataError(_damaged_cifar_message(which, path) if there else
+                                _missing_cifar_message(which, path, "download=false")) from None
             try:
-                ds = CIFAR100(str(path), train=train, download=True)
+                ds = cls(str(path), train=train, download=True)
             except Exception as err:  # offline: URLError, socket errors, a partial archive
-                raise DataError(_damaged_cifar_message(path) if there else
-                                _missing_cifar_message(path, f"download failed: {err}")) from err
+                raise DataError(_damaged_cifar_message(which, path) if there else
+                                _missing_cifar_message(which, path, f"download failed: {err}")) from err
         out.append((ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)))
     return tuple(out)
 
 
-def _missing_cifar_message(path: Path, why: str) -> str:
+def _missing_cifar_message(which: str, path: Path, why: str) -> str:
+    name, _, folder, archive, _ = CIFAR[which]
     return (
-        f"CIFAR-100 is not under data-root={str(path)!r} ({why}); put the extracted "
-        f"'cifar-100-python' folder (from cifar-100-python.tar.gz) there, or pass "
+        f"{name} is not under data-root={str(path)!r} ({why}); put the extracted "
+        f"'{folder}' folder (from {archive}) there, or pass "
         f"--run-config \"data-root='/path/to/dir/containing/it'\", or use dataset='synthetic' offline."
     )
 
 
-def _damaged_cifar_message(path: Path) -> str:
+def _damaged_cifar_message(which: str, path: Path) -> str:
+    name, _, folder, archive, md5 = CIFAR[which]
     return (
-        f"CIFAR-100's files are under data-root={str(path)!r} (cifar-100-python/) but fail torchvision's integrity "
-        f"check (md5 of train, test, meta): a partial or damaged copy; replace that folder with one extracted from "
-        f"an intact cifar-100-python.tar.gz (md5 eb9058c3a382ffc7106e4002c42a8d85), or delete it and rerun with "
-        f"download=true where the internet is reachable."
+        f"{name}'s files are under data-root={str(path)!r} ({folder}/) but fail torchvision's integrity "
+        f"check (md5 of its batches and meta): a partial or damaged copy; replace that folder with one extracted "
+        f"from an intact {archive} (md5 {md5}), or delete it and rerun with download=true where the internet "
+        f"is reachable."
     )
+
+
+def check_image_folder(root: str) -> Path:
+    """The folder, if it has train/ and test/; one sentence on the layout otherwise (the preflight's check)."""
+    path = Path(root).expanduser().resolve()
+    for part in ("train", "test"):
+        if not (path / part).is_dir():
+            raise DataError(f"dataset='imagefolder' needs data-root={str(path)!r} to hold train/ and test/, each "
+                            f"with one folder of images per class (torchvision's ImageFolder layout); "
+                            f"{part}/ is missing.")
+    return path
+
+
+def read_image_folder(root: str, size: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """The user's own images in torchvision's ImageFolder layout, `root/train/<class>/*.png|jpg...` and
+    `root/test/<class>/...` (the same class folders), each resized (shorter side) and center-cropped to
+    size x size, as uint8 (N, 3, size, size) arrays; labels are the class folders in sorted order."""
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    path = check_image_folder(root)
+    shape = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+    out, classes = [], None
+    for part in ("train", "test"):
+        ds = ImageFolder(str(path / part), transform=shape)
+        if classes is not None and ds.classes != classes:
+            raise DataError(f"dataset='imagefolder': test/ has classes {ds.classes[:5]}... but train/ has "
+                            f"{classes[:5]}...; give both the same class folders.")
+        classes = ds.classes
+        images = np.stack([ds[i][0].expand(3, -1, -1).numpy() for i in range(len(ds))])
+        out.append((images, np.asarray(ds.targets, dtype=np.int64)))
+    return tuple(out)
 
 
 def read_digits(test_size: int = 360) -> tuple[tuple[np.ndarray, np.ndarray], ...]:

@@ -21,11 +21,13 @@ log = logging.getLogger(__name__)
 def preflight(cfg: RunConfig) -> None:
     """Load the data and build the model once here, so a missing dataset or weights file is one sentence
     before Flower starts, not a traceback inside the ServerApp."""
-    from fed_app.data import read_cifar100
+    from fed_app.data import CIFAR, check_image_folder, read_cifar
     from fed_app.model import build_model
 
-    if cfg.dataset == "cifar100":  # read and dropped: this process keeps no copy of the data
-        read_cifar100(cfg.data_root, cfg.download)
+    if cfg.dataset in CIFAR:  # read and dropped: this process keeps no copy of the data
+        read_cifar(cfg.dataset, cfg.data_root, cfg.download)
+    elif cfg.dataset == "imagefolder":
+        check_image_folder(cfg.data_root)
     build_model(cfg, 100)
 
 

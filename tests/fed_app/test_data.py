@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fed_app import data as D
+from fed_app.config import RunConfig
 from fed_app.errors import DataError
 
 def _write_cifar100(root, n_train=60, n_test=20):
@@ -88,3 +89,67 @@ def test_dataset_lives_on_the_device_once_per_process(tiny_cfg):
     first = D.load_dataset(tiny_cfg, torch.device("cpu"))
     assert D.load_dataset(tiny_cfg.replace(lr=0.5), torch.device("cpu")) is first
     assert first.train.images.dtype == torch.uint8 and len(first.train) == 3000 and len(first.val) == 200
+
+
+def _write_cifar10(root, n_per_batch=8):
+    """A CIFAR-10 copy in the released format: data_batch_1..5 and test_batch (protocol-2 pickles whose str keys
+    torchvision reads with encoding='latin1'), batches.meta."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    made = {"train": ([], []), "test": ([], [])}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, 10, size=n_per_batch)]
+        (folder / name).write_bytes(pickle.dumps({"data": x, "labels": y, "batch_label": name},
+                                                 protocol=2))
+        part = made["test" if name == "test_batch" else "train"]
+        part[0].append(x.reshape(-1, 3, 32, 32))
+        part[1].extend(y)
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]},
+                                                       protocol=2))
+    return {k: (np.concatenate(x), np.array(y)) for k, (x, y) in made.items()}
+
+
+def test_cifar10_is_read_through_torchvision_from_a_copy_in_the_real_format(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    made = _write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", _md5(folder / f"data_batch_{i}")]
+                                                for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", _md5(folder / "test_batch")]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": _md5(folder / "batches.meta")})
+    (x_train, y_train), (x_test, y_test) = D.read_cifar("cifar10", str(tmp_path), download=False)
+    assert x_train.shape == (40, 3, 32, 32) and (x_train == made["train"][0]).all()
+    assert (y_train == made["train"][1]).all() and (y_test == made["test"][1]).all()
+    with pytest.raises(DataError, match=r"CIFAR-10 is not under data-root=.*'cifar-10-batches-py' folder "
+                                        r"\(from cifar-10-python\.tar\.gz\)"):
+        D.read_cifar("cifar10", str(tmp_path / "elsewhere"), download=False)
+
+
+def test_an_image_folder_of_the_users_own_images_is_read_resized_and_labelled_by_class_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    colors = {"cat": (200, 30, 30), "dog": (30, 200, 30), "owl": (30, 30, 200)}
+    for part, n in (("train", 4), ("test", 2)):
+        for name, color in colors.items():
+            (tmp_path / part / name).mkdir(parents=True)
+            for i in range(n):  # different sizes and modes, as real folders have
+                size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+                image = Image.new("RGB", size, color)
+                (image.convert("L") if i == 0 else image).save(tmp_path / part / name / f"{i}.png")
+    (x_train, y_train), (x_test, y_test) = D.read_image_folder(str(tmp_path), size=16)
+    assert x_train.shape == (12, 3, 16, 16) and x_train.dtype == np.uint8 and x_test.shape == (6, 3, 16, 16)
+    assert sorted(y_train.tolist()) == [0] * 4 + [1] * 4 + [2] * 4  # cat, dog, owl: sorted folder names
+    reds = x_train[(y_train == 0) & (x_train[:, 0, 0, 0] != x_train[:, 1, 0, 0])]
+    assert (reds[:, 0] > reds[:, 1]).all()  # the RGB cats are red
+    cfg = RunConfig(dataset="imagefolder", data_root=str(tmp_path), image_size=16, val_size=3)
+    data = D.load_dataset(cfg, torch.device("cpu"))
+    assert data.num_classes == 3 and len(data.train) == 9 and len(data.val) == 3 and len(data.test) == 6
+    (tmp_path / "test" / "cat").rename(tmp_path / "test" / "lion")
+    with pytest.raises(DataError, match=r"test/ has classes .* but train/ has .*; give both the same class folders"):
+        D.read_image_folder(str(tmp_path), size=16)
+    with pytest.raises(DataError, match=r"needs data-root=.* to hold train/ and test/.*; train/ is missing\."):
+        D.read_image_folder(str(tmp_path / "train"), size=16)
