@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fed_app.config import RunConfig, to_snake
+from fed_app.head import freeze_head
 from fed_app.model import build_model
 from masking.fisher import fisher_diagonal
 
@@ -48,7 +49,7 @@ def _loop_fisher(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
 def bench_fisher(model_name: str, samples: int, chunk: int, repeats: int, device: torch.device) -> list[dict]:
     model, spec = build_model(RunConfig(model=model_name, model_weights="random"), 100)
     model.to(device).eval()
-    model.head.requires_grad_(False)
+    freeze_head(model)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(samples, 3, spec.input_size, spec.input_size, device=device, generator=g)
     y = torch.randint(0, 100, (samples,), device=device, generator=g)

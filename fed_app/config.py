@@ -197,7 +197,11 @@ class RunConfig:
             value = getattr(self, name)
             if value in choices or (name in REGISTERED and self._registered(name, value)):
                 continue
+            if name == "model" and _is_timm_model(value):
+                continue
             more = ", or a name that a module in plugins registers" if name in REGISTERED else ""
+            if name == "model":
+                more = ", or a timm model name with its pretrained tag (e.g. 'vit_small_patch14_dinov2.lvd142m')"
             raise ConfigError(f"run-config {to_kebab(name)}={value!r} is not one of {', '.join(choices)}{more}; "
                               f"pick one of those.")
         for name, (low, strict) in LOWER_BOUNDS.items():
@@ -302,6 +306,12 @@ class RunConfig:
         payload = {k: v for k, v in self.to_dict().items() if k not in NOT_RESULTS}
         digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         return digest[:10]
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
 
 
 def share_of(fraction: float, total: int) -> int:

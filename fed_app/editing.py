@@ -12,8 +12,8 @@ from torch import Tensor
 from fed_app.config import RunConfig
 from fed_app.batches import BatchTransform, batch_stream
 from fed_app.data import Split
-from fed_app.head import (fit_temperature, freeze_head, only_head_trainable, ridge_statistics, set_head, solve_ridge,
-                          temperature_losses)
+from fed_app.head import (fit_temperature, freeze_head, head_module, only_head_trainable, ridge_statistics, set_head,
+                          solve_ridge, temperature_losses)
 from fed_app.seeds import fisher_images_generator, fisher_labels_generator, head_epoch_generator
 from fed_app.task import train_steps
 from masking.calibrate import Masks, calibrate
@@ -31,7 +31,7 @@ def fit_head(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tens
         stats = ridge_statistics(model, split, indices, eval_tf, cfg.eval_batch_size, precision, num_classes)
         set_head(model, *solve_ridge(stats, cfg.ridge_lambda))
         if cfg.ridge_calibrate:
-            head = model.head
+            head = head_module(model)
             losses = temperature_losses(model, split, indices, eval_tf, cfg.eval_batch_size, precision,
                                         head.weight.detach(), head.bias.detach())
             found["head_temperature"] = temperature = fit_temperature(losses)

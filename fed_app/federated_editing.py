@@ -9,7 +9,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from fed_app.config import RunConfig
-from fed_app.head import fit_temperature, solve_ridge
+from fed_app.head import fit_temperature, head_name, solve_ridge
 from fed_app.seeds import Phase, sample_partitions
 from fed_app.wire import Form, Key, pack_state, split_flat, unpack_masks
 from fed_app.loaded_task import State, LoadedTask
@@ -31,16 +31,15 @@ def federated_head(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, sta
         parts = [r.content[Key.STATS].to_torch_state_dict() for r in replies]  # in partition order
         stats = {k: sum(p[k] for p in parts) for k in ("xtx", "xty")}
         weight, bias = solve_ridge(stats, cfg.ridge_lambda)
-        state = {**state, "head.weight": weight.to(state["head.weight"].dtype),
-                 "head.bias": bias.to(state["head.bias"].dtype)}
+        w, b = f"{head_name(task.model)}.weight", f"{head_name(task.model)}.bias"
+        state = {**state, w: weight.to(state[w].dtype), b: bias.to(state[b].dtype)}
         if not cfg.ridge_calibrate:
             return state, {}
         replies = strategy.federation.query(0, "temperature", RecordDict({Key.ARRAYS: pack_state(state)}),
                                             everyone).replies
         losses = [r.content[Key.LOSSES].to_torch_state_dict()[Key.SUMS] for r in replies]
         temperature = fit_temperature(sum(losses[1:], losses[0]))  # in partition order
-        state = {**state, "head.weight": state["head.weight"] * temperature,
-                 "head.bias": state["head.bias"] * temperature}
+        state = {**state, w: state[w] * temperature, b: state[b] * temperature}
         return state, {"head_temperature": temperature}
     if cfg.head == "train":
         for r in range(1, cfg.head_rounds + 1):

@@ -88,24 +88,36 @@ def fit_temperature(losses: Tensor) -> float:
     return float(TEMPERATURES[i])
 
 
+def head_name(model: torch.nn.Module) -> str:
+    """The classifier's name in the model: timm's `pretrained_cfg['classifier']` ('head' for ViTs, 'fc' for
+    ResNets), 'head' for models built without one (the tiny test ViT)."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
+
+
+def head_module(model: torch.nn.Module) -> torch.nn.Linear:
+    return model.get_submodule(head_name(model))
+
+
 @torch.no_grad()
 def set_head(model: torch.nn.Module, weight: Tensor, bias: Tensor) -> None:
-    model.head.weight.copy_(weight.to(model.head.weight.dtype))
-    model.head.bias.copy_(bias.to(model.head.bias.dtype))
+    head = head_module(model)
+    head.weight.copy_(weight.to(head.weight.dtype))
+    head.bias.copy_(bias.to(head.bias.dtype))
 
 
 @contextlib.contextmanager
 def only_head_trainable(model: torch.nn.Module):
     """Inside the block only the head has requires_grad; the previous flags come back after."""
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    prefix = head_name(model) + "."
     for n, p in model.named_parameters():
-        p.requires_grad_(n.startswith("head."))
+        p.requires_grad_(n.startswith(prefix))
     try:
-        yield [p for n, p in model.named_parameters() if n.startswith("head.")]
+        yield [p for n, p in model.named_parameters() if n.startswith(prefix)]
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
 
 
 def freeze_head(model: torch.nn.Module) -> None:
-    model.head.requires_grad_(False)
+    head_module(model).requires_grad_(False)

@@ -19,7 +19,7 @@ from fed_app.batches import BatchTransform, batch_stream
 from fed_app.data import Dataset, Split, load_dataset
 from fed_app.partition import client_shards
 from fed_app.editing import calibrate_masks, fisher_indices, fisher_sums
-from fed_app.head import freeze_head, only_head_trainable, ridge_statistics, temperature_losses
+from fed_app.head import freeze_head, head_module, only_head_trainable, ridge_statistics, temperature_losses
 from fed_app.model import ModelSpec, build_model
 from fed_app.registry import OBJECTIVES
 from fed_app.seeds import client_generator
@@ -112,7 +112,7 @@ class LoadedTask:
     def temperature_losses(self, state: State, partition_id: int) -> Tensor:
         """This shard's summed cross-entropy of the received head at each candidate temperature (float64)."""
         self.load(state)
-        head = self.model.head
+        head = head_module(self.model)
         return temperature_losses(self.model, self.data.train, self.shards[partition_id], self.eval_tf,
                                   self.cfg.eval_batch_size, autocast(self.cfg, self.device), head.weight.detach(),
                                   head.bias.detach()).cpu()

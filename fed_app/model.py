@@ -1,4 +1,5 @@
-"""Models: timm's DINO ViT-S/16 (pretrained, local weights file or random) and a tiny ViT for tests."""
+"""Models: timm's DINO ViT-S/16 or any timm model by name with its pretrained tag (pretrained, a local
+weights file, or random), and a tiny ViT for tests."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from timm.models.vision_transformer import VisionTransformer
 
 from fed_app.config import RunConfig
 from fed_app.errors import UserError
+from fed_app.head import head_name
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the tiny test ViT's normalization (pretrained models use timm's own)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-HEAD_KEYS = ("head.weight", "head.bias")
+DINO_HEAD = ("head.mlp.", "head.last_layer.")  # DINO's projection head in its training checkpoints: no classifier
 
 
 class ModelWeightsError(UserError, RuntimeError):
@@ -42,13 +44,14 @@ class ModelSpec:
         return cls(config["input_size"][-1], tuple(config["mean"]), tuple(config["std"]), config["interpolation"])
 
 
-def _vit_small_dino(num_classes: int, weights: str) -> torch.nn.Module:
-    name = "vit_small_patch16_224.dino"
+def timm_model(name: str, num_classes: int, weights: str) -> torch.nn.Module:
+    """timm's `name` (architecture.pretrained-tag) with a fresh `num_classes` classifier: its pretrained
+    weights downloaded, read from a local file (its own classifier dropped), or random."""
     if weights == "random":
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
     if weights:
-        state = read_weights(weights)
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        state = without_head(model, read_weights(weights))
         _check_keys(model, state, weights)
         return timm.create_model(
             name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=dict(state_dict=state)
@@ -56,19 +59,24 @@ def _vit_small_dino(num_classes: int, weights: str) -> torch.nn.Module:
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes)
     except Exception as err:  # offline: huggingface_hub / urllib errors of many kinds
+        hint = ("dino_deitsmall16_pretrain.pth (or timm's vit_small_patch16_224.dino)"
+                if name == "vit_small_patch16_224.dino" else f"timm's {name} weights (pytorch_model.bin or .safetensors)")
         raise ModelWeightsError(
-            f"could not fetch the DINO ViT-S/16 weights ({type(err).__name__}); download "
-            f"dino_deitsmall16_pretrain.pth (or timm's vit_small_patch16_224.dino) elsewhere and pass "
+            f"could not fetch the weights of {name} ({type(err).__name__}); download {hint} elsewhere and pass "
             f"--run-config \"model-weights='/abs/path/to/file.pth'\", or model-weights='random' to "
             f"train from scratch."
         ) from err
+
+
+def _vit_small_dino(num_classes: int, weights: str) -> torch.nn.Module:
+    return timm_model("vit_small_patch16_224.dino", num_classes, weights)
 
 
 def _vit_tiny_test(num_classes: int, weights: str) -> torch.nn.Module:
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
                               mlp_ratio=2.0, num_classes=num_classes)
     if weights not in ("", "random"):
-        state = read_weights(weights)
+        state = without_head(model, read_weights(weights))
         _check_keys(model, state, weights)
         model.load_state_dict(state, strict=False)
     return model
@@ -83,7 +91,7 @@ MODELS: dict[str, tuple[Callable[[int, str], torch.nn.Module], ModelSpec | None]
 
 def build_model(cfg: RunConfig, num_classes: int) -> tuple[torch.nn.Module, ModelSpec]:
     """The model on CPU in fp32 with a fresh `num_classes` head seeded from cfg.seed, and its spec."""
-    factory, spec = MODELS[cfg.model]
+    factory, spec = MODELS.get(cfg.model, (lambda n, w: timm_model(cfg.model, n, w), None))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = factory(num_classes, cfg.model_weights)
@@ -111,13 +119,20 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     for k, v in ckpt.items():
         for prefix in ("module.", "backbone.", "_orig_mod."):
             k = k.removeprefix(prefix)
-        if torch.is_tensor(v) and not k.startswith("head."):  # DINO's projection head is no classifier
+        if torch.is_tensor(v) and not k.startswith(DINO_HEAD):  # a model's own classifier: see without_head
             state[k] = v
     return state
 
 
+def without_head(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state without the model's classifier (the run builds its own for its classes)."""
+    prefix = head_name(model) + "."
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
 def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    expected = {k for k in model.state_dict() if k not in HEAD_KEYS}
+    prefix = head_name(model) + "."
+    expected = {k for k in model.state_dict() if not k.startswith(prefix)}
     missing = sorted(expected - state.keys())
     if missing:
         raise ModelWeightsError(

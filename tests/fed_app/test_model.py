@@ -5,7 +5,9 @@ import timm
 import torch
 
 from fed_app.config import RunConfig
-from fed_app.model import HEAD_KEYS, ModelWeightsError, build_model
+from fed_app.model import ModelWeightsError, build_model
+
+HEAD_KEYS = ("head.weight", "head.bias")  # the ViTs' classifier
 
 
 def test_tiny_vit_forward_shape_and_seeded_head():
@@ -73,3 +75,36 @@ def test_offline_without_weights_names_the_model_weights_key(monkeypatch):
 def test_missing_weights_file_is_one_sentence():
     with pytest.raises(ModelWeightsError, match="is not a file"):
         build_model(RunConfig(model_weights="/nowhere/weights.pth"), 100)
+
+
+@pytest.mark.parametrize("name", ["test_resnet.r160_in1k", "test_convnext.r160_in1k"])
+def test_any_timm_model_by_name_loads_a_local_weights_file_with_its_own_classifier_and_data_config(tmp_path, name):
+    import timm
+
+    from fed_app.head import head_module, head_name
+
+    source = timm.create_model(name, pretrained=False)  # as a timm checkpoint holds it: 1000-class classifier
+    file = tmp_path / "pytorch_model.bin"
+    torch.save(source.state_dict(), file)
+    model, spec = build_model(RunConfig(model=name, model_weights=str(file)), 7)
+    prefix = head_name(model) + "."
+    assert prefix in ("fc.", "head.fc.")  # ResNet's fc; ConvNeXt's head.fc (its head.norm is backbone)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items() if not k.startswith(prefix))
+    assert head_module(model).weight.shape[0] == 7
+    timm_config = timm.data.resolve_data_config({}, model=source)  # the model's own data configuration
+    assert (spec.input_size, spec.interpolation, spec.mean) == (160, timm_config["interpolation"], (0.5, 0.5, 0.5))
+
+
+def test_a_centralized_run_with_another_timm_architecture_fits_its_head_and_trains(tmp_path):
+    from fed_app import centralized
+
+    cfg = RunConfig(dataset="synthetic", model="test_convnext.r160_in1k", model_weights="random",
+                    synthetic_train_size=96, synthetic_test_size=32, val_size=16, batch_size=16, eval_batch_size=32,
+                    epochs=1, head="ridge", device="cpu", run_dir=str(tmp_path / "run"))
+    run = centralized.run(cfg)
+    rows = run.rows()
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[0]["head_temperature"] > 0
+    frozen = torch.load(run.checkpoint_file, weights_only=False)["model"]
+    model, _ = build_model(cfg, 100)
+    assert not torch.equal(frozen["head.norm.weight"], model.state_dict()["head.norm.weight"])  # backbone trains
