@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,9 @@ def reap_orphans(base: Path) -> list[int]:
     return killed
 
 
-def _kill_under(chosen) -> list[int]:
-    """SIGKILL every process whose FLWR_HOME is a path that `chosen` accepts."""
+def _kill_under(chosen, wait: float = 10.0) -> list[int]:
+    """SIGKILL every process whose FLWR_HOME is a path that `chosen` accepts, and wait (up to `wait` s) until
+    they are gone: a killed process lingers a moment, and a command that says it stopped must have."""
     killed = []
     for pid in _pids():
         try:
@@ -152,7 +154,19 @@ def _kill_under(chosen) -> list[int]:
                 killed.append(pid)
             except OSError:
                 continue
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and any(_alive(pid) for pid in killed):
+        time.sleep(0.02)
     return killed
+
+
+def _alive(pid: int) -> bool:
+    """Running or sleeping, not yet reaped or a zombie (whose parent has not waited for it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def free_port() -> int:

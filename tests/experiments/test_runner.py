@@ -202,6 +202,7 @@ def test_sigterm_stops_the_runner_and_its_federation_and_the_rerun_ends_as_the_u
     while time.time() < deadline and not ((run_dir / "rows.jsonl").exists()
                                           and len((run_dir / "rows.jsonl").read_text().splitlines()) >= 4):
         time.sleep(0.05)
+    assert not (run_dir / "DONE").exists(), "the run finished before it could be stopped"
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]

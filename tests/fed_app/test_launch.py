@@ -16,7 +16,7 @@ from fed_app.local_federation import LocalFederation, run_config_arg
 
 from ..conftest import fl_cfg, flower_processes_under
 
-SETTINGS = {"num-rounds": 10, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4}
+SETTINGS = {"num-rounds": 16, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4}
 TIMING = {"wall_time", "round_time"}
 
 
@@ -46,12 +46,15 @@ def test_a_signal_stops_every_process_and_the_rerun_ends_as_the_uninterrupted_ru
     cut = Path(cfg.run_dir)
     proc = _launch(cfg, tmp_path, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and not ((cut / "rows.jsonl").exists()
-                                          and len((cut / "rows.jsonl").read_text().splitlines()) >= 4):
+    while time.time() < deadline and not (cut / "CLAIM").exists():
         time.sleep(0.05)
     second = subprocess.run([sys.executable, "-m", "fed_app.launch", "--run-config", run_config_arg(cfg)],
                             cwd=tmp_path, capture_output=True, text=True)
     assert second.returncode == 2 and f"run {cut} is being run by" in second.stderr  # no second federation
+    while time.time() < deadline and not ((cut / "rows.jsonl").exists()
+                                          and len((cut / "rows.jsonl").read_text().splitlines()) >= 4):
+        time.sleep(0.05)
+    assert not (cut / "DONE").exists(), "the run finished before it could be stopped"
     os.kill(proc.pid, signum)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, output[-2000:]
@@ -59,7 +62,7 @@ def test_a_signal_stops_every_process_and_the_rerun_ends_as_the_uninterrupted_ru
     assert flower_processes_under(tmp_path / "results" / ".flwr") == []  # SuperLink, SuperExec, Ray: all gone
     rows = len((cut / "rows.jsonl").read_text().splitlines())
     time.sleep(3)
-    assert len((cut / "rows.jsonl").read_text().splitlines()) == rows < 11  # nobody writes the run any more
+    assert len((cut / "rows.jsonl").read_text().splitlines()) == rows < 17  # nobody writes the run any more
     assert not (cut / "CLAIM").exists() and not (cut / "DONE").exists()
     rerun = _launch(cfg, tmp_path)
     output, _ = rerun.communicate(timeout=300)
