@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -64,6 +65,23 @@ class Outcome:
     elsewhere: list[str] = field(default_factory=list)  # runs another live command holds
 
 
+@dataclass
+class Runner:
+    """What the slots of one runner share: the manifest's queue of runs, the display, what is known."""
+
+    manifest: Manifest
+    results: Path
+    cpus: int
+    gpus: float
+    bar: Progress
+    overall: Any  # the display's task id for the whole manifest
+    queue: list[Run]
+    outcome: Outcome = field(default_factory=Outcome)
+    checked: set = field(default_factory=set)  # data and model sources the preflight has checked
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
 def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int = 1, gpus: float = 0.0,
                  slots: list[Slot] | None = None) -> Outcome:
     """Run what is not done yet, one run per slot at a time; what failed and what others are running."""
@@ -73,42 +91,33 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
     shutil.copyfile(manifest.path, results / manifest.name / "manifest.yaml")  # the report reads its axes
     logging.basicConfig(level=logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
-    outcome, queue, lock = Outcome(), list(runs), threading.Lock()
-    checked: set = set()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    stop = threading.Event()
-    workers = []
     with Progress(*columns, console=console) as bar:
-        overall = bar.add_task(f"[bold]{manifest.name}", total=len(runs))
-        for i, slot in enumerate(slots):
-            label = slot.name if len(slots) > 1 else ""
-            worker = SlotWorker(label, slot, manifest, results, cpus, gpus, bar, overall, queue, lock, checked,
-                                outcome, stop)
-            workers.append(worker)
+        runner = Runner(manifest, results, cpus, gpus, bar, bar.add_task(f"[bold]{manifest.name}", total=len(runs)),
+                        list(runs))
+        workers = [SlotWorker(runner, slot, slot.name if len(slots) > 1 else "") for slot in slots]
+        for worker in workers:
             worker.thread.start()
         try:
             while not all(w.finished.is_set() for w in workers):
                 time.sleep(0.2)  # the main thread stays free to take SIGTERM/SIGHUP/Ctrl-C
         except KeyboardInterrupt:
-            stop.set()
+            runner.stop.set()
             for w in workers:
                 w.halt()
             for w in workers:  # not Thread.join: a join that a signal interrupted may return early afterwards
                 w.finished.wait()
             raise
-    return outcome
+    return runner.outcome
 
 
 class SlotWorker:
     """One slot's thread: takes the next run it can claim, runs it pinned to its device, releases it."""
 
-    def __init__(self, label, slot, manifest, results, cpus, gpus, bar, overall, queue, lock, checked, outcome,
-                 stop):
-        self.label, self.slot, self.manifest, self.results = label, slot, manifest, results
-        self.cpus, self.gpus = cpus, 0.0 if slot.name == "cpu" else gpus
-        self.bar, self.overall, self.queue, self.lock = bar, overall, queue, lock
-        self.checked, self.outcome, self.stop = checked, outcome, stop
+    def __init__(self, runner: Runner, slot: Slot, label: str):
+        self.runner, self.slot, self.label = runner, slot, label
+        self.cpus, self.gpus = runner.cpus, 0.0 if slot.name == "cpu" else runner.gpus
         self.federation: LocalFederation | None = None
         self.child: subprocess.Popen | None = None
         self.finished = threading.Event()  # set once its runs are over and their claims released
@@ -122,8 +131,8 @@ class SlotWorker:
             self.federation.stop()
 
     def _next(self) -> Run | None:
-        with self.lock:
-            return self.queue.pop(0) if self.queue and not self.stop.is_set() else None
+        with self.runner.lock:
+            return self.runner.queue.pop(0) if self.runner.queue and not self.runner.stop.is_set() else None
 
     def _loop(self) -> None:
         try:
@@ -136,30 +145,30 @@ class SlotWorker:
 
     def _one(self, run: Run) -> None:
         if status(run) == "done":
-            self.bar.advance(self.overall)
+            self.runner.bar.advance(self.runner.overall)
             return
         claim = claims.take(Path(run.cfg.run_dir))
         if claim is None:
             holder = claims.holder(Path(run.cfg.run_dir))
             log.info("%s is being run by %s; skipped here", run.run_id, holder.describe() if holder else "another")
-            with self.lock:
-                self.outcome.elsewhere.append(run.run_id)
-            self.bar.advance(self.overall)
+            with self.runner.lock:
+                self.runner.outcome.elsewhere.append(run.run_id)
+            self.runner.bar.advance(self.runner.overall)
             return
         with claim:
             if status(run) == "done":  # finished by another runner between the look and the claim
-                self.bar.advance(self.overall)
+                self.runner.bar.advance(self.runner.overall)
                 return
             self._claimed(run, run.cfg.replace(claim_token=claim.token))
-        self.bar.advance(self.overall)
+        self.runner.bar.advance(self.runner.overall)
 
     def _claimed(self, run: Run, cfg) -> None:
-        label = run.label(list(self.manifest.axes))
+        label = run.label(list(self.runner.manifest.axes))
         prefix = f"[{self.label}] " if self.label else ""
         steps = cfg.epochs if run.kind == "centralized" else cfg.total_rounds
-        task = self.bar.add_task(f"{prefix}{run.run_id} {label}", total=steps)
+        task = self.runner.bar.add_task(f"{prefix}{run.run_id} {label}", total=steps)
         done = threading.Event()
-        watcher = threading.Thread(target=_watch, args=(run, self.bar, task, prefix + label, done), daemon=True)
+        watcher = threading.Thread(target=_watch, args=(run, self.runner.bar, task, prefix + label, done), daemon=True)
         watcher.start()
         try:
             if run.kind == "centralized":
@@ -167,14 +176,14 @@ class SlotWorker:
             else:
                 self._federated(cfg)
         except (UserError, subprocess.SubprocessError) as err:
-            if not self.stop.is_set():
+            if not self.runner.stop.is_set():
                 log.error("run %s failed: %s", run.run_id, str(err).splitlines()[0])
-                with self.lock:
-                    self.outcome.failed.append(run.run_id)
+                with self.runner.lock:
+                    self.runner.outcome.failed.append(run.run_id)
         finally:
             done.set()
             watcher.join()
-            self.bar.remove_task(task)
+            self.runner.bar.remove_task(task)
 
     def _centralized(self, cfg) -> None:
         """In its own process, pinned to the slot's device; its one-sentence error if it fails."""
@@ -184,18 +193,18 @@ class SlotWorker:
                                       stderr=subprocess.PIPE, text=True)
         out, err = self.child.communicate()
         (Path(cfg.run_dir) / "run.log").write_text(out + err)
-        if self.child.returncode != 0 and not self.stop.is_set():
+        if self.child.returncode != 0 and not self.runner.stop.is_set():
             lines = [line for line in err.splitlines() if line.startswith("error: ")]
             raise RunFailedError(lines[-1][len("error: "):] if lines else f"exit {self.child.returncode}: {err[-500:]}")
 
     def _federated(self, cfg) -> None:
         source = (cfg.dataset, cfg.data_root, cfg.model, cfg.model_weights)
-        if source not in self.checked:
+        if source not in self.runner.checked:
             preflight(cfg)  # data and model once per source, before Flower starts
-            with self.lock:
-                self.checked.add(source)
+            with self.runner.lock:
+                self.runner.checked.add(source)
         if self.federation is None:  # this slot's own federation: FLWR_HOME, ports, device
-            self.federation = LocalFederation(self.results / self.manifest.name / ".flwr", self.slot.env)
+            self.federation = LocalFederation(self.runner.results / self.runner.manifest.name / ".flwr", self.slot.env)
         cores = self.slot.threads or None  # a CPU slot's Ray gets its share of the cores, not all of them
         output = self.federation.run(cfg, num_supernodes=cfg.num_clients, cpus=min(self.cpus, cores or self.cpus),
                                      gpus=self.gpus, total_cpus=cores)
