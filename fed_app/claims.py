@@ -111,7 +111,7 @@ def take(folder: Path, token: str = "") -> Claim | None:
         held = read_owner(file)
         if held is None or held.token != token:
             raise ClaimedError(f"claim-token={token!r} does not name the claim on {folder}; it is set by the "
-                               f"commands that claim runs (make run, python -m experiments run), leave it empty")
+                               f"commands that claim runs (make run, python -m experiments run); leave it empty.")
         return Claim(folder, held, adopted=True)
     writable(folder)
     for _ in range(3):
