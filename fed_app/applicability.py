@@ -18,7 +18,7 @@ ONLY_FOR_KIND: dict[str, frozenset[str]] = {
                             "test_every", "checkpoint_every", "on_client_failure", "max_retries", "round_timeout",
                             "transport", "head_rounds", "calibration_fraction", "mask_scope", "mask_aggregation",
                             "mask_quorum", "client_objective",
-                            "aggregation", "prox_mu", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
+                            "aggregation", "prox_mu", "client_algorithm", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
                             "server_beta2", "server_tau"}),
 }
 SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")

@@ -7,7 +7,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
-from fed_app.transport import carry, folder_of, take
+from fed_app.scaffold import ControlStore, scaffold_update
+from fed_app.transport import carry, folder_of, holds, take
 from fed_app.wire import Form, Key, flat_state, gather_trainable, pack_masks, unpack_state
 from fed_app.loaded_task import LoadedTask, load_task
 
@@ -38,20 +39,28 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """J local steps from the received global model; reply with the delta and the example count.
-    Under a mask (content Key.MASK) only the trainable entries travel back, as one flat vector. A model that
-    came as a file (transport='files') is answered with a file in the same folder."""
+    Under a mask (content Key.MASK) only the trainable entries travel back, as one flat vector. With the
+    server's control variate (Key.CONTROL, SCAFFOLD) the steps are corrected and the control change goes back
+    too. A model that came as a file (transport='files') is answered with a file in the same folder."""
     cfg, pid, task = _setup(context)
     config = msg.content[Key.CONFIG]
     masks = None
     if Key.MASK in msg.content:
         masks = task.masks_from_bits(msg.content[Key.MASK][Key.BITS].numpy())
-    delta, loss, examples = task.local_update(task.global_state(take(msg.content, Key.ARRAYS), masks), pid,
-                                                int(config[Key.SERVER_ROUND]), masks,
-                                                head_only=config.get(Key.PHASE, "") == "head")
+    state = task.global_state(take(msg.content, Key.ARRAYS), masks)
+    server_round, folder, content = int(config[Key.SERVER_ROUND]), folder_of(msg.content), {}
+    if holds(msg.content, Key.CONTROL):  # client-algorithm='scaffold'
+        delta, change, loss, examples = scaffold_update(task, state, pid, server_round,
+                                                        take(msg.content, Key.CONTROL)[Form.FLAT],
+                                                        ControlStore.for_config(cfg), int(config[Key.CHECKPOINTED]))
+        content = carry(Key.CONTROL_DELTA, {Form.FLAT: change}, folder)
+    else:
+        delta, loss, examples = task.local_update(state, pid, server_round, masks,
+                                                  head_only=config.get(Key.PHASE, "") == "head")
     payload = {Form.VALUES: gather_trainable(delta, masks)} if masks else flat_state(delta)
     metrics = MetricRecord({Key.TRAIN_LOSS: loss, Key.NUM_EXAMPLES: examples, Key.PARTITION_ID: pid,
                             Key.TASK_BUILDS: task.builds})
-    content = {**carry(Key.DELTA, payload, folder_of(msg.content)), Key.METRICS: metrics}
+    content.update({**carry(Key.DELTA, payload, folder), Key.METRICS: metrics})
     return Message(RecordDict(content), reply_to=msg)
 
 

@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tracker": ("none", "tensorboard", "wandb"),
     "server_optimizer": ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
     "mask_aggregation": ("scores", "vote", "intersection", "union"),
+    "client_algorithm": ("fedavg", "scaffold"),
 }
 # Keys whose values may also be names that a module in `plugins` registered (fed_app/registry.py).
 REGISTERED = {"mask_rule": "MASK_RULES", "client_objective": "OBJECTIVES", "aggregation": "AGGREGATIONS"}
@@ -179,6 +180,7 @@ class RunConfig:
     client_objective: str = "cross-entropy"
     aggregation: str = "fedavg"
     prox_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to the client objective
+    client_algorithm: str = "fedavg"  # 'scaffold': control variates correct each client's gradients (fed_app/scaffold.py)
     # server optimizer (strategies/server_opt.py): the mean client delta as a negative pseudo-gradient
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
@@ -246,6 +248,10 @@ class RunConfig:
         if self.server_optimizer != "fedavg" and self.optimizer != "sgdm":
             raise ConfigError(f"run-config server-optimizer={self.server_optimizer!r} steps on the dense global model; "
                               f"with optimizer={self.optimizer!r} use server-optimizer='fedavg' (or optimizer='sgdm').")
+        if self.client_algorithm == "scaffold" and self.optimizer != "sgdm":
+            raise ConfigError(f"run-config client-algorithm='scaffold' corrects dense gradients and keeps a dense "
+                              f"control variate per client; with optimizer={self.optimizer!r} use "
+                              f"client-algorithm='fedavg' (or optimizer='sgdm').")
         if self.tracker != "none" and importlib.util.find_spec(self.tracker) is None:
             raise ConfigError(f"run-config tracker={self.tracker!r} needs the {self.tracker} package, which is not "
                               f"installed; pip install -e \".[track]\" (or tracker='none').")

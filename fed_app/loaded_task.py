@@ -81,9 +81,11 @@ class LoadedTask:
         self.model.load_state_dict(state)
 
     def local_update(self, global_state: State, partition_id: int, server_round: int,
-                     masks: dict[str, Tensor] | None = None, head_only: bool = False) -> tuple[State, float, int]:
+                     masks: dict[str, Tensor] | None = None, head_only: bool = False,
+                     correction: State | None = None) -> tuple[State, float, int]:
         """J optimizer steps on this client's shard from the global model: (delta on CPU, mean loss, examples).
-        With masks: SparseSGDM under them; head_only: only the head trains (step 0 in FL)."""
+        With masks: SparseSGDM under them; head_only: only the head trains (step 0 in FL); correction: a tensor
+        per trainable parameter name added to its gradient at every step (SCAFFOLD)."""
         cfg = self.cfg
         self.load(global_state)
         with only_head_trainable(self.model) if head_only else contextlib.nullcontext():
@@ -94,9 +96,11 @@ class LoadedTask:
             objective = OBJECTIVES.get(cfg.client_objective)(self.model)  # built from the global model
             if cfg.prox_mu > 0 and not head_only:
                 objective = proximal(objective, self.model, cfg.prox_mu)
+            added = [(p, correction[n].to(self.device)) for n, p in self.model.named_parameters()
+                     if correction is not None and p.requires_grad]
             loss = train_steps(self.trainer, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
                                cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device),
-                               objective=objective)
+                               objective=objective, correction=added)
         trained = self.model.state_dict()
         flat = torch.empty(sum(v.numel() for v in trained.values()))
         delta = split_flat(flat, {k: v.shape for k, v in trained.items()})  # views of one buffer: sent as is

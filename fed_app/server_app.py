@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_app.config import RunConfig
@@ -17,12 +17,14 @@ from fed_app.partition import class_counts
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
 from fed_app.run_loop import claimed_run, run_steps
+from fed_app.scaffold import ControlStore
 from fed_app.task import client_lr
 from fed_app.transport import SharedFiles
-from fed_app.wire import Form, flat_state, pack_state, split_flat
+from fed_app.wire import Form, Key, flat_state, pack_state, split_flat
 from fed_app.loaded_task import LoadedTask, State, load_task
 from masking.combine import combine_masks
 from strategies.fedavg import SeededFedAvg
+from strategies.scaffold import SeededScaffold
 from strategies.server_opt import make_server_optimizer
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,10 @@ def _run(grid: Grid, cfg: RunConfig, run_dir: RunDir, claim) -> RunDir:
         model_bytes = 4 * sum(t.numel() for t in task.model.state_dict().values())
         files = SharedFiles(cfg.run_id(), (cfg.clients_per_round + 2) * model_bytes)
     try:
-        strategy = SeededFedAvg(cfg.seed, cfg.num_clients, cfg.clients_per_round, Federation.discover(grid, cfg),
-                                files, cfg.aggregation, make_server_optimizer(cfg))
+        args = (cfg.seed, cfg.num_clients, cfg.clients_per_round, Federation.discover(grid, cfg), files,
+                cfg.aggregation, make_server_optimizer(cfg))
+        strategy = (SeededFedAvg(*args) if cfg.client_algorithm == "fedavg" else
+                    SeededScaffold(*args, trainable=sum(s.numel() for s in task.trainable_shapes().values())))
         run_steps(cfg, run_dir, Rounds(cfg, run_dir, task, strategy), guard=claim.check)
     finally:
         if files is not None:
@@ -82,6 +86,7 @@ class Rounds:
         self.cfg, self.run_dir, self.task, self.strategy = cfg, run_dir, task, strategy
         self.total = cfg.total_rounds
         self.global_state: State = {}
+        self.current = self.checkpointed = 0  # the last round taken, and the last one checkpointed
 
     def step_zero(self) -> dict:
         federation = self.strategy.federation
@@ -97,9 +102,8 @@ class Rounds:
 
     def restore(self, checkpoint: dict) -> None:
         """The global model; the masks were saved before the round-0 checkpoint, so calibration is not redone."""
-        self.global_state = checkpoint["model"]
-        if self.strategy.server_optimizer is not None:
-            self.strategy.server_optimizer.load_state_dict(checkpoint["server_optimizer"])
+        self.global_state, self.checkpointed = checkpoint["model"], checkpoint["round"]
+        self.strategy.load_state_dict(checkpoint)
         self._use(MaskPlan.load(self.run_dir, self.task.trainable_shapes(), self.cfg))
 
     def _use(self, plan: MaskPlan | None) -> None:
@@ -110,7 +114,9 @@ class Rounds:
                                 and _frozen_as_initial(self.global_state, plan.shared, self.task.initial_state()))
 
     def step(self, server_round: int) -> dict:
-        self.global_state, metrics = self.strategy.advance(server_round, self.global_state)
+        config = ConfigRecord({Key.CHECKPOINTED: self.checkpointed})  # what the clients' own state must keep
+        self.global_state, metrics = self.strategy.advance(server_round, self.global_state, config)
+        self.current = server_round
         return {"learning_rate": client_lr(self.cfg, server_round), "train_loss": metrics["train_loss"],
                 "clients": metrics["clients"], "task_builds": metrics["task_builds"],
                 "bytes_sent": metrics["bytes_sent"], "bytes_received": metrics["bytes_received"]}
@@ -130,10 +136,11 @@ class Rounds:
         return server_round % self.cfg.checkpoint_every == 0
 
     def state(self) -> dict:
-        opt = self.strategy.server_optimizer
-        return {"model": self.global_state, **({"server_optimizer": opt.state_dict()} if opt is not None else {})}
+        self.checkpointed = self.current
+        return {"model": self.global_state, **self.strategy.state_dict()}
 
     def finish(self, run_dir: RunDir) -> None:
+        ControlStore.for_config(self.cfg).remove()  # SCAFFOLD clients' c_i: no resume will need them
         plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {self.cfg.run_id()}")
 
 

@@ -126,9 +126,11 @@ def train_steps(
     precision: contextlib.AbstractContextManager,
     scheduler=None,
     objective: Objective = F.cross_entropy,
+    correction: list[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> float:
     """`steps` optimizer steps on index batches of `split` minimizing `objective` (cross-entropy unless a client
-    objective is given); the mean training loss (one sync at the end)."""
+    objective is given), each (parameter, c) of `correction` adding c to that parameter's gradient before the
+    step (SCAFFOLD's c - c_i); the mean training loss (one sync at the end)."""
     model.train()
     total = torch.zeros((), device=split.labels.device)
     for _ in range(steps):
@@ -138,6 +140,8 @@ def train_steps(
             loss = objective(model(x), split.labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for p, c in correction:
+            p.grad.add_(c)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

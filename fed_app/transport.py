@@ -64,6 +64,11 @@ def discard(content: RecordDict) -> None:
             Path(str(ref["path"])).unlink(missing_ok=True)
 
 
+def holds(content: RecordDict, key: str) -> bool:
+    """Whether a message's content has tensors under `key`, in the message or as a file reference."""
+    return key in content or key + FILE_SUFFIX in content
+
+
 def take(content: RecordDict, key: str, delete: bool = False) -> dict[str, Tensor]:
     """The tensors under `key`, from the message or from the file it references (then deleted if asked)."""
     if key in content:

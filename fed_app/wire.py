@@ -27,10 +27,13 @@ class Key:
     METRICS = "metrics"  # every reply: PARTITION_ID, NUM_EXAMPLES, and TRAIN_LOSS, TASK_BUILDS for training
     DELTA = "delta"  # a client's update, in one of the Forms
     MASK = "mask"  # packed mask bits under field BITS
+    CONTROL = "control"  # client-algorithm='scaffold': the server's control variate c, flat over trainable entries
+    CONTROL_DELTA = "control-delta"  # a SCAFFOLD client's c_i+ - c_i, in the same form
     INFO, STATS, LOSSES, SUMS = "info", "stats", "losses", "sums"  # step-0 query replies
     BITS = "bits"
     PARTITION_ID, NUM_EXAMPLES, TASK_BUILDS = "partition-id", "num-examples", "task-builds"
     SERVER_ROUND, PHASE, TRAIN_LOSS = "server-round", "phase", "train_loss"
+    CHECKPOINTED = "checkpointed-round"  # the train config: the round of the run's last checkpoint
 
 
 class Form:

@@ -91,6 +91,15 @@ class SeededFedAvg(FedAvg):
         self.compact = False  # send only what can differ from the seeded initial model
         self.server_optimizer = server_optimizer  # None: the mean delta is added as it is (FedAvg)
 
+    def state_dict(self) -> dict:
+        """What the strategy carries from round to round, for the run's checkpoint (beside the model)."""
+        opt = self.server_optimizer
+        return {"server_optimizer": opt.state_dict()} if opt is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.server_optimizer is not None:
+            self.server_optimizer.load_state_dict(state["server_optimizer"])
+
     def use_masks(self, plan: MaskPlan | None, compact: bool = False) -> None:
         """Train messages carry each partition's mask (one record for a global mask); with `compact`, the
         global model goes down as its trainable entries and the parameters outside the mask."""

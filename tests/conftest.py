@@ -25,6 +25,36 @@ def fl_cfg(tmp_path, name, **changes) -> RunConfig:
     return RunConfig.from_run_config({**FL, **changes, "run-dir": str(tmp_path / name)})
 
 
+class InProcessGrid:
+    """A federation inside the test process: the real ClientApp answers every message with its node's own
+    Context (partition id, run config, node state), as a SuperNode does. For tests of the server's and
+    clients' arithmetic over whole runs (fed_app.server_app.run) without Flower's processes; `flwr run` itself
+    is tested in tests/fed_app/test_server_app.py. `fail_after`: the grid goes away (RuntimeError) after
+    answering that many train messages, as a stopped machine does mid-round."""
+
+    def __init__(self, cfg: RunConfig, fail_after: int | None = None):
+        from flwr.app import Context, RecordDict
+
+        self.contexts = {1000 + p: Context(1, 1000 + p, {"partition-id": p}, RecordDict(), cfg.to_run_config())
+                         for p in range(cfg.num_clients)}
+        self.fail_after, self.trained = fail_after, 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        from fed_app.client_app import app
+
+        replies = []
+        for msg in messages:
+            if msg.metadata.message_type == "train":
+                if self.trained == self.fail_after:
+                    raise RuntimeError("the federation went away")
+                self.trained += 1
+            replies.append(app(msg, self.contexts[msg.metadata.dst_node_id]))
+        return replies
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path) -> RunConfig:
     return RunConfig.from_run_config({**TINY, "run-dir": str(tmp_path / "run")})

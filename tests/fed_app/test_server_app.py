@@ -41,12 +41,13 @@ def test_flwr_run_simulation_end_to_end(tmp_path, partition):
         assert ((counts > 0).sum(1) == 20).all()  # classes-per-client, as the report's figure draws them
 
 
-SERVER_ADAM = {"server-optimizer": "fedadam", "server-lr": 0.01}  # its moments are checkpointed with the model
+# FedAdam's moments and SCAFFOLD's c are checkpointed with the model; the clients' c_i are their own state
+SERVER_ADAM = {"server-optimizer": "fedadam", "server-lr": 0.01, "client-algorithm": "scaffold"}
 SPARSE = {"optimizer": "sparse-sgdm", "head": "ridge", "sparsity": 0.8, "calibration-rounds": 2, "fisher-samples": 64}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("editing", [{}, SPARSE, SERVER_ADAM], ids=["dense", "sparse", "fedadam"])
+@pytest.mark.parametrize("editing", [{}, SPARSE, SERVER_ADAM], ids=["dense", "sparse", "fedadam-scaffold"])
 def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights(tmp_path, editing):
     settings = {"num-rounds": 12, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4, **editing}
     # the reference moves models inside Flower messages, the killed run through files: same numbers
