@@ -150,6 +150,26 @@ def make_figures(df: pd.DataFrame, summary: pd.DataFrame, axes: list[str], out: 
     return made
 
 
+def methods_figure(stats: pd.DataFrame, out: Path) -> Path:
+    """Grouped bars of experiments.report.methods_by_level: test accuracy per heterogeneity level (most skewed
+    left), one bar per remedy (FedAvg first), mean ± std over seeds."""
+    levels = list(dict.fromkeys(stats["level"]))
+    methods = list(dict.fromkeys(stats.sort_values("method", key=lambda m: m != "FedAvg", kind="stable")["method"]))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(levels)), 4.5))
+    for i, method in enumerate(methods):
+        rows = stats[stats["method"] == method]
+        pos = [levels.index(lv) + i * width for lv in rows["level"]]
+        ax.bar(pos, 100 * rows["mean"], width=width, yerr=100 * rows["std"].fillna(0), capsize=3, label=method)
+    ax.set_xticks([c + width * (len(methods) - 1) / 2 for c in range(len(levels))], levels)
+    ax.set_xlabel("label skew (most skewed left)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title("Test accuracy per method and heterogeneity level")
+    return _save(fig, out / "accuracy_by_method_and_heterogeneity.png")
+
+
 def client_classes(results_dir: Path, out: Path) -> list[Path]:
     """One clients x classes heatmap (images per class held by each client, clients sorted by size) per
     distinct partition among the federated runs (`shards.json`, written at step 0), titled by its settings."""

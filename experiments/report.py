@@ -68,7 +68,7 @@ def varying(df: pd.DataFrame) -> list[str]:
 
 def _is_metric(column: str) -> bool:
     return column.startswith(("train_", "val_", "test_", "bytes_", "wall_", "round_time", "learning_rate",
-                              "density", "clients", "client_", "task_", "head_temperature", "step0_"))
+                              "density", "clients", "client_loss", "client_accuracy", "task_", "head_temperature", "step0_"))
 
 
 def checkpoint_row(g: pd.DataFrame, rule: str) -> pd.Series | None:
@@ -118,6 +118,64 @@ def over_seeds(summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     table = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std")).join(
         by_key["test_accuracy"].count().rename("n"))
     return table.reset_index()
+
+
+SERVER_STEPS = {"fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedadagrad": "FedAdagrad"}
+
+
+def method_name(run: pd.Series) -> str:
+    """A federated run's remedy for client drift, as papers name it: 'FedAvg', 'FedProx mu=0.01', 'SCAFFOLD',
+    'FedAdam', or a combination ('SCAFFOLD + FedAdam')."""
+    def value(key: str, default):
+        v = run.get(key, default)
+        return default if v is None or (isinstance(v, float) and np.isnan(v)) else v
+
+    parts = ["SCAFFOLD"] if value("client_algorithm", "fedavg") == "scaffold" else []
+    if float(value("prox_mu", 0.0)) > 0:
+        parts.append(f"FedProx mu={float(value('prox_mu', 0.0)):g}")
+    step = value("server_optimizer", "fedavg")
+    parts += [SERVER_STEPS[step]] if step in SERVER_STEPS else []
+    return " + ".join(parts) or "FedAvg"
+
+
+def heterogeneity_level(run: pd.Series) -> tuple[int, float, str]:
+    """(order, strength, label) of a federated run's label skew: pathological shards 'Nc=1' first, then
+    Dirichlet 'alpha=0.1' by alpha, then 'iid' last (most to least skewed within each protocol)."""
+    if run.get("partition") == "noniid":
+        nc = int(run["classes_per_client"])
+        return 0, nc, f"Nc={nc}"
+    if run.get("partition") == "dirichlet":
+        alpha = float(run["dirichlet_alpha"])
+        return 1, alpha, f"Dirichlet alpha={alpha:g}"
+    return 2, 0.0, "iid"
+
+
+def methods_by_level(summary: pd.DataFrame) -> pd.DataFrame | None:
+    """Test accuracy per remedy and heterogeneity level over the federated runs (mean, std, n over seeds and
+    any other settings sharing both), levels from most to least skewed and FedAvg first; None unless at least
+    two remedies were run."""
+    runs = summary[summary["kind"] == "federated"].dropna(subset=["test_accuracy"])
+    if runs.empty:
+        return None
+    runs = runs.assign(method=runs.apply(method_name, axis=1),
+                       level_key=runs.apply(lambda r: heterogeneity_level(r)[:2], axis=1),
+                       level=runs.apply(lambda r: heterogeneity_level(r)[2], axis=1))
+    if runs["method"].nunique() < 2:
+        return None
+    stats = runs.groupby(["level_key", "level", "method"])["test_accuracy"].agg(["mean", "std", "count"])
+    stats = stats.reset_index().rename(columns={"count": "n"})
+    stats["first"] = stats["method"] != "FedAvg"
+    return stats.sort_values(["level_key", "first", "method"]).drop(columns=["level_key", "first"])
+
+
+def method_table(stats: pd.DataFrame) -> str:
+    """methods_by_level as markdown: a row per remedy, a column per level, mean ± std (n) in %."""
+    levels = list(dict.fromkeys(stats["level"]))
+    methods = list(dict.fromkeys(stats.sort_values("method", key=lambda m: m != "FedAvg", kind="stable")["method"]))
+    cells = {(r["method"], r["level"]): _pm(r["mean"], r["std"], int(r["n"])) for _, r in stats.iterrows()}
+    table = pd.DataFrame([[m] + [cells.get((m, lv), "-") for lv in levels] for m in methods],
+                         columns=["method"] + levels)
+    return markdown_table(table)
 
 
 def select_best(table: pd.DataFrame, kind: str | None = None) -> pd.Series | None:
@@ -176,7 +234,7 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
     figures.mkdir(exist_ok=True)
     for old in figures.glob("*.png"):  # figures of axes that no longer vary must not linger
         old.unlink()
-    from experiments.figures import client_classes, make_figures, mask_layers
+    from experiments.figures import client_classes, make_figures, mask_layers, methods_figure
 
     made = make_figures(df, summary, axes, figures) + client_classes(results_dir, figures)
     made += [p for p in [mask_layers(results_dir, figures)] if p is not None]
@@ -195,6 +253,10 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
         lines += [f"**Best {kind} configuration by validation accuracy:** {chosen}: validation "
                   f"{_pm(best['val_accuracy_mean'], best['val_accuracy_std'], best['n'])}, test "
                   f"{_pm(best['test_accuracy_mean'], best['test_accuracy_std'], best['n'])}.", ""]
+    remedies = methods_by_level(summary)
+    if remedies is not None:
+        lines += ["## Test accuracy per method and heterogeneity level", "", method_table(remedies), ""]
+        made.append(methods_figure(remedies, figures))
     lines += ["## Results by configuration", "", markdown_table(shown_table(table, axes)), ""]
     lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in made]
     report = results_dir / "report.md"

@@ -1,8 +1,12 @@
 """SCAFFOLD (Karimireddy et al. 2020, "Stochastic Controlled Averaging for Federated Learning"), the client's
 side. Client i keeps a control variate c_i (zeros before it first trains). In a round it trains from the
 global model x with every gradient corrected by c - c_i (c: the server's control variate), reaching y, then
-takes c_i+ = c_i - c + (x - y) / (K * lr) (the paper's option II; K local steps at the round's client lr) and
-replies with y - x and c_i+ - c_i. The server's side is strategies/scaffold.py.
+takes c_i+ = c_i - c + (x - y) / (S * lr) and replies with y - x and c_i+ - c_i. This is the paper's option II:
+with plain SGD, S = K (the local steps) and c_i+ is the mean of the client's gradients along its steps. The
+clients here step with momentum beta, which moves a constant gradient g by lr * g * S with
+S = sum_{k=1..K} (1 - beta^k) / (1 - beta) (`effective_steps`); dividing by K instead overstates c_i by up to
+1 / (1 - beta) and the run diverges (measured: NaN by round 10 on digits, iid, beta 0.9, K 8).
+The server's side is strategies/scaffold.py.
 
 c_i is the client's own state: the server never holds it. It lives on the client's disk beside the run
 (`<run>/client_state/<partition>/control-<round>.pt`), one version per round the client trained in, so that
@@ -71,6 +75,12 @@ class ControlStore:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def effective_steps(steps: int, momentum: float) -> float:
+    """How many lr-sized steps of a constant gradient `steps` SGD steps with this (heavy-ball) momentum take:
+    the first step moves lr * g, the k-th lr * g * (1 + beta + ... + beta^(k-1))."""
+    return float(sum((1 - momentum ** k) / (1 - momentum) for k in range(1, steps + 1))) if momentum else float(steps)
+
+
 def scaffold_update(task: LoadedTask, global_state: State, partition_id: int, server_round: int,
                     control: Tensor, store: ControlStore, checkpointed: int) -> tuple[State, Tensor, float, int]:
     """One SCAFFOLD client round: (y - x over the whole state, c_i+ - c_i flat over the trainable parameters,
@@ -81,6 +91,7 @@ def scaffold_update(task: LoadedTask, global_state: State, partition_id: int, se
     delta, loss, examples = task.local_update(global_state, partition_id, server_round,
                                               correction=split_flat(control - mine, shapes))
     moved = torch.cat([delta[n].flatten() for n in shapes])  # y - x over the trainable parameters
-    change = -control - moved / (cfg.local_steps * client_lr(cfg, server_round))  # c_i+ - c_i
+    scale = effective_steps(cfg.local_steps, cfg.momentum) * client_lr(cfg, server_round)
+    change = -control - moved / scale  # c_i+ - c_i
     store.save(partition_id, server_round, mine + change, checkpointed)
     return delta, change, loss, examples

@@ -140,3 +140,29 @@ def test_mask_densities_per_block_one_line_per_configuration(tmp_path):
     out.mkdir()
     made = mask_layers(tmp_path, out)
     assert made == out / "mask_density_per_block.png" and made.stat().st_size > 0
+
+
+def test_remedies_get_a_method_by_heterogeneity_table_and_figure(tmp_path):
+    from experiments.report import method_name
+
+    methods = {"fedavg": {}, "prox": {"prox_mu": 0.01}, "adam": {"server_optimizer": "fedadam", "server_lr": 0.01},
+               "scaffold": {"client_algorithm": "scaffold"}}
+    levels = {"nc1": {"partition": "noniid", "classes_per_client": 1},
+              "dir": {"partition": "dirichlet", "dirichlet_alpha": 0.5}}
+    for m, (method, settings) in enumerate(methods.items()):
+        for lv, (level, skew) in enumerate(levels.items()):
+            for seed in (1, 2):
+                acc = 0.1 * (m + 1) + 0.4 * lv + 0.01 * seed
+                rows = [{"round": 0, "val_accuracy": 0.01, "test_accuracy": 0.01, "test_loss": 4.6},
+                        {"round": 1, "val_accuracy": acc, "test_accuracy": acc, "test_loss": 1.0}]
+                _run(tmp_path, f"federated-{method}-{level}-{seed}", rows, seed=seed, **settings, **skew)
+    text = write_report(tmp_path).read_text()
+    table = text.split("## Test accuracy per method and heterogeneity level")[1].split("##")[0]
+    assert "| method | Nc=1 | Dirichlet alpha=0.5 |" in table  # most skewed first
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "method" not in line]
+    assert lines[0].startswith("| FedAvg | 11.50 ± 0.71 (n=2) | 51.50 ± 0.71 (n=2) |")  # FedAvg first
+    assert {line.split(" | ")[0][2:] for line in lines} == {"FedAvg", "FedProx mu=0.01", "FedAdam", "SCAFFOLD"}
+    assert "| SCAFFOLD | 41.50 ± 0.71 (n=2) | 81.50 ± 0.71 (n=2) |" in table
+    assert (tmp_path / "figures" / "accuracy_by_method_and_heterogeneity.png").stat().st_size > 0
+    both = pd.Series({"client_algorithm": "scaffold", "server_optimizer": "fedadam", "prox_mu": 0.0})
+    assert method_name(both) == "SCAFFOLD + FedAdam"

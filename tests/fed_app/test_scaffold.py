@@ -120,3 +120,18 @@ def test_scaffold_with_sparse_masks_is_one_sentence():
                                           r"client-algorithm='fedavg' \(or optimizer='sgdm'\)\.$"):
         fl_cfg(__import__("pathlib").Path("/tmp"), "x", **{"client-algorithm": "scaffold", "optimizer": "sparse-sgdm",
                                                            "head": "ridge"})
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_the_control_scale_is_how_far_torch_sgd_moves_a_constant_gradient(momentum):
+    from fed_app.scaffold import effective_steps
+
+    w = torch.zeros(3, requires_grad=True)
+    g = torch.tensor([1.0, -2.0, 0.5])
+    optimizer = torch.optim.SGD([w], lr=0.1, momentum=momentum)
+    for _ in range(8):
+        optimizer.zero_grad()
+        (w * g).sum().backward()
+        optimizer.step()
+    assert torch.allclose(-w.detach() / 0.1, effective_steps(8, momentum) * g, rtol=1e-5)
+    assert effective_steps(8, 0.0) == 8  # the paper's K
