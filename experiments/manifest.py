@@ -10,7 +10,10 @@
     rounds-scaling: true         # optional: num-rounds counts rounds at J=4
     tuned-from: {manifest: fedavg_lr, keys: [lr]}   # optional: these keys from that manifest's best
                                  # configuration by validation accuracy (it must have finished); base < tuned < grid;
-                                 # with match: [optimizer], the best among its runs of the same optimizer
+                                 # with match: [optimizer], the best among its runs of the same optimizer;
+                                 # with for: {server-optimizer: [fedadam]}, only for the runs with those values.
+                                 # A list of such entries tunes different keys from different manifests, and a
+                                 # grid value `tuned` (e.g. prox-mu: [tuned]) asks for that key's tuned value.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from fed_app.errors import UserError
 
 KINDS = ("centralized", "federated")
 TOP_KEYS = {"name", "kind", "base", "grid", "seeds", "rounds-scaling", "description", "tuned-from"}
+TUNED = "tuned"  # a base or grid value that tuned-from fills in
 
 
 class ManifestError(UserError, ValueError):
@@ -86,7 +90,7 @@ def load_manifest(path: str | Path, results: str | Path = "results", resolve_tun
     if "rounds-scaling" in raw:
         base = {**base, "rounds-scaling": raw["rounds-scaling"]}
     results = Path(results)
-    tuned = tuned_values(where, raw["tuned-from"], results) if "tuned-from" in raw and resolve_tuned else None
+    tuned = tuned_picker(where, raw["tuned-from"], results) if "tuned-from" in raw and resolve_tuned else None
     runs: dict[str, Run] = {}  # by run id: overlapping grids name the same run once
     axes: list[str] = []
     for point in _grid_points(where, raw.get("grid") or {}):
@@ -95,14 +99,17 @@ def load_manifest(path: str | Path, results: str | Path = "results", resolve_tun
             raise ManifestError(f"{where}: kind={point_kind!r} is not one of {', '.join(KINDS)}; set it at the "
                                 f"top level or in the grid.")
         axes += [k for k in point if k not in axes]
-        values = {**base, **(tuned({**base, **point}) if tuned else {}), **point}
+        found = tuned({**base, **point}) if tuned else {}
+        values = _fill_tuned(where, {**base, **found, **point}, found, resolve_tuned)
         for seed in seeds:
             try:
                 cfg = RunConfig.from_run_config({**values, "seed": seed})
             except ConfigError as err:
                 raise ManifestError(f"{where}: {err}") from None
             run = Run(point_kind, cfg)
-            runs[run.run_id] = Run(point_kind, cfg.replace(run_dir=str((results / name / run.run_id).resolve())))
+            # unresolved `tuned` values stand at their defaults: such runs stay apart, as they will be when tuned
+            key = run.run_id if resolve_tuned or TUNED not in point.values() else f"{run.run_id}{sorted(point.items())}"
+            runs[key] = Run(point_kind, cfg.replace(run_dir=str((results / name / run.run_id).resolve())))
     if len(seeds) > 1:
         axes.append("seed")
     return Manifest(name, path, tuple(runs.values()), tuple(axes))
@@ -125,22 +132,55 @@ def _grid_points(where: str, grid: Any) -> list[dict[str, Any]]:
     return points
 
 
+def _fill_tuned(where: str, values: dict[str, Any], found: dict[str, Any], resolve: bool) -> dict[str, Any]:
+    """`values` with each `tuned` value replaced by the tuned one (by the key's default when not resolving)."""
+    defaults = RunConfig().to_run_config()
+    for key, value in values.items():
+        if value != TUNED:
+            continue
+        if resolve and key not in found:
+            raise ManifestError(f"{where}: {key}: tuned asks tuned-from for {key}, but no tuned-from entry gives it "
+                                f"to this run; add an entry with keys: [{key}] (and a for: that includes the run).")
+        values[key] = found[key] if key in found else defaults.get(key)
+    return values
+
+
+def tuned_picker(where: str, spec: Any, results: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """tuned-from, one entry or a list: for a run's values (before tuning), the tuned {key: value} of every
+    entry whose `for` includes the run, later entries winning."""
+    entries = spec if isinstance(spec, list) else [spec]
+    pickers = [(entry.get("for", {}) if isinstance(entry, dict) else {}, tuned_values(where, entry, results))
+               for entry in entries]
+    defaults = RunConfig().to_run_config()
+
+    def pick(values: dict[str, Any]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for only, picker in pickers:
+            if all(str(values.get(k, defaults.get(k))) in map(str, allowed) for k, allowed in only.items()):
+                found.update(picker(values))
+        return found
+
+    return pick
+
+
 def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """For a run's values, {key: value} of the best configuration of a finished tuning manifest: the highest
     mean validation accuracy over seeds at each run's final evaluation (the report's 'final' rule), never the
     test accuracy; with `match`, among the tuning runs that share the run's values of those keys."""
-    if not (isinstance(spec, dict) and {"manifest", "keys"} <= set(spec) <= {"manifest", "keys", "match"}
+    fields = {"manifest", "keys", "match", "for"}
+    if not (isinstance(spec, dict) and {"manifest", "keys"} <= set(spec) <= fields
             and isinstance(spec["manifest"], str) and isinstance(spec["keys"], list) and spec["keys"]
-            and isinstance(spec.get("match", []), list)):
+            and isinstance(spec.get("match", []), list) and isinstance(spec.get("for", {}), dict)
+            and all(isinstance(v, list) for v in spec.get("for", {}).values())):
         raise ManifestError(f"{where}: 'tuned-from' must be a mapping like {{manifest: fedavg_lr, keys: [lr]}} "
-                            f"(optionally match: [optimizer]).")
+                            f"(optionally match: [optimizer], for: {{optimizer: [sgdm]}}), or a list of them.")
     name, keys, match = spec["manifest"], spec["keys"], spec.get("match", [])
     saved = results / name / "manifest.yaml"
     command = f"run `python -m experiments run experiments/manifests/{name}.yaml` first, or set {keys[0]} in base"
     if not saved.exists():
         raise ManifestError(f"{where}: tuned-from takes {', '.join(keys)} from the results of manifest {name}, "
                             f"which has not been run under {results}; {command}.")
-    tuning = load_manifest(saved, results, resolve_tuned=False)
+    tuning = load_manifest(saved, results)  # its own tuned values too: they are in its run ids
     done = sum((Path(r.cfg.run_dir) / "DONE").exists() for r in tuning.runs)
     if done < len(tuning.runs):
         raise ManifestError(f"{where}: tuned-from takes {', '.join(keys)} from manifest {name}, which has not "

@@ -51,6 +51,7 @@ def test_the_shipped_studies_have_the_sizes_seeds_and_controls_the_protocol_stat
     counts = {name: len(m.runs) for name, m in loaded.items()}
     assert counts["noniid_grid"] == 15 * 3 and counts["schedulers"] == 5 * 3 and counts["mask_rules"] == 12 * 3
     assert counts["sparse_grid"] == 16 * 3 and counts["fedavg_lr"] == 10 and counts["centralized_search"] == 24
+    assert counts["heterogeneity_remedies"] == 4 * 5 * 3 and counts["remedies_tuning"] == 9  # 4 levels x 5 methods
     for name in ("noniid_grid", "sparse_grid", "mask_rules", "fisher_modes", "schedulers", "fedavg_iid"):
         assert len({r.cfg.seed for r in loaded[name].runs}) == 3, name
     for name in ("sparse_grid", "mask_rules", "mask_scope"):  # a dense control with the same frozen head
@@ -101,6 +102,34 @@ seeds: [1, 2]
     study = load_manifest(_write(tmp_path, text, "study.yaml"), results)
     assert {r.cfg.optimizer: r.cfg.lr for r in study.runs} == best_val
     assert load_manifest(_write(tmp_path, text, "study.yaml"), results, resolve_tuned=False).runs[0].cfg.lr == 0.01
+
+
+def test_tuned_from_entries_tune_each_remedy_its_own_key_and_a_tuned_value_asks_for_one(tmp_path):
+    results = tmp_path / "results"
+    tune = load_manifest(_write(tmp_path, """
+name: tune
+kind: federated
+grid:
+  - {server-optimizer: [fedavgm], server-lr: [0.1, 1.0]}
+  - {server-optimizer: [fedavg], prox-mu: [0.01, 0.1]}
+seeds: [1]
+""", "tune.yaml"), results)
+    best = {0.1, 0.01}  # server lr 0.1 and mu 0.01 win on validation; test would pick the others
+    _finish(results, tune, lambda c: (0.9, 0.5) if {c.server_lr, c.prox_mu} & best else (0.5, 0.9))
+    entries = ("  - {manifest: tune, keys: [server-lr], match: [server-optimizer], for: {server-optimizer: [fedavgm]}}\n"
+               "  - {manifest: tune, keys: [prox-mu], match: [server-optimizer], for: {prox-mu: [tuned]}}\n")
+    text = ("name: study\nkind: federated\ntuned-from:\n" + entries + "grid:\n"
+            "  - {server-optimizer: [fedavg], prox-mu: [0.0, tuned]}\n  - {server-optimizer: [fedavgm]}\n")
+    study = load_manifest(_write(tmp_path, text), results)
+    runs = {(r.cfg.server_optimizer, r.cfg.prox_mu > 0): r.cfg for r in study.runs}
+    assert runs[("fedavg", False)].prox_mu == 0.0 and runs[("fedavg", False)].server_lr == 1.0  # the untouched baseline
+    assert runs[("fedavg", True)].prox_mu == 0.01  # FedProx at its validation-best mu
+    assert runs[("fedavgm", False)].server_lr == 0.1 and runs[("fedavgm", False)].prox_mu == 0.0
+    assert len(load_manifest(_write(tmp_path, text), results, resolve_tuned=False).runs) == 3  # kept apart
+    without = text.replace(entries.splitlines()[1] + "\n", "")
+    with pytest.raises(ManifestError, match=r"^manifest m.yaml: prox-mu: tuned asks tuned-from for prox-mu, but no "
+                                            r"tuned-from entry gives it to this run; add an entry with keys: \[prox-mu\]"):
+        load_manifest(_write(tmp_path, without), results)
 
 
 @pytest.mark.parametrize("text, words", [
