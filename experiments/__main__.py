@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--model", default=None, help="default: vit-small-dino on CUDA, vit-tiny-test on CPU")
     bench.add_argument("--samples", type=int, default=None, help="default: 450 (one client's shard) on CUDA, 128 on CPU")
     bench.add_argument("--chunk", type=int, default=32)
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="fisher: timing repeats; round --against stock: interleaved repetitions")
+    bench.add_argument("--against", choices=["stock"], default=None,
+                       help="round: also run a stock Flower app of the examples' shape (benchmarks/stock_app), "
+                            "interleaved with fedit in both transports")
     args = parser.parse_args(argv)
     return {"run": _run, "report": _report, "bench": _bench}[args.command](args)
 
@@ -116,6 +120,17 @@ def _bench(args) -> int:
                              f"{args.rounds - 1}")
             return 0
         steps = [int(j) for j in args.local_steps.split(",")]
+        if args.against == "stock":
+            from experiments.bench import bench_against_stock, print_against_stock
+
+            with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
+                rows = bench_against_stock(cfg, steps, args.rounds, args.warmup, Path(tmp), args.cpus, gpus,
+                                           args.repeats)
+            print_against_stock(rows, f"bench round --against stock: {cfg.model}, K={cfg.num_clients}, "
+                                      f"C={cfg.fraction_train}, batch {cfg.batch_size}, {name}, precision "
+                                      f"{cfg.precision}, s/round = median of rounds {args.warmup + 1}.."
+                                      f"{args.rounds - 1}, then median (range) of {args.repeats} interleaved runs")
+            return 0
         with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
             rows = bench_round(cfg, steps, args.rounds, args.warmup, Path(tmp), args.cpus, gpus)
         print_round(rows, f"bench round: {cfg.model}, K={cfg.num_clients}, C={cfg.fraction_train}, "

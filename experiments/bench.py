@@ -139,6 +139,69 @@ def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: 
             "fixed": wall - sum(r["round_time"] for r in rows if r["round"] > 0)}
 
 
+STOCK_APP = Path(__file__).resolve().parents[1] / "benchmarks" / "stock_app"
+
+
+def round_stock(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: int, gpus: float) -> dict[str, float]:
+    """The stock Flower app (benchmarks/stock_app: Flower's examples' shape, fedit's model and client steps)
+    under `flwr run` for `rounds` rounds: median seconds per round over the same rounds as round_flower, and
+    the run's fixed cost (wall time of the whole `flwr run` less its rounds)."""
+    from fed_app.local_federation import LocalFederation, toml_value
+
+    timings = (workdir / f"stock-{time.monotonic_ns()}" / "timings.json").resolve()
+    timings.parent.mkdir(parents=True)
+    run_cfg = cfg.replace(num_rounds=rounds, rounds_scaling=False)
+    text = (f"fedit-config={toml_value(json.dumps(run_cfg.to_run_config()))} "
+            f"timings={toml_value(str(timings))}")
+    started = time.perf_counter()
+    with LocalFederation(workdir / ".flwr") as sim:
+        sim.run(run_cfg, num_supernodes=cfg.num_clients, cpus=cpus, gpus=gpus, app=STOCK_APP, run_config=text)
+    wall = time.perf_counter() - started
+    ended = json.loads(timings.read_text())["round_ended"]  # round 0 (before training), then after each round
+    per_round = [b - a for a, b in zip(ended, ended[1:])]
+    return {"round": statistics.median(per_round[warmup:rounds - 1]), "fixed": wall - (ended[-1] - ended[0])}
+
+
+def bench_against_stock(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: int, workdir: Path, cpus: int,
+                        gpus: float, repeats: int) -> list[dict]:
+    """Per J (dense): the in-process limit, then `repeats` interleaved repetitions of the stock app, fedit with
+    transport='files' and fedit with transport='messages' (in that order, each its own `flwr run`)."""
+    rows = []
+    for j in local_steps:
+        c = cfg.replace(local_steps=j, optimizer="sgdm")
+        limit = round_limit(c, rounds, warmup)
+        runs: dict[str, list[dict]] = {"stock": [], "files": [], "messages": []}
+        for _ in range(repeats):
+            runs["stock"].append(round_stock(c, rounds, warmup, workdir, cpus, gpus))
+            for transport in ("files", "messages"):
+                runs[transport].append(round_flower(c.replace(transport=transport), rounds, warmup, workdir, cpus,
+                                                    gpus))
+        rows.append({"config": f"J={j}, dense", "limit": limit,
+                     **{name: [r["round"] for r in reps] for name, reps in runs.items()},
+                     **{f"{name}_fixed": [r["fixed"] for r in reps] for name, reps in runs.items()}})
+    return rows
+
+
+def _spread(values: list[float], digits: int = 3) -> str:
+    """'4.780 (4.71-4.95)': the median of the repetitions and their range."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def print_against_stock(rows: list[dict], header: str) -> None:
+    med = statistics.median
+    print_table(header, ["config", "in-process limit", "stock Flower app", "fedit, files", "fedit, messages",
+                         "files / stock", "messages / stock", "files / limit"], [
+        [r["config"], f"{r['limit']:.3f}", _spread(r["stock"]), _spread(r["files"]), _spread(r["messages"]),
+         f"{med(r['files']) / med(r['stock']):.2f}x", f"{med(r['messages']) / med(r['stock']):.2f}x",
+         f"{med(r['files']) / r['limit']:.2f}x"] for r in rows])
+    print_table("fixed cost per run (s): wall time of the whole `flwr run` less its rounds",
+                ["config", "stock Flower app", "fedit, files", "fedit, messages"], [
+        [r["config"], _spread(r["stock_fixed"], 1), _spread(r["files_fixed"], 1), _spread(r["messages_fixed"], 1)]
+        for r in rows])
+
+
 def bench_round(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: int, workdir: Path, cpus: int,
                 gpus: float) -> list[dict]:
     """Each configuration's in-process limit, all of them before the first `flwr run` (so that no Flower

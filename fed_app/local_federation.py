@@ -68,17 +68,19 @@ class LocalFederation:
                 "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
 
     def command(self, cfg: RunConfig, num_supernodes: int | None = None, cpus: int = 1, gpus: float = 0.0,
-                superlink: str | None = None, total_cpus: int | None = None) -> list[str]:
-        """`flwr run` on the local simulation (num_supernodes; Ray limited to `total_cpus` cores if given), or on
-        a named SuperLink connection."""
-        cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR)]
+                superlink: str | None = None, total_cpus: int | None = None, app: Path = APP_DIR,
+                run_config: str | None = None) -> list[str]:
+        """`flwr run` of fedit (or of another Flower `app` folder, with its own `run_config` text) on the local
+        simulation (num_supernodes; Ray limited to `total_cpus` cores if given), or on a named SuperLink."""
+        run_config = run_config_arg(cfg) if run_config is None else run_config
+        cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(app)]
         if superlink:
-            return cmd + [superlink, "--stream", "--run-config", run_config_arg(cfg)]
+            return cmd + [superlink, "--stream", "--run-config", run_config]
         federation = (f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus} "
                       f"client-resources-num-gpus={gpus}")
         if total_cpus:
             federation += f" init-args-num-cpus={total_cpus}"
-        return cmd + ["--stream", "--run-config", run_config_arg(cfg), "--federation-config", federation]
+        return cmd + ["--stream", "--run-config", run_config, "--federation-config", federation]
 
     def popen(self, cfg: RunConfig, num_supernodes: int | None = None, **options) -> subprocess.Popen:
         self.home.mkdir(parents=True, exist_ok=True)
