@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--chunk", type=int, default=32)
     bench.add_argument("--repeats", type=int, default=3,
                        help="fisher: timing repeats; round --against stock: interleaved repetitions")
+    bench.add_argument("--profile", action="store_true",
+                       help="round: seconds per round by phase (send, client read/train/write, aggregate, ...)")
     bench.add_argument("--against", choices=["stock"], default=None,
                        help="round: also run a stock Flower app of the examples' shape (benchmarks/stock_app), "
                             "interleaved with fedit in both transports")
@@ -120,6 +123,16 @@ def _bench(args) -> int:
                              f"{args.rounds - 1}")
             return 0
         steps = [int(j) for j in args.local_steps.split(",")]
+        if args.profile:
+            from experiments.bench import bench_profile, print_profile
+
+            with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
+                rows = bench_profile(cfg, steps, args.rounds, args.warmup, Path(tmp), args.cpus, gpus)
+            slots = int(1 / gpus) if gpus else max(1, (os.cpu_count() or 1) // args.cpus)
+            print_profile(rows, f"bench round --profile: {cfg.model}, K={cfg.num_clients}, C={cfg.fraction_train}, "
+                                f"batch {cfg.batch_size}, {name}, seconds per round by phase, median of rounds "
+                                f"{args.warmup + 1}..{args.rounds - 1}", slots)
+            return 0
         if args.against == "stock":
             from experiments.bench import bench_against_stock, print_against_stock
 

@@ -119,24 +119,89 @@ def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
     return statistics.median(times[warmup:])
 
 
-def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: int, gpus: float) -> dict[str, float]:
+def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: int, gpus: float,
+                 profile: bool = False) -> dict[str, float]:
     """The fedit app under `flwr run` for `rounds` rounds: median seconds per training round (first `warmup`
     rounds and the last, which evaluates, excluded), mean bytes per round to and from clients, and the
-    run's fixed cost (wall time of the whole `flwr run` less its rounds: start-up, step 0, shut-down)."""
+    run's fixed cost (wall time of the whole `flwr run` less its rounds: start-up, step 0, shut-down); with
+    `profile`, the median seconds of each phase of a round too (`profile_*`)."""
     from fed_app.local_federation import LocalFederation
+    from fed_app.server_app import PROFILE
 
     run_cfg = cfg.replace(num_rounds=rounds, rounds_scaling=False, eval_every=10**6, test_every=0,
-                          checkpoint_every=10**6, run_dir=str((workdir / f"run-{cfg.run_id()}").resolve()))
-    started = time.perf_counter()
-    with LocalFederation(workdir / ".flwr") as sim:
+                          checkpoint_every=10**6,
+                          run_dir=str((workdir / f"run-{cfg.run_id()}-{time.monotonic_ns()}").resolve()))
+    started = time.time()
+    with LocalFederation(workdir / ".flwr", extra_env={PROFILE: "1"} if profile else None) as sim:
         sim.run(run_cfg, num_supernodes=cfg.num_clients, cpus=cpus, gpus=gpus)
-    wall = time.perf_counter() - started
+    ended = time.time()
     rows = [json.loads(line) for line in (Path(run_cfg.run_dir) / "rows.jsonl").read_text().splitlines()]
     steady = [r for r in rows if warmup < r["round"] < rounds]
-    return {"round": statistics.median(r["round_time"] for r in steady),
-            "down": statistics.mean(r["bytes_sent"] for r in steady),
-            "up": statistics.mean(r["bytes_received"] for r in steady),
-            "fixed": wall - sum(r["round_time"] for r in rows if r["round"] > 0)}
+    phases = {k: statistics.median(r[k] for r in steady) for k in steady[0] if k.startswith("profile_")}
+    result = {"round": statistics.median(r["round_time"] for r in steady),
+              "down": statistics.mean(r["bytes_sent"] for r in steady),
+              "up": statistics.mean(r["bytes_received"] for r in steady),
+              "fixed": ended - started - sum(r["round_time"] for r in rows if r["round"] > 0), **phases}
+    if profile:
+        result["stages"] = fixed_stages(json.loads((Path(run_cfg.run_dir) / "profile.json").read_text()), rows,
+                                        started, ended, result["round"])
+    return result
+
+
+def fixed_stages(marks: dict[str, float], rows: list[dict], started: float, ended: float,
+                 steady_round: float) -> dict[str, float]:
+    """Where a run's fixed cost goes, from the ServerApp's marks (profile.json) and the rows; the stages add up
+    to the fixed cost (the wall time less the training rounds). The workers' builds fall in round 1 and are
+    shown beside them, as round 1's excess over a steady round."""
+    rounds = sum(r["round_time"] for r in rows if r["round"] > 0)
+    return {"start-up (SuperLink, simulation, ServerApp)": marks["started"] - started,
+            "claim and the server's task (data, model)": marks["task_loaded"] - marks["started"],
+            "nodes' partition ids (query round)": marks["discovered"] - marks["task_loaded"],
+            "step 0 and its evaluation": rows[0]["round_time"],
+            "checkpoints, curves, bookkeeping": marks["steps_done"] - marks["discovered"] - rounds
+                                                - rows[0]["round_time"],
+            "closing the run": marks["finished"] - marks["steps_done"],
+            "shut-down (simulation, SuperLink)": ended - marks["finished"],
+            "(in round 1: worker builds)": rows[1]["round_time"] - steady_round}
+
+
+PHASES = [("send", "server: the round's payload (model file written, or message built)"),
+          ("exchange", "Flower: messages out, the clients' work, replies back"),
+          ("client_read", "clients: the global model read and rebuilt"),
+          ("client_train", "clients: the J steps and the delta"),
+          ("client_write", "clients: the update written (file) or put in the reply"),
+          ("aggregate", "server: replies read and averaged"),
+          ("apply", "server: the mean added to the global model")]
+
+
+def bench_profile(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: int, workdir: Path, cpus: int,
+                  gpus: float) -> list[dict]:
+    """Where a round's seconds go, per J and transport (dense): each phase's median over the steady rounds."""
+    rows = []
+    for j in local_steps:
+        for transport in ("files", "messages"):
+            c = cfg.replace(local_steps=j, optimizer="sgdm", transport=transport)
+            rows.append({"config": f"J={j}, {transport}", "clients": c.clients_per_round,
+                         **round_flower(c, rounds, warmup, workdir, cpus, gpus, profile=True)})
+    return rows
+
+
+def print_profile(rows: list[dict], header: str, slots: int) -> None:
+    """Seconds per round by phase; client phases are summed over the round's clients, and Flower's own share
+    of the exchange is estimated as the exchange less the clients' summed work spread over `slots`."""
+    print_table(header, ["config", "round"] + [name for name, _ in PHASES] + ["Flower transit (est.)", "other"], [
+        [r["config"], f"{r['round']:.3f}"] + [f"{r[f'profile_{name}']:.3f}" for name, _ in PHASES]
+        + [f"{r['profile_exchange'] - _client_work(r) / min(slots, r['clients']):.3f}",
+           f"{r['round'] - sum(r[f'profile_{n}'] for n in ('send', 'exchange', 'aggregate', 'apply')):.3f}"]
+        for r in rows])
+    for name, meaning in PHASES:
+        print(f"- {name}: {meaning}")
+    print(f"- client phases are CPU-seconds summed over the round's clients, {slots} at a time; "
+          f"other: the rest of the round (the server's row bookkeeping)")
+
+
+def _client_work(row: dict) -> float:
+    return sum(row[f"profile_client_{k}"] for k in ("read", "train", "write"))
 
 
 STOCK_APP = Path(__file__).resolve().parents[1] / "benchmarks" / "stock_app"
@@ -153,13 +218,17 @@ def round_stock(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: i
     run_cfg = cfg.replace(num_rounds=rounds, rounds_scaling=False)
     text = (f"fedit-config={toml_value(json.dumps(run_cfg.to_run_config()))} "
             f"timings={toml_value(str(timings))}")
-    started = time.perf_counter()
+    started = time.time()
     with LocalFederation(workdir / ".flwr") as sim:
         sim.run(run_cfg, num_supernodes=cfg.num_clients, cpus=cpus, gpus=gpus, app=STOCK_APP, run_config=text)
-    wall = time.perf_counter() - started
+    finished = time.time()
     ended = json.loads(timings.read_text())["round_ended"]  # round 0 (before training), then after each round
     per_round = [b - a for a, b in zip(ended, ended[1:])]
-    return {"round": statistics.median(per_round[warmup:rounds - 1]), "fixed": wall - (ended[-1] - ended[0])}
+    steady = statistics.median(per_round[warmup:rounds - 1])
+    return {"round": steady, "fixed": finished - started - (ended[-1] - ended[0]),
+            "stages": {"start-up (SuperLink, simulation, ServerApp)": ended[0] - started,
+                       "shut-down (simulation, SuperLink)": finished - ended[-1],
+                       "(in round 1: worker builds)": per_round[0] - steady}}
 
 
 def bench_against_stock(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: int, workdir: Path, cpus: int,
@@ -175,10 +244,11 @@ def bench_against_stock(cfg: RunConfig, local_steps: list[int], rounds: int, war
             runs["stock"].append(round_stock(c, rounds, warmup, workdir, cpus, gpus))
             for transport in ("files", "messages"):
                 runs[transport].append(round_flower(c.replace(transport=transport), rounds, warmup, workdir, cpus,
-                                                    gpus))
+                                                    gpus, profile=True))
         rows.append({"config": f"J={j}, dense", "limit": limit,
                      **{name: [r["round"] for r in reps] for name, reps in runs.items()},
-                     **{f"{name}_fixed": [r["fixed"] for r in reps] for name, reps in runs.items()}})
+                     **{f"{name}_fixed": [r["fixed"] for r in reps] for name, reps in runs.items()},
+                     **{f"{name}_stages": [r["stages"] for r in reps] for name, reps in runs.items()}})
     return rows
 
 
@@ -200,6 +270,13 @@ def print_against_stock(rows: list[dict], header: str) -> None:
                 ["config", "stock Flower app", "fedit, files", "fedit, messages"], [
         [r["config"], _spread(r["stock_fixed"], 1), _spread(r["files_fixed"], 1), _spread(r["messages_fixed"], 1)]
         for r in rows])
+    for r in rows:
+        stages = list(dict.fromkeys(k for name in ("stock", "files", "messages") for k in r[f"{name}_stages"][0]))
+        print_table(f"{r['config']}: where the fixed cost goes (s, median of the repetitions)",
+                    ["stage", "stock Flower app", "fedit, files", "fedit, messages"], [
+            [stage] + [f"{statistics.median(s[stage] for s in r[f'{name}_stages']):.2f}"
+                       if stage in r[f"{name}_stages"][0] else "-" for name in ("stock", "files", "messages")]
+            for stage in stages])
 
 
 def bench_round(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: int, workdir: Path, cpus: int,

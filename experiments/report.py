@@ -68,7 +68,7 @@ def varying(df: pd.DataFrame) -> list[str]:
 
 def _is_metric(column: str) -> bool:
     return column.startswith(("train_", "val_", "test_", "bytes_", "wall_", "round_time", "learning_rate",
-                              "density", "clients", "client_loss", "client_accuracy", "task_", "head_temperature", "step0_"))
+                              "density", "clients", "client_loss", "client_accuracy", "task_", "head_temperature", "step0_", "profile_"))
 
 
 def checkpoint_row(g: pd.DataFrame, rule: str) -> pd.Series | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -45,10 +47,12 @@ def train(msg: Message, context: Context) -> Message:
     cfg, pid, task = _setup(context)
     config = msg.content[Key.CONFIG]
     masks = None
+    started = time.perf_counter()
     if Key.MASK in msg.content:
         masks = task.masks_from_bits(msg.content[Key.MASK][Key.BITS].numpy())
     state = task.global_state(take(msg.content, Key.ARRAYS), masks)
     server_round, folder, content = int(config[Key.SERVER_ROUND]), folder_of(msg.content), {}
+    read = time.perf_counter()
     if holds(msg.content, Key.CONTROL):  # client-algorithm='scaffold'
         delta, change, loss, examples = scaffold_update(task, state, pid, server_round,
                                                         take(msg.content, Key.CONTROL)[Form.FLAT],
@@ -57,10 +61,13 @@ def train(msg: Message, context: Context) -> Message:
     else:
         delta, loss, examples = task.local_update(state, pid, server_round, masks,
                                                   head_only=config.get(Key.PHASE, "") == "head")
+    trained = time.perf_counter()
     payload = {Form.VALUES: gather_trainable(delta, masks)} if masks else flat_state(delta)
+    content.update(carry(Key.DELTA, payload, folder))
     metrics = MetricRecord({Key.TRAIN_LOSS: loss, Key.NUM_EXAMPLES: examples, Key.PARTITION_ID: pid,
-                            Key.TASK_BUILDS: task.builds})
-    content.update({**carry(Key.DELTA, payload, folder), Key.METRICS: metrics})
+                            Key.TASK_BUILDS: task.builds, Key.TIME_READ: read - started,
+                            Key.TIME_TRAIN: trained - read, Key.TIME_WRITE: time.perf_counter() - trained})
+    content[Key.METRICS] = metrics
     return Message(RecordDict(content), reply_to=msg)
 
 

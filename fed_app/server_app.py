@@ -3,7 +3,10 @@ rounds -> rows, checkpoints, DONE."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 
 import torch
 from flwr.app import ConfigRecord, Context
@@ -30,12 +33,26 @@ from strategies.server_opt import make_server_optimizer
 log = logging.getLogger(__name__)
 
 app = ServerApp()
+PROFILE = "FEDIT_PROFILE"  # set (to 1) in the environment: rows get each round's seconds by phase
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    marks = Marks(started=time.time())
     _log_lines()
-    run(grid, RunConfig.from_run_config(context.run_config))
+    run(grid, RunConfig.from_run_config(context.run_config), marks)
+
+
+class Marks(dict):
+    """When the ServerApp reached each stage of a run (epoch seconds, comparable across processes); written to
+    the run's profile.json when FEDIT_PROFILE is set, for `bench round --profile` and `bench grid`."""
+
+    def mark(self, stage: str) -> None:
+        self[stage] = time.time()
+
+    def save(self, run_dir: RunDir) -> None:
+        if os.environ.get(PROFILE):
+            (run_dir.path / "profile.json").write_text(json.dumps(self))
 
 
 def _log_lines() -> None:
@@ -49,27 +66,36 @@ def _log_lines() -> None:
         logger.propagate = False
 
 
-def run(grid: Grid, cfg: RunConfig) -> RunDir:
+def run(grid: Grid, cfg: RunConfig, marks: Marks | None = None) -> RunDir:
     """Step 0 and calibration when asked, then FedAvg for cfg.total_rounds rounds; resumes from checkpoints."""
+    marks = Marks() if marks is None else marks
     with claimed_run(cfg, "federated") as (run_dir, claim):
         if run_dir.done:
             log.info("run %s is already done; nothing to do", run_dir.path)
             return run_dir
-        return _run(grid, cfg, run_dir, claim)
+        _run(grid, cfg, run_dir, claim, marks)
+        marks.mark("finished")
+        marks.save(run_dir)
+        return run_dir
 
 
-def _run(grid: Grid, cfg: RunConfig, run_dir: RunDir, claim) -> RunDir:
+def _run(grid: Grid, cfg: RunConfig, run_dir: RunDir, claim, marks: Marks) -> RunDir:
+    marks.mark("claimed")
     task = load_task(cfg)  # the server evaluates the global model with the same task code
+    marks.mark("task_loaded")
     files = None
     if cfg.transport == "files":  # room for a round: the global model and every client's update
         model_bytes = 4 * sum(t.numel() for t in task.model.state_dict().values())
         files = SharedFiles(cfg.run_id(), (cfg.clients_per_round + 2) * model_bytes)
     try:
-        args = (cfg.seed, cfg.num_clients, cfg.clients_per_round, Federation.discover(grid, cfg), files,
-                cfg.aggregation, make_server_optimizer(cfg))
+        federation = Federation.discover(grid, cfg)
+        marks.mark("discovered")
+        args = (cfg.seed, cfg.num_clients, cfg.clients_per_round, federation, files, cfg.aggregation,
+                make_server_optimizer(cfg))
         strategy = (SeededFedAvg(*args) if cfg.client_algorithm == "fedavg" else
                     SeededScaffold(*args, trainable=sum(s.numel() for s in task.trainable_shapes().values())))
         run_steps(cfg, run_dir, Rounds(cfg, run_dir, task, strategy), guard=claim.check)
+        marks.mark("steps_done")
     finally:
         if files is not None:
             files.close()
@@ -117,9 +143,12 @@ class Rounds:
         config = ConfigRecord({Key.CHECKPOINTED: self.checkpointed})  # what the clients' own state must keep
         self.global_state, metrics = self.strategy.advance(server_round, self.global_state, config)
         self.current = server_round
-        return {"learning_rate": client_lr(self.cfg, server_round), "train_loss": metrics["train_loss"],
-                "clients": metrics["clients"], "task_builds": metrics["task_builds"],
-                "bytes_sent": metrics["bytes_sent"], "bytes_received": metrics["bytes_received"]}
+        row = {"learning_rate": client_lr(self.cfg, server_round), "train_loss": metrics["train_loss"],
+               "clients": metrics["clients"], "task_builds": metrics["task_builds"],
+               "bytes_sent": metrics["bytes_sent"], "bytes_received": metrics["bytes_received"]}
+        if os.environ.get(PROFILE):  # seconds of each phase of the round (bench round --profile)
+            row.update({f"profile_{k[5:]}": float(v) for k, v in metrics.items() if k.startswith("time_")})
+        return row
 
     def evaluate(self, server_round: int) -> dict:
         cfg, task, state, row = self.cfg, self.task, self.global_state, {}

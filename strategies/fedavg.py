@@ -5,6 +5,7 @@ averaging of client deltas in torch, summed one client at a time in partition or
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -119,13 +120,17 @@ class SeededFedAvg(FedAvg):
         shared = self.plan.shared if self.plan is not None and training else None
         payload = masked_state(state, shared) if shared is not None and self.compact else flat_state(state)
         delta, metrics = self.train_round(server_round, payload, config)
+        started = time.perf_counter()
         update = delta.to_torch_state_dict()
         if self.server_optimizer is not None and training:  # dense runs only (RunConfig checks)
             x = flat_state(state)[Form.FLAT]  # the global buffer itself (a copy if state is not one buffer)
             mean = update[Form.FLAT] if Form.FLAT in update else flat_state(update)[Form.FLAT]
             self.server_optimizer.step(x, mean, server_round)
-            return split_flat(x, {n: t.shape for n, t in state.items()}), metrics
-        return apply_update(state, update, shared), metrics
+            state = split_flat(x, {n: t.shape for n, t in state.items()})
+        else:
+            state = apply_update(state, update, shared)
+        metrics["time_apply"] = time.perf_counter() - started
+        return state, metrics
 
     def configure_train(self, server_round: int, arrays: dict[str, Tensor], config: ConfigRecord,
                         grid=None) -> dict[int, RecordDict]:
@@ -144,7 +149,9 @@ class SeededFedAvg(FedAvg):
                     config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
         """One FedAvg round over the sampled clients (retrying failures), aggregated; its metrics include the
         payload bytes it moved each way."""
+        started = time.perf_counter()
         records = self.configure_train(server_round, arrays, config)
+        sent = time.perf_counter()
         try:
             exchange = self.federation.exchange(server_round, MessageType.TRAIN, records)
         except RoundFailedError as err:
@@ -156,8 +163,11 @@ class SeededFedAvg(FedAvg):
             return self.train_round(server_round, arrays, config)
         finally:
             discard(next(iter(records.values())))  # this round's global model file, if it went as one
+        answered = time.perf_counter()
         delta, metrics = self.aggregate_train(server_round, exchange.replies)
         metrics["bytes_sent"], metrics["bytes_received"] = exchange.bytes_sent, exchange.bytes_received
+        metrics["time_send"], metrics["time_exchange"] = sent - started, answered - sent  # seconds, by phase
+        metrics["time_aggregate"] = time.perf_counter() - answered
         return delta, metrics
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord, clients: int) -> MetricRecord:
@@ -186,8 +196,10 @@ class SeededFedAvg(FedAvg):
                 total.add(self._scatter(delta[Form.VALUES], mask), weight, mask)
         loss = sum(w * float(c[Key.METRICS]["train_loss"]) for w, c in zip(weights, contents)) / sum(weights)
         builds = max(int(c[Key.METRICS].get(Key.TASK_BUILDS, 0)) for c in contents)  # 1: built once per process
+        phases = {f"time_client_{k[5:]}": sum(float(c[Key.METRICS].get(k, 0.0)) for c in contents)
+                  for k in (Key.TIME_READ, Key.TIME_TRAIN, Key.TIME_WRITE)}  # summed over the clients
         return ArrayRecord(total.result()), MetricRecord({"train_loss": loss, "clients": len(contents),
-                                                          "task_builds": builds})
+                                                          "task_builds": builds, **phases})
 
     @staticmethod
     def _scatter(values: Tensor, masks: dict[str, Tensor]) -> dict[str, Tensor]:

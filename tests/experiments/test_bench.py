@@ -32,6 +32,19 @@ def test_bench_round_prints_limit_flower_and_ratio_for_dense_and_sparse():
     assert "J=4: sparse / dense upload: 0.091" in out  # 10% of the backbone; the frozen step-0 head stays put
 
 
+@pytest.mark.slow
+def test_bench_round_against_the_stock_app_and_by_phase():
+    tiny = ["--local-steps", "2", "--rounds", "4", "--warmup", "1", "--run-config",
+            "num-clients=10 fraction-train=0.3 synthetic-train-size=1500"]
+    out = subprocess.run([sys.executable, "-m", "experiments", "bench", "round", "--against", "stock", "--repeats",
+                          "1", *tiny], capture_output=True, text=True, check=True).stdout
+    assert "| J=2, dense |" in out and "files / stock" in out  # the stock app ran, beside both transports
+    assert "| nodes' partition ids (query round) |" in out and "| start-up (SuperLink, simulation, ServerApp) |" in out
+    out = subprocess.run([sys.executable, "-m", "experiments", "bench", "round", "--profile", *tiny],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| J=2, files |" in out and "| J=2, messages |" in out and "client_train" in out
+
+
 def test_grid_groups_runs_that_cost_the_same_per_round():
     base = RunConfig(model="vit-tiny-test")
     runs = [base.replace(local_steps=j, partition=p, seed=s) for j in (4, 16) for p in ("iid", "noniid")

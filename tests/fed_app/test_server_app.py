@@ -106,3 +106,30 @@ def test_make_run_without_cifar_offline_says_where_to_put_it_before_starting_flo
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: CIFAR-100 is not under data-root=") and "cifar-100-python" in proc.stderr
     assert not (tmp_path / "results" / ".flwr").exists()
+
+
+@pytest.mark.usefixtures("server_app_identity")
+def test_with_fedit_profile_set_each_row_says_where_its_round_went(tmp_path, monkeypatch):
+    from fed_app import server_app
+
+    from ..conftest import InProcessGrid
+
+    cfg = _cfg(tmp_path, "profiled", **{"num-rounds": 2})
+    server_app.run(InProcessGrid(cfg), cfg)  # unprofiled: rows without the phases
+    assert not any(k.startswith("profile_") for r in _rows(tmp_path / "profiled") for k in r)
+    monkeypatch.setenv(server_app.PROFILE, "1")
+    cfg = _cfg(tmp_path, "profile", **{"num-rounds": 2})
+    server_app.run(InProcessGrid(cfg), cfg)
+    rows = [json.loads(line) for line in (tmp_path / "profile" / "rows.jsonl").read_text().splitlines()]
+    for row in rows[1:]:
+        phases = {k[len("profile_"):]: v for k, v in row.items() if k.startswith("profile_")}
+        assert set(phases) == {"send", "exchange", "aggregate", "apply", "client_read", "client_train", "client_write"}
+        assert all(v >= 0 for v in phases.values()) and phases["client_train"] > 0
+        # in process the clients answer inside the exchange, and the server's phases lie inside the round
+        work = phases["client_read"] + phases["client_train"] + phases["client_write"]
+        assert work <= phases["exchange"] + 1e-6
+        assert phases["send"] + phases["exchange"] + phases["aggregate"] + phases["apply"] <= row["round_time"]
+    marks = json.loads((tmp_path / "profile" / "profile.json").read_text())  # the fixed cost's stages, in order
+    assert list(marks) == ["claimed", "task_loaded", "discovered", "steps_done", "finished"]
+    assert list(marks.values()) == sorted(marks.values())
+    assert not (tmp_path / "profiled" / "profile.json").exists()
