@@ -32,9 +32,9 @@ def _setup(context: Context) -> tuple[RunConfig, int, LoadedTask]:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which shard this node owns."""
-    cfg = RunConfig.from_run_config(context.run_config)
-    info = ConfigRecord({Key.PARTITION_ID: _partition_id(context, cfg)})
+    """Which shard this node owns and how many training images it holds (the task is loaded here, once)."""
+    cfg, pid, task = _setup(context)
+    info = ConfigRecord({Key.PARTITION_ID: pid, Key.NUM_EXAMPLES: len(task.shards[pid])})
     return Message(RecordDict({Key.INFO: info}), reply_to=msg)
 
 

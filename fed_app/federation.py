@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flwr.app import Message, MessageType, RecordDict
@@ -16,6 +17,8 @@ from fed_app.transport import payload_bytes
 from fed_app.wire import Key
 
 log = logging.getLogger(__name__)
+
+POLL_S = 0.01  # how often the server asks for replies while it waits
 
 
 class RoundFailedError(RuntimeError):
@@ -34,9 +37,10 @@ class Exchange:
 class Federation:
     """The grid and its partition -> node map, with the run's retry policy."""
 
-    def __init__(self, grid: Grid, nodes: dict[int, int], max_retries: int, timeout: float):
+    def __init__(self, grid: Grid, nodes: dict[int, int], max_retries: int, timeout: float,
+                 examples: dict[int, int] | None = None):
         self.grid, self.nodes = grid, nodes
-        self.partition_of = {node: pid for pid, node in nodes.items()}
+        self.examples = examples  # partition id -> its training images, as its node reported them
         self.max_retries, self.timeout = max_retries, timeout
         self.bytes_sent = self.bytes_received = 0  # totals over the run's exchanges (a row takes differences)
 
@@ -49,50 +53,82 @@ class Federation:
         if len(node_ids) != cfg.num_clients:
             raise _wrong_federation(cfg, f"{len(node_ids)} nodes are connected after {wait_s:.0f}s")
         queries = [Message(RecordDict(), node, MessageType.QUERY) for node in node_ids]
-        nodes = {}
+        nodes, examples = {}, {}
         for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: "
                                    f"{reply.error.reason}")
-            nodes[int(reply.content[Key.INFO][Key.PARTITION_ID])] = reply.metadata.src_node_id
+            info = reply.content[Key.INFO]
+            nodes[int(info[Key.PARTITION_ID])] = reply.metadata.src_node_id
+            examples[int(info[Key.PARTITION_ID])] = int(info[Key.NUM_EXAMPLES])
         if sorted(nodes) != list(range(cfg.num_clients)):
             raise _wrong_federation(cfg, f"the federation's {len(node_ids)} nodes hold partitions "
                                          f"{sorted(nodes)[:5]}...")
         retries = cfg.max_retries if cfg.on_client_failure == "retry" else 0
-        return cls(grid, nodes, retries, cfg.round_timeout)
+        return cls(grid, nodes, retries, cfg.round_timeout, examples)
 
-    def exchange(self, server_round: int, message_type: str, records: dict[int, RecordDict]) -> Exchange:
-        """Send each partition its record; resend to those that failed (up to max-retries); every reply."""
-        messages = self._messages(records, message_type)
-        sent = sum(payload_bytes(r) for record in records.values() for r in record.values())
+    def exchange(self, server_round: int, message_type: str, records: dict[int, RecordDict],
+                 consume: Callable[[Message], None] | None = None) -> Exchange:
+        """Send each partition its record; resend to one whose reply is an error or does not come within
+        round-timeout, up to max-retries times; every reply, in partition order. Replies are polled every
+        POLL_S seconds (Flower's own send_and_receive sleeps 3 s between polls on the deployment engine and
+        0.1 s in the simulation) and handed to `consume` in partition order as soon as each one and every
+        earlier one have come: the server adds up updates while later clients still train."""
+        order = sorted(records)
+        tries = dict.fromkeys(order, 0)
+        waiting: dict[str, tuple[int, float]] = {}  # message id -> (partition, when it is given up on)
         replies: dict[int, Message] = {}
         reasons: dict[int, str] = {}
-        for attempt in range(self.max_retries + 1):
-            for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
-                pid = self.partition_of[reply.metadata.src_node_id]
+        failed: list[int] = []
+        sent = self._push(records, order, message_type, waiting)
+        handed = 0
+        while waiting:
+            came = list(self.grid.pull_messages(list(waiting)))
+            again = []
+            for reply in came:
+                pid, _ = waiting.pop(reply.metadata.reply_to_message_id)
                 if reply.has_error():
-                    reasons[pid] = reply.error.reason
+                    again.append((pid, reply.error.reason))
                 else:
                     replies[pid] = reply
-            missing = [p for p in records if p not in replies]
-            if not missing:
-                break
-            for p in missing:
-                reasons.setdefault(p, f"no reply within round-timeout={self.timeout}s")
-            log.warning("round %d: clients %s failed (attempt %d/%d): %s", server_round, missing, attempt + 1,
-                        self.max_retries + 1, "; ".join(f"{p}: {reasons[p]}" for p in missing))
-            messages = self._messages({p: records[p] for p in missing}, message_type)
-            sent += sum(payload_bytes(r) for p in missing for r in records[p].values())
-        else:
+            now = time.monotonic()
+            for message_id, (pid, deadline) in list(waiting.items()):
+                if now > deadline:
+                    del waiting[message_id]
+                    again.append((pid, f"no reply within round-timeout={self.timeout}s"))
+            retry = []
+            for pid, reason in again:
+                reasons[pid], tries[pid] = reason, tries[pid] + 1
+                log.warning("round %d: client %d failed (attempt %d/%d): %s", server_round, pid, tries[pid],
+                            self.max_retries + 1, reason)
+                (retry if tries[pid] <= self.max_retries else failed).append(pid)
+            if retry:
+                sent += self._push(records, retry, message_type, waiting)
+            while consume is not None and handed < len(order) and order[handed] in replies:
+                consume(replies[order[handed]])
+                handed += 1
+            if waiting and not came:
+                time.sleep(POLL_S)
+        if failed:
+            failed.sort()
             raise RoundFailedError(
-                f"round {server_round}: clients {missing} failed after {self.max_retries} retries "
-                f"({reasons[missing[0]]}); rerun the same command to resume, or raise max-retries."
+                f"round {server_round}: clients {failed} failed after {self.max_retries} retries "
+                f"({reasons[failed[0]]}); rerun the same command to resume, or raise max-retries."
             )
-        ordered = [replies[p] for p in sorted(records)]
+        ordered = [replies[p] for p in order]
         received = sum(payload_bytes(r) for m in ordered for r in m.content.values())
         self.bytes_sent += sent
         self.bytes_received += received
         return Exchange(ordered, sent, received)
+
+    def _push(self, records: dict[int, RecordDict], pids: list[int], message_type: str,
+              waiting: dict[str, tuple[int, float]]) -> int:
+        """Push these partitions' messages, noting each as awaited; the payload bytes pushed."""
+        ids = self.grid.push_messages(self._messages({p: records[p] for p in pids}, message_type))
+        deadline = time.monotonic() + self.timeout
+        for pid, message_id in zip(pids, ids):
+            waiting[message_id] = (pid, deadline)
+        return sum(payload_bytes(r) for p in pids for r in records[p].values())
 
     def query(self, server_round: int, action: str, record: RecordDict, pids: list[int]) -> Exchange:
         """A `query.<action>` with the same record to these partitions."""

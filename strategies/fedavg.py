@@ -72,6 +72,42 @@ def masked_average(deltas: list[dict[str, Tensor]], masks: list[dict[str, Tensor
     return total.result()
 
 
+class RoundSum:
+    """One round's replies added up one at a time, in partition order, each delta read, added and dropped:
+    the example-weighted mean update (dense, or the flat trainable entries) and the weighted train loss. The
+    weights (each partition's training images, as its node reported them) are known before the first reply."""
+
+    def __init__(self, strategy: SeededFedAvg, examples: dict[int, int]):
+        self.strategy, self.examples = strategy, examples
+        self.local = strategy.plan is not None and strategy.plan.shared is None  # mask-scope 'local'
+        self.total = strategy.aggregator(sum(examples.values()), masked=self.local)
+        self.metrics: list[MetricRecord] = []
+
+    def add(self, reply: Message) -> None:
+        content = reply.content
+        metrics = content[Key.METRICS]
+        pid, weight = int(metrics[Key.PARTITION_ID]), int(metrics[Key.NUM_EXAMPLES])
+        if weight != self.examples[pid]:
+            raise RoundFailedError(f"client {pid} trained on {weight} images but its node reported "
+                                   f"{self.examples[pid]}; the federation's data changed mid-run, start it again.")
+        delta = take(content, Key.DELTA, delete=True)
+        if not self.local:
+            self.total.add(delta, weight)
+        else:  # each client's trainable entries, scattered to full size
+            mask = self.strategy.plan.per_partition[pid]
+            self.total.add(SeededFedAvg._scatter(delta[Form.VALUES], mask), weight, mask)
+        self.metrics.append(metrics)
+
+    def result(self) -> tuple[ArrayRecord, MetricRecord]:
+        weights = [float(m[Key.NUM_EXAMPLES]) for m in self.metrics]
+        loss = sum(w * float(m[Key.TRAIN_LOSS]) for w, m in zip(weights, self.metrics)) / sum(weights)
+        builds = max(int(m.get(Key.TASK_BUILDS, 0)) for m in self.metrics)  # 1: built once per process
+        phases = {f"time_client_{k[5:]}": sum(float(m.get(k, 0.0)) for m in self.metrics)
+                  for k in (Key.TIME_READ, Key.TIME_TRAIN, Key.TIME_WRITE)}  # summed over the clients
+        return ArrayRecord(self.total.result()), MetricRecord({"train_loss": loss, "clients": len(self.metrics),
+                                                               "task_builds": builds, **phases})
+
+
 class SeededFedAvg(FedAvg):
     """FedAvg whose sampling and aggregation are reproducible across resume. It keeps FedAvg's
     configure_train/aggregate_train roles but takes the model as a dict of tensors, not an ArrayRecord (building
@@ -147,13 +183,16 @@ class SeededFedAvg(FedAvg):
 
     def train_round(self, server_round: int, arrays: dict[str, Tensor],
                     config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
-        """One FedAvg round over the sampled clients (retrying failures), aggregated; its metrics include the
-        payload bytes it moved each way."""
+        """One FedAvg round over the sampled clients (retrying failures), aggregated as the replies come; its
+        metrics include the payload bytes it moved each way and the seconds of each phase."""
         started = time.perf_counter()
         records = self.configure_train(server_round, arrays, config)
         sent = time.perf_counter()
+        examples = self.federation.examples  # None: learnt from the replies, so summed after the last one
+        total = self.round_sum({p: examples[p] for p in records}) if examples is not None else None
         try:
-            exchange = self.federation.exchange(server_round, MessageType.TRAIN, records)
+            exchange = self.federation.exchange(server_round, MessageType.TRAIN, records,
+                                                consume=total.add if total is not None else None)
         except RoundFailedError as err:
             if self.files is None or TransportError.__name__ not in str(err):
                 raise
@@ -164,10 +203,10 @@ class SeededFedAvg(FedAvg):
         finally:
             discard(next(iter(records.values())))  # this round's global model file, if it went as one
         answered = time.perf_counter()
-        delta, metrics = self.aggregate_train(server_round, exchange.replies)
+        delta, metrics = total.result() if total is not None else self.aggregate_train(server_round, exchange.replies)
         metrics["bytes_sent"], metrics["bytes_received"] = exchange.bytes_sent, exchange.bytes_received
         metrics["time_send"], metrics["time_exchange"] = sent - started, answered - sent  # seconds, by phase
-        metrics["time_aggregate"] = time.perf_counter() - answered
+        metrics["time_aggregate"] = time.perf_counter() - answered  # what was left to add after the last reply
         return delta, metrics
 
     def evaluate_round(self, server_round: int, arrays: ArrayRecord, clients: int) -> MetricRecord:
@@ -183,23 +222,15 @@ class SeededFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
         """The example-weighted mean delta (dense, or the flat trainable entries), summed one reply at a time
         in partition-id order (each delta read, added and dropped), and the weighted train loss."""
-        contents = sorted((m.content for m in replies), key=lambda c: int(c[Key.METRICS][Key.PARTITION_ID]))
-        weights = [float(c[Key.METRICS][self.weighted_by_key]) for c in contents]
-        local = self.plan is not None and self.plan.shared is None  # mask-scope 'local'
-        total = self.aggregator(sum(weights), masked=local)
-        for content, weight in zip(contents, weights):
-            delta = take(content, Key.DELTA, delete=True)
-            if not local:
-                total.add(delta, weight)
-            else:  # each client's trainable entries, scattered to full size
-                mask = self.plan.per_partition[int(content[Key.METRICS][Key.PARTITION_ID])]
-                total.add(self._scatter(delta[Form.VALUES], mask), weight, mask)
-        loss = sum(w * float(c[Key.METRICS]["train_loss"]) for w, c in zip(weights, contents)) / sum(weights)
-        builds = max(int(c[Key.METRICS].get(Key.TASK_BUILDS, 0)) for c in contents)  # 1: built once per process
-        phases = {f"time_client_{k[5:]}": sum(float(c[Key.METRICS].get(k, 0.0)) for c in contents)
-                  for k in (Key.TIME_READ, Key.TIME_TRAIN, Key.TIME_WRITE)}  # summed over the clients
-        return ArrayRecord(total.result()), MetricRecord({"train_loss": loss, "clients": len(contents),
-                                                          "task_builds": builds, **phases})
+        metrics = {int(m.content[Key.METRICS][Key.PARTITION_ID]): m for m in replies}
+        total = self.round_sum({p: int(m.content[Key.METRICS][self.weighted_by_key]) for p, m in metrics.items()})
+        for pid in sorted(metrics):
+            total.add(metrics[pid])
+        return total.result()
+
+    def round_sum(self, examples: dict[int, int]) -> RoundSum:
+        """The running sum of a round whose partitions hold these many training images."""
+        return RoundSum(self, examples)
 
     @staticmethod
     def _scatter(values: Tensor, masks: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -12,7 +12,27 @@ from torch import Tensor
 from fed_app.seeds import Phase
 from fed_app.transport import carry, holds, take
 from fed_app.wire import Form, Key
-from strategies.fedavg import PHASES, SeededFedAvg
+from strategies.fedavg import PHASES, RoundSum, SeededFedAvg
+
+
+class ControlSum(RoundSum):
+    """RoundSum that also adds up the clients' control changes (in partition order) and, with the round's
+    result, moves c by (1/N) times their sum."""
+
+    def __init__(self, strategy: SeededScaffold, examples: dict[int, int]):
+        super().__init__(strategy, examples)
+        self.changes: Tensor | None = None
+
+    def add(self, reply: Message) -> None:
+        if holds(reply.content, Key.CONTROL_DELTA):  # train rounds; step 0's head rounds carry none
+            change = take(reply.content, Key.CONTROL_DELTA, delete=True)[Form.FLAT]
+            self.changes = change.clone() if self.changes is None else self.changes.add_(change)
+        super().add(reply)
+
+    def result(self):
+        if self.changes is not None:
+            self.strategy.control += self.changes / self.strategy.num_clients
+        return super().result()
 
 
 class SeededScaffold(SeededFedAvg):
@@ -32,15 +52,8 @@ class SeededScaffold(SeededFedAvg):
             record.update(control)
         return records
 
-    def aggregate_train(self, server_round: int, replies: list[Message]):
-        """c += (1/N) * the sum of the control changes, added in partition-id order; then FedAvg's mean."""
-        contents = sorted((m.content for m in replies), key=lambda c: int(c[Key.METRICS][Key.PARTITION_ID]))
-        if contents and holds(contents[0], Key.CONTROL_DELTA):
-            total = torch.zeros_like(self.control)
-            for content in contents:
-                total += take(content, Key.CONTROL_DELTA, delete=True)[Form.FLAT]
-            self.control += total / self.num_clients
-        return super().aggregate_train(server_round, replies)
+    def round_sum(self, examples: dict[int, int]) -> RoundSum:
+        return ControlSum(self, examples)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "server_control": self.control.clone()}

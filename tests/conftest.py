@@ -25,7 +25,35 @@ def fl_cfg(tmp_path, name, **changes) -> RunConfig:
     return RunConfig.from_run_config({**FL, **changes, "run-dir": str(tmp_path / name)})
 
 
-class InProcessGrid:
+class PushPullGrid:
+    """What fedit's Federation uses of a Flower Grid (push_messages, pull_messages, send_and_receive) over a
+    synchronous `answer(messages) -> replies` that a test double writes: each pushed message gets an id, as
+    Flower's grids give it, and is answered at the next pull."""
+
+    def answer(self, messages):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        queued, ids = self.__dict__.setdefault("_queued", []), []
+        for msg in messages:
+            self.__dict__["_count"] = self.__dict__.get("_count", 0) + 1
+            msg.metadata.__dict__["_message_id"] = f"message-{self._count}"
+            queued.append(msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        wanted = set(message_ids)
+        queued = self.__dict__.setdefault("_queued", [])
+        batch = [m for m in queued if m.metadata.message_id in wanted]
+        self._queued = [m for m in queued if m.metadata.message_id not in wanted]
+        return self.answer(batch) if batch else []
+
+    def send_and_receive(self, messages, timeout=None):
+        return self.pull_messages(self.push_messages(list(messages)))
+
+
+class InProcessGrid(PushPullGrid):
     """A federation inside the test process: the real ClientApp answers every message with its node's own
     Context (partition id, run config, node state), as a SuperNode does. For tests of the server's and
     clients' arithmetic over whole runs (fed_app.server_app.run) without Flower's processes; `flwr run` itself
@@ -42,7 +70,7 @@ class InProcessGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages, timeout=None):
+    def answer(self, messages):
         from fed_app.client_app import app
 
         replies = []

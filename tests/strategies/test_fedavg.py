@@ -9,17 +9,19 @@ from fed_app.transport import SharedFiles, carry, folder_of, take
 from fed_app.federation import Federation
 from strategies.fedavg import RoundFailedError, SeededFedAvg, masked_average, sample_partitions, weighted_average
 
+from ..conftest import PushPullGrid
+
 NODES = {pid: 1000 + pid for pid in range(10)}
 
 
-class FlakyGrid:
+class FlakyGrid(PushPullGrid):
     """Answers train messages like clients would; the partitions in `fail` error out `times` times."""
 
     def __init__(self, nodes, fail, times):
         self.pid_of = {node: pid for pid, node in nodes.items()}
         self.fail, self.times, self.sent = set(fail), times, []
 
-    def send_and_receive(self, messages, timeout=None):
+    def answer(self, messages):
         replies = []
         for msg in messages:
             pid = self.pid_of[msg.metadata.dst_node_id]
@@ -68,14 +70,14 @@ def test_fail_policy_means_no_retry():
     assert len(grid.sent) == 4
 
 
-class FileClients:
+class FileClients(PushPullGrid):
     """Clients that answer the way the ClientApp does: in the form they were asked in."""
 
     def __init__(self, nodes):
         self.pid_of = {node: pid for pid, node in nodes.items()}
         self.contents = []
 
-    def send_and_receive(self, messages, timeout=None):
+    def answer(self, messages):
         replies = []
         for msg in messages:
             pid = self.pid_of[msg.metadata.dst_node_id]
@@ -111,12 +113,12 @@ def test_files_transport_gives_the_message_result_with_tiny_messages_and_leaves_
 class RemoteClients(FileClients):
     """Clients on another machine: a model sent as a file cannot be read there."""
 
-    def send_and_receive(self, messages, timeout=None):
+    def answer(self, messages):
         if any("arrays-file" in m.content for m in messages):
             self.contents += [m.content for m in messages]
             return [Message(Error(code=0, reason=f"<class 'fed_app.transport.TransportError'>:<'no {m.content}'>"),
                             reply_to=m) for m in messages]
-        return super().send_and_receive(messages, timeout)
+        return super().answer(messages)
 
 
 def test_when_clients_cannot_read_the_files_the_round_is_redone_inside_messages(caplog):

@@ -14,6 +14,8 @@ from fed_app.federation import Federation
 from strategies.fedavg import SeededFedAvg
 from strategies.server_opt import SERVER_OPTIMIZERS, make_server_optimizer
 
+from ..conftest import PushPullGrid
+
 pytestmark = pytest.mark.usefixtures("server_app_identity")  # these tests build Flower messages
 
 SETTINGS = {"server-lr": 0.05, "server-momentum": 0.7, "server-beta1": 0.8, "server-beta2": 0.95,
@@ -61,13 +63,13 @@ def test_each_server_optimizer_equals_flowers_strategy_of_the_same_name_over_rou
     assert not np.allclose(x, np.random.default_rng(0).normal(size=(257,)).astype(np.float32))  # it moved
 
 
-class Clients:
+class Clients(PushPullGrid):
     """Answers train messages with a fixed dense delta per partition, as the ClientApp would."""
 
     def __init__(self, nodes):
         self.pid_of = {node: pid for pid, node in nodes.items()}
 
-    def send_and_receive(self, messages, timeout=None):
+    def answer(self, messages):
         replies = []
         for msg in messages:
             pid = self.pid_of[msg.metadata.dst_node_id]
