@@ -157,7 +157,8 @@ def fixed_stages(marks: dict[str, float], rows: list[dict], started: float, ende
     return {"start-up (SuperLink, simulation, ServerApp)": marks["started"] - started,
             "claim and the server's task (data, model)": marks["task_loaded"] - marks["started"],
             "nodes' partition ids (query round)": marks["discovered"] - marks["task_loaded"],
-            "step 0 and its evaluation": rows[0]["round_time"],
+            "step 0": rows[0]["round_time"] - rows[0].get("profile_evaluate", 0.0),
+            "evaluation at round 0 (validation and test)": rows[0].get("profile_evaluate", 0.0),
             "checkpoints, curves, bookkeeping": marks["steps_done"] - marks["discovered"] - rounds
                                                 - rows[0]["round_time"],
             "closing the run": marks["finished"] - marks["steps_done"],
@@ -340,7 +341,7 @@ def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, c
     rows = []
     for members, values in zip(groups, probes):
         probe = members[0]
-        flower = round_flower(probe, rounds, warmup, workdir, cpus, gpus)
+        flower = round_flower(probe, rounds, warmup, workdir, cpus, gpus, profile=True)
         task = load_task(probe)
         state = task.initial_state()
         val_s, _ = _measure(lambda: task.evaluate(state, task.data.val), task.device, repeats=1)
@@ -348,7 +349,8 @@ def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, c
         total = sum(projected_seconds(c, flower["round"], flower["fixed"], val_s, test_s) for c in members)
         rows.append({"config": " ".join(f"{k}={values[k]}" for k in varying) or "all runs", "runs": len(members),
                      "rounds": sum(c.total_rounds for c in members), "round": flower["round"],
-                     "fixed": flower["fixed"], "val": val_s, "test": test_s, "hours": total / 3600})
+                     "fixed": flower["fixed"], "val": val_s, "test": test_s, "hours": total / 3600,
+                     "stages": flower["stages"]})
     return rows
 
 
@@ -359,6 +361,9 @@ def print_grid(rows: list[dict], header: str) -> None:
          f"{r['val']:.2f}", f"{r['test']:.2f}", f"{r['hours']:.2f}"] for r in rows])
     print(f"projected wall time of the whole manifest: {sum(r['hours'] for r in rows):.2f} h "
           f"({sum(r['runs'] for r in rows)} runs, one after another; checkpoint writes not counted)")
+    stages = list(rows[0]["stages"])
+    print_table("where the fixed cost of a run goes (s)", ["runs that cost alike"] + stages, [
+        [r["config"]] + [f"{r['stages'][k]:.2f}" for k in stages] for r in rows])
 
 
 def bench_data(cfg: RunConfig, batches: int) -> list[dict]:

@@ -151,6 +151,13 @@ class Rounds:
         return row
 
     def evaluate(self, server_round: int) -> dict:
+        started = time.perf_counter()
+        row = self._evaluate(server_round)
+        if os.environ.get(PROFILE) and row:  # seconds the server spent evaluating, within the round's time
+            row["profile_evaluate"] = time.perf_counter() - started
+        return row
+
+    def _evaluate(self, server_round: int) -> dict:
         cfg, task, state, row = self.cfg, self.task, self.global_state, {}
         if evaluates_val(cfg, server_round):
             row.update(_prefixed("val", task.evaluate(state, task.data.val)))

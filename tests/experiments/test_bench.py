@@ -71,3 +71,4 @@ def test_bench_grid_measures_once_per_cost_group_and_prints_the_projection(tmp_p
                           "--rounds", "4", "--warmup", "1", "--run-config", "synthetic-train-size=1500"],
                          capture_output=True, text=True, check=True).stdout
     assert "| all runs | 4 | 160 |" in out and "projected wall time of the whole manifest:" in out
+    assert "| runs that cost alike | start-up (SuperLink, simulation, ServerApp) |" in out

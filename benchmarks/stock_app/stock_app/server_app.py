@@ -27,7 +27,7 @@ def main(grid: Grid, context: Context) -> None:
     ended: list[float] = []
 
     def clock(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        ended.append(time.perf_counter())
+        ended.append(time.time())  # epoch seconds: the benchmark compares them with its own clock
         return MetricRecord()
 
     strategy = FedAvg(fraction_train=cfg.fraction_train, fraction_evaluate=0.0, min_available_nodes=cfg.num_clients)
