@@ -138,32 +138,33 @@ def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: 
     rows = [json.loads(line) for line in (Path(run_cfg.run_dir) / "rows.jsonl").read_text().splitlines()]
     steady = [r for r in rows if warmup < r["round"] < rounds]
     phases = {k: statistics.median(r[k] for r in steady) for k in steady[0] if k.startswith("profile_")}
-    result = {"round": statistics.median(r["round_time"] for r in steady),
-              "down": statistics.mean(r["bytes_sent"] for r in steady),
+    steady_s = statistics.median(r["round_time"] for r in steady)
+    evaluations = sum(r.get("profile_evaluate", 0.0) for r in rows)  # work the stock app does not do
+    result = {"round": steady_s, "down": statistics.mean(r["bytes_sent"] for r in steady),
               "up": statistics.mean(r["bytes_received"] for r in steady),
-              "fixed": ended - started - sum(r["round_time"] for r in rows if r["round"] > 0), **phases}
+              "fixed": ended - started - rounds * steady_s - evaluations, "evaluations": evaluations, **phases}
     if profile:
         result["stages"] = fixed_stages(json.loads((Path(run_cfg.run_dir) / "profile.json").read_text()), rows,
-                                        started, ended, result["round"])
+                                        started, ended, steady_s)
     return result
 
 
 def fixed_stages(marks: dict[str, float], rows: list[dict], started: float, ended: float,
                  steady_round: float) -> dict[str, float]:
-    """Where a run's fixed cost goes, from the ServerApp's marks (profile.json) and the rows; the stages add up
-    to the fixed cost (the wall time less the training rounds). The workers' builds fall in round 1 and are
-    shown beside them, as round 1's excess over a steady round."""
-    rounds = sum(r["round_time"] for r in rows if r["round"] > 0)
+    """Where a run's fixed cost goes (the wall time less its rounds at the steady rate and less the server's
+    evaluations), from the ServerApp's marks (profile.json) and the rows; the stages add up to it."""
+    trained = [r for r in rows if r["round"] > 0]
+    rounds = sum(r["round_time"] for r in trained)
     return {"start-up (SuperLink, simulation, ServerApp)": marks["started"] - started,
             "claim and the server's task (data, model)": marks["task_loaded"] - marks["started"],
             "nodes' partition ids (query round)": marks["discovered"] - marks["task_loaded"],
             "step 0": rows[0]["round_time"] - rows[0].get("profile_evaluate", 0.0),
-            "evaluation at round 0 (validation and test)": rows[0].get("profile_evaluate", 0.0),
+            "rounds beyond the steady rate (worker builds in round 1)":
+                rounds - len(trained) * steady_round - sum(r.get("profile_evaluate", 0.0) for r in trained),
             "checkpoints, curves, bookkeeping": marks["steps_done"] - marks["discovered"] - rounds
                                                 - rows[0]["round_time"],
             "closing the run": marks["finished"] - marks["steps_done"],
-            "shut-down (simulation, SuperLink)": ended - marks["finished"],
-            "(in round 1: worker builds)": rows[1]["round_time"] - steady_round}
+            "shut-down (simulation, SuperLink)": ended - marks["finished"]}
 
 
 PHASES = [("send", "server: the round's payload (model file written, or message built)"),
@@ -226,10 +227,10 @@ def round_stock(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: i
     ended = json.loads(timings.read_text())["round_ended"]  # round 0 (before training), then after each round
     per_round = [b - a for a, b in zip(ended, ended[1:])]
     steady = statistics.median(per_round[warmup:rounds - 1])
-    return {"round": steady, "fixed": finished - started - (ended[-1] - ended[0]),
+    return {"round": steady, "fixed": finished - started - rounds * steady, "evaluations": 0.0,
             "stages": {"start-up (SuperLink, simulation, ServerApp)": ended[0] - started,
-                       "shut-down (simulation, SuperLink)": finished - ended[-1],
-                       "(in round 1: worker builds)": per_round[0] - steady}}
+                       "rounds beyond the steady rate (worker builds in round 1)": sum(per_round) - rounds * steady,
+                       "shut-down (simulation, SuperLink)": finished - ended[-1]}}
 
 
 def bench_against_stock(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: int, workdir: Path, cpus: int,
@@ -249,6 +250,7 @@ def bench_against_stock(cfg: RunConfig, local_steps: list[int], rounds: int, war
         rows.append({"config": f"J={j}, dense", "limit": limit,
                      **{name: [r["round"] for r in reps] for name, reps in runs.items()},
                      **{f"{name}_fixed": [r["fixed"] for r in reps] for name, reps in runs.items()},
+                     **{f"{name}_evaluations": [r["evaluations"] for r in reps] for name, reps in runs.items()},
                      **{f"{name}_stages": [r["stages"] for r in reps] for name, reps in runs.items()}})
     return rows
 
@@ -267,10 +269,12 @@ def print_against_stock(rows: list[dict], header: str) -> None:
         [r["config"], f"{r['limit']:.3f}", _spread(r["stock"]), _spread(r["files"]), _spread(r["messages"]),
          f"{med(r['files']) / med(r['stock']):.2f}x", f"{med(r['messages']) / med(r['stock']):.2f}x",
          f"{med(r['files']) / r['limit']:.2f}x"] for r in rows])
-    print_table("fixed cost per run (s): wall time of the whole `flwr run` less its rounds",
+    print_table("fixed cost per run (s): the wall time of the whole `flwr run` less its rounds at the steady rate "
+                "and less the server's evaluations (which the stock app does not do; in brackets)",
                 ["config", "stock Flower app", "fedit, files", "fedit, messages"], [
-        [r["config"], _spread(r["stock_fixed"], 1), _spread(r["files_fixed"], 1), _spread(r["messages_fixed"], 1)]
-        for r in rows])
+        [r["config"], _spread(r["stock_fixed"], 1)] + [
+            f"{_spread(r[f'{t}_fixed'], 1)} [{statistics.median(r[f'{t}_evaluations']):.1f}]"
+            for t in ("files", "messages")] for r in rows])
     for r in rows:
         stages = list(dict.fromkeys(k for name in ("stock", "files", "messages") for k in r[f"{name}_stages"][0]))
         print_table(f"{r['config']}: where the fixed cost goes (s, median of the repetitions)",
