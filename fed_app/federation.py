@@ -37,8 +37,8 @@ class Exchange:
 class Federation:
     """The grid and its partition -> node map, with the run's retry policy."""
 
-    def __init__(self, grid: Grid, nodes: dict[int, int], max_retries: int, timeout: float,
-                 examples: dict[int, int] | None = None):
+    def __init__(self, grid: Grid, nodes: dict[int, int], examples: dict[int, int], max_retries: int,
+                 timeout: float):
         self.grid, self.nodes = grid, nodes
         self.examples = examples  # partition id -> its training images, as its node reported them
         self.max_retries, self.timeout = max_retries, timeout
@@ -65,7 +65,7 @@ class Federation:
             raise _wrong_federation(cfg, f"the federation's {len(node_ids)} nodes hold partitions "
                                          f"{sorted(nodes)[:5]}...")
         retries = cfg.max_retries if cfg.on_client_failure == "retry" else 0
-        return cls(grid, nodes, retries, cfg.round_timeout, examples)
+        return cls(grid, nodes, examples, retries, cfg.round_timeout)
 
     def exchange(self, server_round: int, message_type: str, records: dict[int, RecordDict],
                  consume: Callable[[Message], None] | None = None) -> Exchange:

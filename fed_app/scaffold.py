@@ -50,10 +50,9 @@ class ControlStore:
 
     def load(self, partition_id: int, server_round: int) -> Tensor | None:
         """c_i as round `server_round` starts: the newest version written before it (None: never trained)."""
-        earlier = [r for r in self.versions(partition_id) if r < server_round]
-        if not earlier:
-            return None
-        return torch.load(self.versions(partition_id)[max(earlier)], weights_only=True)
+        versions = self.versions(partition_id)
+        earlier = [r for r in versions if r < server_round]
+        return torch.load(versions[max(earlier)], weights_only=True) if earlier else None
 
     def save(self, partition_id: int, server_round: int, control: Tensor, checkpointed: int) -> None:
         """Write round `server_round`'s c_i+, replacing versions from that round on (left by a run that stopped

@@ -113,6 +113,7 @@ class Rounds:
         self.total = cfg.total_rounds
         self.global_state: State = {}
         self.current = self.checkpointed = 0  # the last round taken, and the last one checkpointed
+        self.profile = bool(os.environ.get(PROFILE))  # rows get each phase's seconds (bench round --profile)
 
     def step_zero(self) -> dict:
         federation = self.strategy.federation
@@ -146,14 +147,14 @@ class Rounds:
         row = {"learning_rate": client_lr(self.cfg, server_round), "train_loss": metrics["train_loss"],
                "clients": metrics["clients"], "task_builds": metrics["task_builds"],
                "bytes_sent": metrics["bytes_sent"], "bytes_received": metrics["bytes_received"]}
-        if os.environ.get(PROFILE):  # seconds of each phase of the round (bench round --profile)
+        if self.profile:
             row.update({f"profile_{k[5:]}": float(v) for k, v in metrics.items() if k.startswith("time_")})
         return row
 
     def evaluate(self, server_round: int) -> dict:
         started = time.perf_counter()
         row = self._evaluate(server_round)
-        if os.environ.get(PROFILE) and row:  # seconds the server spent evaluating, within the round's time
+        if self.profile and row:  # seconds the server spent evaluating, within the round's time
             row["profile_evaluate"] = time.perf_counter() - started
         return row
 
@@ -176,7 +177,8 @@ class Rounds:
         return {"model": self.global_state, **self.strategy.state_dict()}
 
     def finish(self, run_dir: RunDir) -> None:
-        ControlStore.for_config(self.cfg).remove()  # SCAFFOLD clients' c_i: no resume will need them
+        if self.cfg.client_algorithm == "scaffold":  # the clients' c_i: no resume will need them
+            ControlStore.for_config(self.cfg).remove()
         plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {self.cfg.run_id()}")
 
 

@@ -110,7 +110,7 @@ class RoundSum:
 
 class SeededFedAvg(FedAvg):
     """FedAvg whose sampling and aggregation are reproducible across resume. It keeps FedAvg's
-    configure_train/aggregate_train roles but takes the model as a dict of tensors, not an ArrayRecord (building
+    configure_train role (its aggregation is RoundSum, fed reply by reply) but takes the model as a dict of tensors, not an ArrayRecord (building
     one copies the whole model into bytes, which transport='files' exists to avoid), and fed_app.server_app
     runs its rounds (with step 0, calibration and checkpoints) instead of the inherited start()."""
 
@@ -188,11 +188,9 @@ class SeededFedAvg(FedAvg):
         started = time.perf_counter()
         records = self.configure_train(server_round, arrays, config)
         sent = time.perf_counter()
-        examples = self.federation.examples  # None: learnt from the replies, so summed after the last one
-        total = self.round_sum({p: examples[p] for p in records}) if examples is not None else None
+        total = self.round_sum({p: self.federation.examples[p] for p in records})
         try:
-            exchange = self.federation.exchange(server_round, MessageType.TRAIN, records,
-                                                consume=total.add if total is not None else None)
+            exchange = self.federation.exchange(server_round, MessageType.TRAIN, records, consume=total.add)
         except RoundFailedError as err:
             if self.files is None or TransportError.__name__ not in str(err):
                 raise
@@ -203,7 +201,7 @@ class SeededFedAvg(FedAvg):
         finally:
             discard(next(iter(records.values())))  # this round's global model file, if it went as one
         answered = time.perf_counter()
-        delta, metrics = total.result() if total is not None else self.aggregate_train(server_round, exchange.replies)
+        delta, metrics = total.result()
         metrics["bytes_sent"], metrics["bytes_received"] = exchange.bytes_sent, exchange.bytes_received
         metrics["time_send"], metrics["time_exchange"] = sent - started, answered - sent  # seconds, by phase
         metrics["time_aggregate"] = time.perf_counter() - answered  # what was left to add after the last reply
@@ -218,15 +216,6 @@ class SeededFedAvg(FedAvg):
         total = sum(float(m[Key.NUM_EXAMPLES]) for m in metrics)
         return MetricRecord({k: sum(float(m[k]) * float(m[Key.NUM_EXAMPLES]) for m in metrics) / total
                              for k in ("loss", "accuracy")})
-
-    def aggregate_train(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
-        """The example-weighted mean delta (dense, or the flat trainable entries), summed one reply at a time
-        in partition-id order (each delta read, added and dropped), and the weighted train loss."""
-        metrics = {int(m.content[Key.METRICS][Key.PARTITION_ID]): m for m in replies}
-        total = self.round_sum({p: int(m.content[Key.METRICS][self.weighted_by_key]) for p, m in metrics.items()})
-        for pid in sorted(metrics):
-            total.add(metrics[pid])
-        return total.result()
 
     def round_sum(self, examples: dict[int, int]) -> RoundSum:
         """The running sum of a round whose partitions hold these many training images."""

@@ -43,7 +43,7 @@ class Trickle(PushPullGrid):
 
 def _exchange(grid, retries=1, timeout=5.0):
     handed = []
-    federation = Federation(grid, NODES, retries, timeout)
+    federation = Federation(grid, NODES, dict.fromkeys(NODES, 1), retries, timeout)
     exchange = federation.exchange(1, "train", {p: RecordDict() for p in NODES},
                                    consume=lambda m: handed.append((int(m.content["metrics"]["partition-id"]),
                                                                     len(grid.__dict__.get("_queued", [])))))

@@ -12,6 +12,7 @@ from strategies.fedavg import RoundFailedError, SeededFedAvg, masked_average, sa
 from ..conftest import PushPullGrid
 
 NODES = {pid: 1000 + pid for pid in range(10)}
+EXAMPLES = {pid: pid + 1 for pid in range(10)}  # what the clients below report training on
 
 
 class FlakyGrid(PushPullGrid):
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("server_app_identity")  # these tests build
 
 
 def _strategy(grid, max_retries, files=None):
-    return SeededFedAvg(seed=3, num_clients=10, per_round=4, federation=Federation(grid, NODES, max_retries, 5),
+    return SeededFedAvg(seed=3, num_clients=10, per_round=4, federation=Federation(grid, NODES, EXAMPLES, max_retries, 5),
                         files=files)
 
 

@@ -82,7 +82,7 @@ class Clients(PushPullGrid):
 
 def _rounds(server_optimizer, rounds=4):
     nodes = {pid: 1000 + pid for pid in range(10)}
-    strategy = SeededFedAvg(3, 10, 4, Federation(Clients(nodes), nodes, 0, 5), None, "fedavg", server_optimizer)
+    strategy = SeededFedAvg(3, 10, 4, Federation(Clients(nodes), nodes, {p: p + 3 for p in nodes}, 0, 5), None, "fedavg", server_optimizer)
     state = {"w": torch.arange(4.0), "b": torch.ones(2)}
     for r in range(1, rounds + 1):
         state, _ = strategy.advance(r, state)
