@@ -123,8 +123,9 @@ def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: 
                  profile: bool = False) -> dict[str, float]:
     """The fedit app under `flwr run` for `rounds` rounds: median seconds per training round (first `warmup`
     rounds and the last, which evaluates, excluded), mean bytes per round to and from clients, and the
-    run's fixed cost (wall time of the whole `flwr run` less its rounds: start-up, step 0, shut-down); with
-    `profile`, the median seconds of each phase of a round too (`profile_*`)."""
+    run's fixed cost: the wall time of the whole `flwr run` less its rounds at that steady rate and less the
+    server's evaluations (timed only with `profile`, which also gives each phase's median, `profile_*`, and
+    where the fixed cost goes, `stages`)."""
     from fed_app.local_federation import LocalFederation
     from fed_app.server_app import PROFILE
 

@@ -153,8 +153,9 @@ def make_figures(df: pd.DataFrame, summary: pd.DataFrame, axes: list[str], out: 
 def methods_figure(stats: pd.DataFrame, out: Path) -> Path:
     """Grouped bars of experiments.report.methods_by_level: test accuracy per heterogeneity level (most skewed
     left), one bar per remedy (FedAvg first), mean ± std over seeds."""
-    levels = list(dict.fromkeys(stats["level"]))
-    methods = list(dict.fromkeys(stats.sort_values("method", key=lambda m: m != "FedAvg", kind="stable")["method"]))
+    from experiments.report import level_and_method_order
+
+    levels, methods = level_and_method_order(stats)
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(levels)), 4.5))
     for i, method in enumerate(methods):

@@ -157,9 +157,9 @@ def methods_by_level(summary: pd.DataFrame) -> pd.DataFrame | None:
     runs = summary[summary["kind"] == "federated"].dropna(subset=["test_accuracy"])
     if runs.empty:
         return None
-    runs = runs.assign(method=runs.apply(method_name, axis=1),
-                       level_key=runs.apply(lambda r: heterogeneity_level(r)[:2], axis=1),
-                       level=runs.apply(lambda r: heterogeneity_level(r)[2], axis=1))
+    levels = runs.apply(heterogeneity_level, axis=1)
+    runs = runs.assign(method=runs.apply(method_name, axis=1), level_key=levels.map(lambda v: v[:2]),
+                       level=levels.map(lambda v: v[2]))
     if runs["method"].nunique() < 2:
         return None
     stats = runs.groupby(["level_key", "level", "method"])["test_accuracy"].agg(["mean", "std", "count"])
@@ -168,10 +168,15 @@ def methods_by_level(summary: pd.DataFrame) -> pd.DataFrame | None:
     return stats.sort_values(["level_key", "first", "method"]).drop(columns=["level_key", "first"])
 
 
+def level_and_method_order(stats: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """methods_by_level's levels (most skewed first) and methods (FedAvg first), as the table and figure show them."""
+    methods = stats.sort_values("method", key=lambda m: m != "FedAvg", kind="stable")["method"]
+    return list(dict.fromkeys(stats["level"])), list(dict.fromkeys(methods))
+
+
 def method_table(stats: pd.DataFrame) -> str:
     """methods_by_level as markdown: a row per remedy, a column per level, mean ± std (n) in %."""
-    levels = list(dict.fromkeys(stats["level"]))
-    methods = list(dict.fromkeys(stats.sort_values("method", key=lambda m: m != "FedAvg", kind="stable")["method"]))
+    levels, methods = level_and_method_order(stats)
     cells = {(r["method"], r["level"]): _pm(r["mean"], r["std"], int(r["n"])) for _, r in stats.iterrows()}
     table = pd.DataFrame([[m] + [cells.get((m, lv), "-") for lv in levels] for m in methods],
                          columns=["method"] + levels)
