@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,12 @@ def print_fisher(rows: list[dict], header: str) -> None:
     print_table(header, ["method", "s / 1000 samples", "peak MiB", "loop time / this"], [
         [r["method"], f"{r['s_per_1000']:.3f}", "n/a (CPU)" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}",
          f"{loop / r['s_per_1000']:.1f}x"] for r in rows])
+
+
+def _progress(what: str, seconds_per_round: float, fixed: float | None = None) -> None:
+    """One line on stderr per measurement as it ends, so that a long benchmark cut short still says something."""
+    tail = f", fixed {fixed:.1f} s/run" if fixed is not None else ""
+    print(f"  {what}: {seconds_per_round:.3f} s/round{tail}", file=sys.stderr, flush=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -186,6 +193,7 @@ def bench_profile(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: i
             c = cfg.replace(local_steps=j, optimizer="sgdm", transport=transport)
             rows.append({"config": f"J={j}, {transport}", "clients": c.clients_per_round,
                          **round_flower(c, rounds, warmup, workdir, cpus, gpus, profile=True)})
+            _progress(rows[-1]["config"], rows[-1]["round"], rows[-1]["fixed"])
     return rows
 
 
@@ -242,12 +250,15 @@ def bench_against_stock(cfg: RunConfig, local_steps: list[int], rounds: int, war
     for j in local_steps:
         c = cfg.replace(local_steps=j, optimizer="sgdm")
         limit = round_limit(c, rounds, warmup)
+        _progress(f"J={j}, in-process limit", limit)
         runs: dict[str, list[dict]] = {"stock": [], "files": [], "messages": []}
-        for _ in range(repeats):
+        for rep in range(1, repeats + 1):
             runs["stock"].append(round_stock(c, rounds, warmup, workdir, cpus, gpus))
             for transport in ("files", "messages"):
                 runs[transport].append(round_flower(c.replace(transport=transport), rounds, warmup, workdir, cpus,
                                                     gpus, profile=True))
+            for name, reps in runs.items():
+                _progress(f"J={j}, repetition {rep}, {name}", reps[-1]["round"], reps[-1]["fixed"])
         rows.append({"config": f"J={j}, dense", "limit": limit,
                      **{name: [r["round"] for r in reps] for name, reps in runs.items()},
                      **{f"{name}_fixed": [r["fixed"] for r in reps] for name, reps in runs.items()},
@@ -292,12 +303,17 @@ def bench_round(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: int
     configs = [cfg.replace(optimizer=o, head="ridge" if o == "sparse-sgdm" else cfg.head, local_steps=j,
                            mask_rule="random", calibration_rounds=1)
                for j in local_steps for o in ("sgdm", "sparse-sgdm")]
-    limits = [round_limit(c, rounds, warmup) for c in configs]
+    names = [f"J={c.local_steps}, " + (f"{c.optimizer} (sparsity {c.sparsity})" if c.optimizer != "sgdm" else "dense")
+             for c in configs]
+    limits = []
+    for c, name in zip(configs, names):
+        limits.append(round_limit(c, rounds, warmup))
+        _progress(f"{name}, in-process limit", limits[-1])
     rows = []
-    for c, limit in zip(configs, limits):
+    for c, limit, name in zip(configs, limits, names):
         flower = round_flower(c, rounds, warmup, workdir, cpus, gpus)
-        name = f"{c.optimizer} (sparsity {c.sparsity})" if c.optimizer != "sgdm" else "dense"
-        rows.append({"config": f"J={c.local_steps}, {name}", "limit": limit, "flower": flower["round"],
+        _progress(f"{name}, fedit on Flower", flower["round"], flower["fixed"])
+        rows.append({"config": name, "limit": limit, "flower": flower["round"],
                      "down": flower["down"], "bytes": flower["up"]})
     return rows
 
@@ -347,6 +363,7 @@ def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, c
     for members, values in zip(groups, probes):
         probe = members[0]
         flower = round_flower(probe, rounds, warmup, workdir, cpus, gpus, profile=True)
+        _progress(f"group {len(rows) + 1} of {len(groups)} ({len(members)} runs)", flower["round"], flower["fixed"])
         task = load_task(probe)
         state = task.initial_state()
         val_s, _ = _measure(lambda: task.evaluate(state, task.data.val), task.device, repeats=1)
