@@ -364,6 +364,7 @@ def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, c
         probe = members[0]
         flower = round_flower(probe, rounds, warmup, workdir, cpus, gpus, profile=True)
         _progress(f"group {len(rows) + 1} of {len(groups)} ({len(members)} runs)", flower["round"], flower["fixed"])
+        print("    " + ", ".join(f"{k}: {v:.1f}" for k, v in flower["stages"].items()), file=sys.stderr, flush=True)
         task = load_task(probe)
         state = task.initial_state()
         val_s, _ = _measure(lambda: task.evaluate(state, task.data.val), task.device, repeats=1)
