@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 from fed_app.config import ConfigError, RunConfig
 from fed_app.scaffold import ControlStore, scaffold_update
 from fed_app.transport import carry, folder_of, holds, take
-from fed_app.wire import Form, Key, flat_state, gather_trainable, pack_masks, unpack_state
+from fed_app.wire import Form, Key, flat_state, gather_trainable, pack_masks, split_flat
 from fed_app.loaded_task import LoadedTask, load_task
 
 app = ClientApp()
@@ -28,6 +28,11 @@ def _partition_id(context: Context, cfg: RunConfig) -> int:
 def _setup(context: Context) -> tuple[RunConfig, int, LoadedTask]:
     cfg = RunConfig.from_run_config(context.run_config)
     return cfg, _partition_id(context, cfg), load_task(cfg)
+
+
+def _received_model(msg: Message, task: LoadedTask):
+    """The model a query or evaluate message is about, from the message or from the file it references."""
+    return split_flat(take(msg.content, Key.ARRAYS)[Form.FLAT], task.state_shapes())
 
 
 @app.query()
@@ -75,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
 def ridge(msg: Message, context: Context) -> Message:
     """Step 0, head='ridge': X^T X, X^T Y of this shard's backbone features (they add up across clients)."""
     _, pid, task = _setup(context)
-    stats = task.ridge_statistics(unpack_state(msg.content[Key.ARRAYS], task.state_shapes()), pid)
+    stats = task.ridge_statistics(_received_model(msg, task), pid)
     metrics = MetricRecord({Key.NUM_EXAMPLES: int(stats["count"]), Key.PARTITION_ID: pid})
     return Message(RecordDict({Key.STATS: ArrayRecord({k: stats[k] for k in ("xtx", "xty")}), Key.METRICS: metrics}),
                    reply_to=msg)
@@ -85,7 +90,7 @@ def ridge(msg: Message, context: Context) -> Message:
 def temperature(msg: Message, context: Context) -> Message:
     """Step 0, head='ridge': this shard's cross-entropy sums of the solved head at each candidate temperature."""
     _, pid, task = _setup(context)
-    losses = task.temperature_losses(unpack_state(msg.content[Key.ARRAYS], task.state_shapes()), pid)
+    losses = task.temperature_losses(_received_model(msg, task), pid)
     metrics = MetricRecord({Key.NUM_EXAMPLES: len(task.shards[pid]), Key.PARTITION_ID: pid})
     return Message(RecordDict({Key.LOSSES: ArrayRecord({Key.SUMS: losses}), Key.METRICS: metrics}), reply_to=msg)
 
@@ -94,7 +99,7 @@ def temperature(msg: Message, context: Context) -> Message:
 def fisher(msg: Message, context: Context) -> Message:
     """Calibration: Fisher sums of this shard on the weights received (already damped by the server)."""
     cfg, pid, task = _setup(context)
-    sums = task.fisher_sums(unpack_state(msg.content[Key.ARRAYS], task.state_shapes()), pid)
+    sums = task.fisher_sums(_received_model(msg, task), pid)
     metrics = MetricRecord({Key.NUM_EXAMPLES: min(cfg.fisher_samples, len(task.shards[pid])), Key.PARTITION_ID: pid})
     flat = torch.cat([s.flatten() for s in sums.values()])  # float64, as summed: the server adds these up
     return Message(RecordDict({Key.SUMS: ArrayRecord({Form.FLAT: flat}), Key.METRICS: metrics}), reply_to=msg)
@@ -104,7 +109,7 @@ def fisher(msg: Message, context: Context) -> Message:
 def local_mask(msg: Message, context: Context) -> Message:
     """mask-scope 'local': calibrate this client's own mask on its own shard; reply with it as packed bits."""
     _, pid, task = _setup(context)
-    masks = task.local_masks(unpack_state(msg.content[Key.ARRAYS], task.state_shapes()), pid)
+    masks = task.local_masks(_received_model(msg, task), pid)
     bits = ArrayRecord({Key.BITS: torch.from_numpy(pack_masks(masks))})
     return Message(RecordDict({Key.MASK: bits, Key.METRICS: MetricRecord({Key.PARTITION_ID: pid})}), reply_to=msg)
 
@@ -113,7 +118,7 @@ def local_mask(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """The received model's loss and accuracy on this client's own shard."""
     cfg, pid, task = _setup(context)
-    result = task.evaluate(unpack_state(msg.content[Key.ARRAYS], task.state_shapes()), task.shard(pid))
+    result = task.evaluate(_received_model(msg, task), task.shard(pid))
     metrics = MetricRecord({"loss": result["loss"], "accuracy": result["accuracy"],
                             Key.NUM_EXAMPLES: len(task.shards[pid])})
     return Message(RecordDict({Key.METRICS: metrics}), reply_to=msg)

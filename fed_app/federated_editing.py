@@ -6,12 +6,12 @@ import itertools
 import logging
 
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord
 
 from fed_app.config import RunConfig
 from fed_app.head import fit_temperature, head_name, solve_ridge
 from fed_app.seeds import Phase, sample_partitions
-from fed_app.wire import Form, Key, pack_state, split_flat, unpack_masks
+from fed_app.wire import Form, Key, split_flat, unpack_masks
 from fed_app.loaded_task import State, LoadedTask
 from masking.calibrate import Masks, calibrate
 from strategies.fedavg import SeededFedAvg
@@ -26,8 +26,7 @@ def federated_head(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, sta
     the head. Then it stays frozen (unless freeze-head=false). Also what step 0 found, for the round-0 row."""
     everyone = list(range(cfg.num_clients))
     if cfg.head == "ridge":
-        arrays = RecordDict({Key.ARRAYS: pack_state(state)})
-        replies = strategy.federation.query(0, "ridge", arrays, everyone).replies
+        replies = strategy.query_model(0, "ridge", state, everyone).replies
         parts = [r.content[Key.STATS].to_torch_state_dict() for r in replies]  # in partition order
         stats = {k: sum(p[k] for p in parts) for k in ("xtx", "xty")}
         weight, bias = solve_ridge(stats, cfg.ridge_lambda)
@@ -35,8 +34,7 @@ def federated_head(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, sta
         state = {**state, w: weight.to(state[w].dtype), b: bias.to(state[b].dtype)}
         if not cfg.ridge_calibrate:
             return state, {}
-        replies = strategy.federation.query(0, "temperature", RecordDict({Key.ARRAYS: pack_state(state)}),
-                                            everyone).replies
+        replies = strategy.query_model(0, "temperature", state, everyone).replies
         losses = [r.content[Key.LOSSES].to_torch_state_dict()[Key.SUMS] for r in replies]
         temperature = fit_temperature(sum(losses[1:], losses[0]))  # in partition order
         state = {**state, w: state[w] * temperature, b: state[b] * temperature}
@@ -57,8 +55,7 @@ def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, st
     def client_fisher(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         r = next(rounds)
         pids = sample_partitions(cfg.seed, r, cfg.num_clients, cfg.calibration_clients, Phase.CALIBRATION)
-        arrays = RecordDict({Key.ARRAYS: pack_state(model.state_dict())})
-        replies = strategy.federation.query(r, "fisher", arrays, pids).replies
+        replies = strategy.query_model(r, "fisher", model.state_dict(), pids).replies
         total = reply_flat(replies[0])
         for reply in replies[1:]:  # in partition order: the same float sums every time
             total += reply_flat(reply)
@@ -74,8 +71,7 @@ def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, st
 
 def federated_local_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, state: State) -> dict[int, Masks]:
     """mask-scope 'local': every client calibrates its own mask on its own shard; partition id -> mask."""
-    replies = strategy.federation.query(0, "local_mask", RecordDict({Key.ARRAYS: pack_state(state)}),
-                                        list(range(cfg.num_clients))).replies
+    replies = strategy.query_model(0, "local_mask", state, list(range(cfg.num_clients))).replies
     shapes = task.trainable_shapes()
     return {int(r.content[Key.METRICS][Key.PARTITION_ID]):
             unpack_masks(r.content[Key.MASK][Key.BITS].numpy(), shapes) for r in replies}

@@ -181,6 +181,23 @@ class SeededFedAvg(FedAvg):
             return {p: RecordDict(base) for p in pids}
         return {p: RecordDict({**base, Key.MASK: self.mask_records[p]}) for p in pids}
 
+    def query_model(self, server_round: int, action: str, state: dict[str, Tensor], pids: list[int]):
+        """A `query.<action>` about the model `state` to these partitions (step 0, calibration): the model goes
+        the way train payloads go, so with transport='files' it is written once for all of them, not copied
+        into every message (step 0 of a ridge head queries all K clients twice). Clients that cannot read the
+        file get it inside the messages, from then on."""
+        content = carry(self.arrayrecord_key, flat_state(state), self.files.root if self.files else None)
+        try:
+            return self.federation.query(server_round, action, RecordDict(content), pids)
+        except RoundFailedError as err:
+            if self.files is None or TransportError.__name__ not in str(err):
+                raise
+            log.warning("query %s: %s; sending models inside the messages from now on", action, err)
+            self.files = None
+            return self.query_model(server_round, action, state, pids)
+        finally:
+            discard(RecordDict(content))
+
     def train_round(self, server_round: int, arrays: dict[str, Tensor],
                     config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
         """One FedAvg round over the sampled clients (retrying failures), aggregated as the replies come; its

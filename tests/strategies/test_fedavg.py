@@ -136,6 +136,44 @@ def test_when_clients_cannot_read_the_files_the_round_is_redone_inside_messages(
     files.close()
 
 
+class QueryClients(PushPullGrid):
+    """Answer a query about the model with its sum plus their partition id; `remote`: they cannot read files."""
+
+    def __init__(self, nodes, remote=False):
+        self.pid_of = {node: pid for pid, node in nodes.items()}
+        self.remote, self.contents = remote, []
+
+    def answer(self, messages):
+        self.contents += [m.content for m in messages]
+        if self.remote and any("arrays-file" in m.content for m in messages):
+            return [Message(Error(code=0, reason=f"<class 'fed_app.transport.TransportError'>:<'no file'>"),
+                            reply_to=m) for m in messages]
+        return [Message(RecordDict({"metrics": MetricRecord({
+            "value": float(take(m.content, "arrays")["flat"].sum()) + self.pid_of[m.metadata.dst_node_id]})}),
+            reply_to=m) for m in messages]
+
+
+def test_a_query_about_the_model_sends_it_as_one_file_for_every_client_and_falls_back_to_messages(caplog):
+    state = {"w": torch.arange(3.0), "b": torch.tensor([10.0])}  # sums to 13
+    pids = [0, 4, 7]
+    values = {}
+    for name, remote in (("messages", False), ("files", False), ("remote", True)):
+        files = None if name == "messages" else SharedFiles(f"test-query-{name}", 10**6)
+        grid = QueryClients(NODES, remote)
+        strategy = _strategy(grid, max_retries=1, files=files)
+        values[name] = [r.content["metrics"]["value"] for r in strategy.query_model(0, "ridge", state, pids).replies]
+        if name == "files":
+            assert all("arrays" not in c for c in grid.contents)  # only the path travels
+            assert len({str(c["arrays-file"]["path"]) for c in grid.contents}) == 1  # written once for all
+        if name == "remote":
+            assert strategy.files is None and "arrays" in grid.contents[-1]
+            assert "sending models inside the messages from now on" in caplog.text
+        if files:
+            assert list(files.root.iterdir()) == []  # the model file is gone after the query
+            files.close()
+    assert values["messages"] == values["files"] == values["remote"] == [13.0, 17.0, 20.0]
+
+
 def test_local_masks_average_each_entry_over_the_clients_that_train_it():
     deltas = [{"w": torch.tensor([1.0, 2.0, 3.0])}, {"w": torch.tensor([5.0, 6.0, 7.0])}]
     masks = [{"w": torch.tensor([True, True, False])}, {"w": torch.tensor([True, False, False])}]
