@@ -1,5 +1,5 @@
-"""How train payloads travel: inside the Flower message, or (transport='files', one machine) as a file
-in shared memory whose path the message carries.
+"""How models travel (train rounds, and the step-0 and calibration queries): inside the Flower message, or
+(transport='files', one machine) as a file in shared memory whose path the message carries.
 
 Through Flower, an 87 MB model crosses several processes per message (ServerApp, SuperLink, the simulation
 engine, a Ray actor) and is serialized and copied along the way; ten clients a round make that seconds per

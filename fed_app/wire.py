@@ -65,11 +65,6 @@ def pack_state(state: State) -> ArrayRecord:
     return ArrayRecord(flat_state(state))
 
 
-def unpack_state(record: ArrayRecord, shapes: Shapes) -> State:
-    """Inverse of pack_state, for tensors of these names and shapes (the same order on both sides)."""
-    return split_flat(record.to_torch_state_dict()[Form.FLAT], shapes)
-
-
 def split_flat(flat: Tensor, shapes: Shapes) -> State:
     sizes = [s.numel() for s in shapes.values()]
     if flat.numel() != sum(sizes):
