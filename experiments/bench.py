@@ -164,12 +164,14 @@ def fixed_stages(marks: dict[str, float], rows: list[dict], started: float, ende
     trained = [r for r in rows if r["round"] > 0]
     rounds = sum(r["round_time"] for r in trained)
     return {"start-up (SuperLink, simulation, ServerApp)": marks["started"] - started,
-            "claim and the server's task (data, model)": marks["task_loaded"] - marks["started"],
-            "nodes' partition ids (query round)": marks["discovered"] - marks["task_loaded"],
+            "claim": marks["claimed"] - marks["started"],
+            "nodes' partition ids (query round; the server's task builds meanwhile)":
+                marks["discovered"] - marks["claimed"],
+            "the server's task (data, model) beyond the query round": marks["task_loaded"] - marks["discovered"],
             "step 0": rows[0]["round_time"] - rows[0].get("profile_evaluate", 0.0),
             "rounds beyond the steady rate (worker builds in round 1)":
                 rounds - len(trained) * steady_round - sum(r.get("profile_evaluate", 0.0) for r in trained),
-            "checkpoints, curves, bookkeeping": marks["steps_done"] - marks["discovered"] - rounds
+            "checkpoints, curves, bookkeeping": marks["steps_done"] - marks["task_loaded"] - rounds
                                                 - rows[0]["round_time"],
             "closing the run": marks["finished"] - marks["steps_done"],
             "shut-down (simulation, SuperLink)": ended - marks["finished"]}

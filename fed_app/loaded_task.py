@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,10 +158,16 @@ class LoadedTask:
 
 _CURRENT: LoadedTask | None = None
 _BUILDS = 0
+_BUILDING = threading.Lock()  # the ServerApp builds its task in a thread while the nodes are discovered
 
 
 def load_task(cfg: RunConfig) -> LoadedTask:
     """This process's loaded task for `cfg`; built on the first message of a run, reused after."""
+    with _BUILDING:
+        return _load_task(cfg)
+
+
+def _load_task(cfg: RunConfig) -> LoadedTask:
     global _CURRENT, _BUILDS
     if _CURRENT is None or _CURRENT.cfg != cfg:
         device = resolve_device(cfg)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from flwr.app import ConfigRecord, Context
@@ -81,15 +82,12 @@ def run(grid: Grid, cfg: RunConfig, marks: Marks | None = None) -> RunDir:
 
 def _run(grid: Grid, cfg: RunConfig, run_dir: RunDir, claim, marks: Marks) -> RunDir:
     marks.mark("claimed")
-    task = load_task(cfg)  # the server evaluates the global model with the same task code
-    marks.mark("task_loaded")
+    federation, task = _discover_while_loading(grid, cfg, marks)
     files = None
     if cfg.transport == "files":  # room for a round: the global model and every client's update
         model_bytes = 4 * sum(t.numel() for t in task.model.state_dict().values())
         files = SharedFiles(cfg.run_id(), (cfg.clients_per_round + 2) * model_bytes)
     try:
-        federation = Federation.discover(grid, cfg)
-        marks.mark("discovered")
         args = (cfg.seed, cfg.num_clients, cfg.clients_per_round, federation, files, cfg.aggregation,
                 make_server_optimizer(cfg))
         strategy = (SeededFedAvg(*args) if cfg.client_algorithm == "fedavg" else
@@ -100,6 +98,23 @@ def _run(grid: Grid, cfg: RunConfig, run_dir: RunDir, claim, marks: Marks) -> Ru
         if files is not None:
             files.close()
     return run_dir
+
+
+def _discover_while_loading(grid: Grid, cfg: RunConfig, marks: Marks) -> tuple[Federation, LoadedTask]:
+    """The nodes' partition ids (a query round, in which each worker builds its own task) while the server
+    builds its task (data and model: it evaluates the global model with the same task code) in a thread.
+    If both fail, the server's own error is raised: it names the cause (e.g. data missing) in one sentence."""
+    with ThreadPoolExecutor(1, thread_name_prefix="server-task") as pool:
+        loading = pool.submit(load_task, cfg)
+        try:
+            federation = Federation.discover(grid, cfg)
+        except Exception:
+            loading.result()
+            raise
+        marks.mark("discovered")
+        task = loading.result()
+    marks.mark("task_loaded")
+    return federation, task
 
 
 class Rounds:

@@ -109,6 +109,32 @@ def test_make_run_without_cifar_offline_says_where_to_put_it_before_starting_flo
 
 
 @pytest.mark.usefixtures("server_app_identity")
+def test_the_server_builds_its_task_during_discovery_and_its_own_error_comes_first(tmp_path):
+    """The server's data and model build while the nodes report their partitions. If both fail (here the
+    nodes crash, as a SuperNode reports it, and the server finds no CIFAR-100), the server's error is the one
+    raised: it says what to do in one sentence. With the data there, the nodes' failure is the one raised."""
+    from flwr.app import Error, Message
+
+    from fed_app import server_app
+    from fed_app.data import DataError
+
+    from ..conftest import PushPullGrid
+
+    class CrashingNodes(PushPullGrid):
+        def get_node_ids(self):
+            return list(range(1000, 1010))
+
+        def answer(self, messages):
+            return [Message(Error(code=0, reason="worker crashed"), reply_to=m) for m in messages]
+
+    missing = _cfg(tmp_path, "missing", dataset="cifar100", download=False, **{"data-root": str(tmp_path / "none")})
+    with pytest.raises(DataError, match=r"CIFAR-100 is not under data-root="):
+        server_app.run(CrashingNodes(), missing)
+    with pytest.raises(RuntimeError, match=r"failed to report its partition: worker crashed"):
+        server_app.run(CrashingNodes(), _cfg(tmp_path, "there"))
+
+
+@pytest.mark.usefixtures("server_app_identity")
 def test_with_fedit_profile_set_each_row_says_where_its_round_went(tmp_path, monkeypatch):
     from fed_app import server_app
 
@@ -133,6 +159,6 @@ def test_with_fedit_profile_set_each_row_says_where_its_round_went(tmp_path, mon
         assert work <= phases["exchange"] + 1e-6
         assert phases["send"] + phases["exchange"] + phases["aggregate"] + phases["apply"] <= row["round_time"]
     marks = json.loads((tmp_path / "profile" / "profile.json").read_text())  # the fixed cost's stages, in order
-    assert list(marks) == ["claimed", "task_loaded", "discovered", "steps_done", "finished"]
+    assert list(marks) == ["claimed", "discovered", "task_loaded", "steps_done", "finished"]
     assert list(marks.values()) == sorted(marks.values())
     assert not (tmp_path / "profiled" / "profile.json").exists()
