@@ -69,3 +69,33 @@ def test_a_client_out_of_retries_fails_the_round_naming_it():
     with pytest.raises(RoundFailedError, match=r"^round 1: clients \[2\] failed after 0 retries \(no reply within "
                                                r"round-timeout=0.2s\); rerun the same command to resume"):
         _exchange(Trickle(silent=[2]), retries=0, timeout=0.2)
+
+
+
+class Late(PushPullGrid):
+    """Answers one waiting message at each pull numbered in `at` (1-based), none at the others."""
+
+    def __init__(self, at):
+        self.at, self.pulls = set(at), 0
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        queued = [m for m in self.__dict__.get("_queued", []) if m.metadata.message_id in set(message_ids)]
+        if self.pulls not in self.at or not queued:
+            return []
+        self._queued.remove(queued[0])
+        pid = queued[0].metadata.dst_node_id - 100
+        return [Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=queued[0])]
+
+
+def test_the_poll_backs_off_while_no_reply_comes_and_is_prompt_again_after_one(monkeypatch):
+    from fed_app import federation
+
+    slept = []
+    monkeypatch.setattr(federation.time, "sleep", slept.append)
+    Federation(Late(at=[8]), {0: 100}, {0: 1}, 0, 5.0).exchange(1, "train", {0: RecordDict()})
+    assert slept == [0.01, 0.02, 0.04, 0.05, 0.05, 0.05, 0.05]  # doubling from 10 ms, at most 50 ms
+    slept.clear()
+    Federation(Late(at=[4, 7]), {0: 100, 1: 101}, {0: 1, 1: 1}, 0, 5.0).exchange(
+        1, "train", {0: RecordDict(), 1: RecordDict()})
+    assert slept == [0.01, 0.02, 0.04, 0.01, 0.02]  # back to 10 ms once a reply came
