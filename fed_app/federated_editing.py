@@ -6,7 +6,7 @@ import itertools
 import logging
 
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, MessageType
 
 from fed_app.config import RunConfig
 from fed_app.head import fit_temperature, head_name, solve_ridge
@@ -26,7 +26,7 @@ def federated_head(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, sta
     the head. Then it stays frozen (unless freeze-head=false). Also what step 0 found, for the round-0 row."""
     everyone = list(range(cfg.num_clients))
     if cfg.head == "ridge":
-        replies = strategy.query_model(0, "ridge", state, everyone).replies
+        replies = strategy.send_model(0, f"{MessageType.QUERY}.ridge", state, everyone).replies
         parts = [r.content[Key.STATS].to_torch_state_dict() for r in replies]  # in partition order
         stats = {k: sum(p[k] for p in parts) for k in ("xtx", "xty")}
         weight, bias = solve_ridge(stats, cfg.ridge_lambda)
@@ -34,7 +34,7 @@ def federated_head(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, sta
         state = {**state, w: weight.to(state[w].dtype), b: bias.to(state[b].dtype)}
         if not cfg.ridge_calibrate:
             return state, {}
-        replies = strategy.query_model(0, "temperature", state, everyone).replies
+        replies = strategy.send_model(0, f"{MessageType.QUERY}.temperature", state, everyone).replies
         losses = [r.content[Key.LOSSES].to_torch_state_dict()[Key.SUMS] for r in replies]
         temperature = fit_temperature(sum(losses[1:], losses[0]))  # in partition order
         state = {**state, w: state[w] * temperature, b: state[b] * temperature}
@@ -55,7 +55,7 @@ def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, st
     def client_fisher(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         r = next(rounds)
         pids = sample_partitions(cfg.seed, r, cfg.num_clients, cfg.calibration_clients, Phase.CALIBRATION)
-        replies = strategy.query_model(r, "fisher", model.state_dict(), pids).replies
+        replies = strategy.send_model(r, f"{MessageType.QUERY}.fisher", model.state_dict(), pids).replies
         total = reply_flat(replies[0])
         for reply in replies[1:]:  # in partition order: the same float sums every time
             total += reply_flat(reply)
@@ -71,7 +71,8 @@ def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, st
 
 def federated_local_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, state: State) -> dict[int, Masks]:
     """mask-scope 'local': every client calibrates its own mask on its own shard; partition id -> mask."""
-    replies = strategy.query_model(0, "local_mask", state, list(range(cfg.num_clients))).replies
+    everyone = list(range(cfg.num_clients))
+    replies = strategy.send_model(0, f"{MessageType.QUERY}.local_mask", state, everyone).replies
     shapes = task.trainable_shapes()
     return {int(r.content[Key.METRICS][Key.PARTITION_ID]):
             unpack_masks(r.content[Key.MASK][Key.BITS].numpy(), shapes) for r in replies}

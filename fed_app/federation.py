@@ -137,10 +137,6 @@ class Federation:
             waiting[message_id] = (pid, deadline)
         return sum(payload_bytes(r) for p in pids for r in records[p].values())
 
-    def query(self, server_round: int, action: str, record: RecordDict, pids: list[int]) -> Exchange:
-        """A `query.<action>` with the same record to these partitions."""
-        return self.exchange(server_round, f"{MessageType.QUERY}.{action}", {p: record for p in pids})
-
     def _messages(self, records: dict[int, RecordDict], message_type: str) -> list[Message]:
         return [Message(record, self.nodes[p], message_type) for p, record in records.items()]
 

@@ -24,7 +24,7 @@ from fed_app.run_loop import claimed_run, run_steps
 from fed_app.scaffold import ControlStore
 from fed_app.task import client_lr
 from fed_app.transport import SharedFiles
-from fed_app.wire import Form, Key, flat_state, pack_state, split_flat
+from fed_app.wire import Form, Key, flat_state, split_flat
 from fed_app.loaded_task import LoadedTask, State, load_task
 from masking.combine import combine_masks
 from strategies.fedavg import SeededFedAvg
@@ -178,7 +178,7 @@ class Rounds:
         if evaluates_val(cfg, server_round):
             row.update(_prefixed("val", task.evaluate(state, task.data.val)))
             if cfg.fraction_evaluate > 0:  # the global model on the clients' own data (telling when non-iid)
-                row.update(_prefixed("client", self.strategy.evaluate_round(server_round, pack_state(state),
+                row.update(_prefixed("client", self.strategy.evaluate_round(server_round, state,
                                                                             cfg.evaluate_clients)))
         if evaluates_test(cfg, server_round):
             row.update(_prefixed("test", task.evaluate(state, task.data.test)))

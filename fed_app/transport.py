@@ -1,4 +1,4 @@
-"""How models travel (train rounds, and the step-0 and calibration queries): inside the Flower message, or
+"""How models travel (train rounds, step-0 and calibration queries, client evaluation): inside the message, or
 (transport='files', one machine) as a file in shared memory whose path the message carries.
 
 Through Flower, an 87 MB model crosses several processes per message (ServerApp, SuperLink, the simulation

@@ -9,7 +9,6 @@ keeping the entries whose mask is True. Frozen entries never travel."""
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord
 from torch import Tensor
 
 import numpy as np
@@ -58,11 +57,6 @@ def flat_state(state: State) -> State:
                 t._base is base and t.is_contiguous() and t.storage_offset() == o for t, o in zip(tensors, offsets)):
             return {Form.FLAT: base}
     return {Form.FLAT: torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])}
-
-
-def pack_state(state: State) -> ArrayRecord:
-    """flat_state as a Flower ArrayRecord."""
-    return ArrayRecord(flat_state(state))
 
 
 def split_flat(flat: Tensor, shapes: Shapes) -> State:

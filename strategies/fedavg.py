@@ -181,22 +181,28 @@ class SeededFedAvg(FedAvg):
             return {p: RecordDict(base) for p in pids}
         return {p: RecordDict({**base, Key.MASK: self.mask_records[p]}) for p in pids}
 
-    def query_model(self, server_round: int, action: str, state: dict[str, Tensor], pids: list[int]):
-        """A `query.<action>` about the model `state` to these partitions (step 0, calibration): the model goes
-        the way train payloads go, so with transport='files' it is written once for all of them, not copied
-        into every message (step 0 of a ridge head queries all K clients twice). Clients that cannot read the
-        file get it inside the messages, from then on."""
+    def send_model(self, server_round: int, message_type: str, state: dict[str, Tensor], pids: list[int]):
+        """The model `state` to these partitions, the same record for all (step-0 and calibration queries,
+        client evaluation): it goes the way train payloads go, so with transport='files' it is written once for
+        all of them, not copied into every message (step 0 of a ridge head asks all K clients twice)."""
         content = carry(self.arrayrecord_key, flat_state(state), self.files.root if self.files else None)
         try:
-            return self.federation.query(server_round, action, RecordDict(content), pids)
+            return self.federation.exchange(server_round, message_type, {p: RecordDict(content) for p in pids})
         except RoundFailedError as err:
-            if self.files is None or TransportError.__name__ not in str(err):
+            if not self._files_unreadable(err):
                 raise
-            log.warning("query %s: %s; sending models inside the messages from now on", action, err)
-            self.files = None
-            return self.query_model(server_round, action, state, pids)
+            return self.send_model(server_round, message_type, state, pids)
         finally:
             discard(RecordDict(content))
+
+    def _files_unreadable(self, err: RoundFailedError) -> bool:
+        """Whether clients failed because they cannot read the server's files (another machine); if so, models
+        go inside the messages from now on and the exchange is to be redone."""
+        if self.files is None or TransportError.__name__ not in str(err):
+            return False
+        log.warning("%s; sending models inside the messages from now on", err)
+        self.files = None
+        return True
 
     def train_round(self, server_round: int, arrays: dict[str, Tensor],
                     config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
@@ -209,11 +215,8 @@ class SeededFedAvg(FedAvg):
         try:
             exchange = self.federation.exchange(server_round, MessageType.TRAIN, records, consume=total.add)
         except RoundFailedError as err:
-            if self.files is None or TransportError.__name__ not in str(err):
+            if not self._files_unreadable(err):
                 raise
-            # a client cannot see the server's files (another machine): models go inside messages from now on
-            log.warning("round %d: %s; sending models inside the messages from now on", server_round, err)
-            self.files = None
             return self.train_round(server_round, arrays, config)
         finally:
             discard(next(iter(records.values())))  # this round's global model file, if it went as one
@@ -224,11 +227,10 @@ class SeededFedAvg(FedAvg):
         metrics["time_aggregate"] = time.perf_counter() - answered  # what was left to add after the last reply
         return delta, metrics
 
-    def evaluate_round(self, server_round: int, arrays: ArrayRecord, clients: int) -> MetricRecord:
+    def evaluate_round(self, server_round: int, state: dict[str, Tensor], clients: int) -> MetricRecord:
         """`clients` sampled clients evaluate the global model on their own shards: example-weighted means."""
         pids = sample_partitions(self.seed, server_round, self.num_clients, clients, Phase.EVALUATE)
-        exchange = self.federation.exchange(server_round, MessageType.EVALUATE,
-                                            {p: RecordDict({self.arrayrecord_key: arrays}) for p in pids})
+        exchange = self.send_model(server_round, MessageType.EVALUATE, state, pids)
         metrics = [m.content[Key.METRICS] for m in exchange.replies]
         total = sum(float(m[Key.NUM_EXAMPLES]) for m in metrics)
         return MetricRecord({k: sum(float(m[k]) * float(m[Key.NUM_EXAMPLES]) for m in metrics) / total

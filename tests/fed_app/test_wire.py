@@ -3,7 +3,7 @@
 import torch
 
 from fed_app.wire import (add_trainable_, apply_update, flat_state, gather_trainable, masked_state, pack_masks,
-                          pack_state, split_flat, unpack_masked_state, unpack_masks)
+                          split_flat, unpack_masked_state, unpack_masks)
 
 
 def test_masks_and_sparse_updates_round_trip_on_the_wire():
@@ -39,8 +39,7 @@ def test_apply_update_reads_each_wire_form_and_leaves_what_it_does_not_name():
     def fresh():
         return {"w": torch.ones(2, 2), "head": torch.full((2,), 5.0)}
 
-    dense = apply_update(fresh(), pack_state({"w": torch.full((2, 2), 0.5), "head": torch.ones(2)})
-                         .to_torch_state_dict(), None)
+    dense = apply_update(fresh(), flat_state({"w": torch.full((2, 2), 0.5), "head": torch.ones(2)}), None)
     assert torch.equal(dense["w"], torch.full((2, 2), 1.5)) and torch.equal(dense["head"], torch.full((2,), 6.0))
     masks = {"w": torch.tensor([[True, False], [False, True]])}
     masked = apply_update(fresh(), {"values": torch.tensor([2.0, 3.0])}, masks)

@@ -146,14 +146,14 @@ class QueryClients(PushPullGrid):
     def answer(self, messages):
         self.contents += [m.content for m in messages]
         if self.remote and any("arrays-file" in m.content for m in messages):
-            return [Message(Error(code=0, reason=f"<class 'fed_app.transport.TransportError'>:<'no file'>"),
+            return [Message(Error(code=0, reason="<class 'fed_app.transport.TransportError'>:<'no file'>"),
                             reply_to=m) for m in messages]
         return [Message(RecordDict({"metrics": MetricRecord({
             "value": float(take(m.content, "arrays")["flat"].sum()) + self.pid_of[m.metadata.dst_node_id]})}),
             reply_to=m) for m in messages]
 
 
-def test_a_query_about_the_model_sends_it_as_one_file_for_every_client_and_falls_back_to_messages(caplog):
+def test_a_model_sent_to_many_clients_goes_as_one_file_for_all_and_falls_back_to_messages(caplog):
     state = {"w": torch.arange(3.0), "b": torch.tensor([10.0])}  # sums to 13
     pids = [0, 4, 7]
     values = {}
@@ -161,7 +161,7 @@ def test_a_query_about_the_model_sends_it_as_one_file_for_every_client_and_falls
         files = None if name == "messages" else SharedFiles(f"test-query-{name}", 10**6)
         grid = QueryClients(NODES, remote)
         strategy = _strategy(grid, max_retries=1, files=files)
-        values[name] = [r.content["metrics"]["value"] for r in strategy.query_model(0, "ridge", state, pids).replies]
+        values[name] = [r.content["metrics"]["value"] for r in strategy.send_model(0, "query.ridge", state, pids).replies]
         if name == "files":
             assert all("arrays" not in c for c in grid.contents)  # only the path travels
             assert len({str(c["arrays-file"]["path"]) for c in grid.contents}) == 1  # written once for all
