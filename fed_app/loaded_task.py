@@ -158,7 +158,9 @@ class LoadedTask:
 
 _CURRENT: LoadedTask | None = None
 _BUILDS = 0
-_BUILDING = threading.Lock()  # the ServerApp builds its task in a thread while the nodes are discovered
+# The ServerApp builds its task in a thread while the nodes are discovered; a ClientApp answering in the same
+# process (tests' InProcessGrid) would otherwise build a second task beside it.
+_BUILDING = threading.Lock()
 
 
 def load_task(cfg: RunConfig) -> LoadedTask:

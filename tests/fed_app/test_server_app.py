@@ -109,10 +109,11 @@ def test_make_run_without_cifar_offline_says_where_to_put_it_before_starting_flo
 
 
 @pytest.mark.usefixtures("server_app_identity")
-def test_the_server_builds_its_task_during_discovery_and_its_own_error_comes_first(tmp_path):
+def test_when_discovery_and_the_servers_own_task_both_fail_the_servers_error_comes_first(tmp_path):
     """The server's data and model build while the nodes report their partitions. If both fail (here the
     nodes crash, as a SuperNode reports it, and the server finds no CIFAR-100), the server's error is the one
-    raised: it says what to do in one sentence. With the data there, the nodes' failure is the one raised."""
+    raised: it says what to do in one sentence. With the data there, the nodes' failure is the one raised.
+    (That the two overlap is what `bench grid`'s stages show, not this test.)"""
     from flwr.app import Error, Message
 
     from fed_app import server_app
