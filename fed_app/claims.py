@@ -20,6 +20,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fed_app import procfs
 from fed_app.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Owner:
 
     @classmethod
     def me(cls) -> Owner:
-        return cls(socket.gethostname(), os.getpid(), _start_time(os.getpid()), uuid.uuid4().hex, time.time())
+        return cls(socket.gethostname(), os.getpid(), procfs.start_time(os.getpid()), uuid.uuid4().hex, time.time())
 
     def describe(self) -> str:
         return f"{self.host} pid {self.pid} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.since))}"
@@ -157,7 +158,7 @@ def read_owner(file: Path) -> Owner | None:
 def is_stale(owner: Owner, file: Path) -> bool:
     """Dead owner (same host: no such process, or a different one under its pid), or no heartbeat for TIMEOUT_S."""
     if owner.host == socket.gethostname() and owner.started:
-        return _start_time(owner.pid) != owner.started
+        return procfs.start_time(owner.pid) != owner.started
     return time.time() - _mtime(file) > TIMEOUT_S
 
 
@@ -199,9 +200,3 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _start_time(pid: int) -> str:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name

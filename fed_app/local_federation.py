@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fed_app import procfs
 from fed_app.config import RunConfig
 from fed_app.errors import UserError
 
@@ -144,42 +145,27 @@ def _kill_under(chosen, wait: float = 10.0) -> list[int]:
     """SIGKILL every process whose FLWR_HOME is a path that `chosen` accepts, and wait (up to `wait` s) until
     they are gone: a killed process lingers a moment, and a command that says it stopped must have."""
     killed = []
-    for pid in _pids():
+    for pid in processes_under(chosen):
         try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except (OSError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except OSError:
             continue
-        home = next((v[len(b"FLWR_HOME="):] for v in env if v.startswith(b"FLWR_HOME=")), None)
-        if home is not None and chosen(Path(os.fsdecode(home))):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except OSError:
-                continue
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and any(_alive(pid) for pid in killed):
+    while time.monotonic() < deadline and any(procfs.alive(pid) for pid in killed):
         time.sleep(0.02)
     return killed
 
 
-def _alive(pid: int) -> bool:
-    """Running or sleeping, not yet reaped or a zombie (whose parent has not waited for it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+def processes_under(chosen) -> list[int]:
+    """The processes (not this one) whose FLWR_HOME is a path that `chosen` accepts."""
+    return [pid for pid in procfs.pids() if (home := procfs.flwr_home(pid)) is not None and chosen(home)]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _pids() -> list[int]:
-    own = os.getpid()
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != own]
 
 
 def client_gpus(asked: float | None) -> float:

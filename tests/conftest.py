@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from fed_app.config import RunConfig
+from fed_app.local_federation import processes_under
 
 TINY = {
     "dataset": "synthetic", "model": "vit-tiny-test", "synthetic-train-size": 3200,
@@ -90,15 +90,7 @@ def tiny_cfg(tmp_path) -> RunConfig:
 
 def flower_processes_under(base: Path) -> list[int]:
     """The processes whose FLWR_HOME lies under `base`: what a stopped command must leave none of."""
-    found = []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(v.startswith(f"FLWR_HOME={base}".encode()) for v in env):
-            found.append(int(pid))
-    return found
+    return processes_under(lambda home: str(home).startswith(str(base)))
 
 
 @pytest.fixture(scope="session")

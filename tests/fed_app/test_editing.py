@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from fed_app import centralized
-from fed_app.config import RunConfig
 from fed_app.batches import BatchTransform
 from fed_app.data import load_dataset
 from fed_app.head import ridge_statistics, solve_ridge

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from fed_app.config import RunConfig
 from fed_app.local_federation import LocalFederation, FlowerRunError
 from fed_app.transport import SharedFiles
 
