@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from fed_app.errors import UserError
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments")
@@ -49,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--profile", action="store_true",
                        help="round: seconds per round by phase (send, client read/train/write, aggregate, ...)")
     bench.add_argument("--against", choices=["stock"], default=None,
-                       help="round: also run a stock Flower app of the examples' shape (benchmarks/stock_app), "
-                            "interleaved with fedit in both transports")
+                       help="round/grid: also run a stock Flower app of the examples' shape "
+                            "(benchmarks/stock_app); round: interleaved with fedit in both transports, "
+                            "grid: after fedit in each cost group, beside its fixed cost")
     args = parser.parse_args(argv)
     return {"run": _run, "report": _report, "bench": _bench}[args.command](args)
 
@@ -98,6 +101,9 @@ def _bench(args) -> int:
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    if args.what in ("round", "grid") and not 1 <= args.warmup <= args.rounds - 3:
+        raise UserError(f"--warmup {args.warmup} with --rounds {args.rounds} leaves no steady rounds to time; "
+                        f"use 1 <= --warmup <= --rounds - 3 (the last round evaluates and is left out too).")
     if args.what in ("round", "data", "grid"):
         # Timings do not depend on pixel values or weights, so the benchmarks run offline by default: on a
         # GPU the headline shapes (ViT-S/16, CIFAR-100-sized synthetic data); on a CPU the tiny ViT.
@@ -117,7 +123,8 @@ def _bench(args) -> int:
             runs = [RunConfig.from_run_config({**r.cfg.to_run_config(), **overrides}) for r in manifest.runs
                     if r.kind == "federated"]
             with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
-                rows = bench_grid(runs, args.rounds, args.warmup, Path(tmp), args.cpus, gpus)
+                rows = bench_grid(runs, args.rounds, args.warmup, Path(tmp), args.cpus, gpus,
+                                  against_stock=args.against == "stock")
             print_grid(rows, f"bench grid: {manifest.name} ({len(runs)} federated runs), {cfg.model}, {name}, "
                              f"precision {cfg.precision}, s/round = median of rounds {args.warmup + 1}.."
                              f"{args.rounds - 1}")

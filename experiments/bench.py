@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from experiments.cpu import KINDS, CpuSampler
 from fed_app.config import RunConfig, to_snake
 from fed_app.head import freeze_head
 from fed_app.model import build_model
@@ -140,7 +141,8 @@ def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: 
                           checkpoint_every=10**6,
                           run_dir=str((workdir / f"run-{cfg.run_id()}-{time.monotonic_ns()}").resolve()))
     started = time.time()
-    with LocalFederation(workdir / ".flwr", extra_env={PROFILE: "1"} if profile else None) as sim:
+    with LocalFederation(workdir / ".flwr", extra_env={PROFILE: "1"} if profile else None) as sim, \
+            CpuSampler(sim.home) as cpu:
         sim.run(run_cfg, num_supernodes=cfg.num_clients, cpus=cpus, gpus=gpus)
     ended = time.time()
     rows = [json.loads(line) for line in (Path(run_cfg.run_dir) / "rows.jsonl").read_text().splitlines()]
@@ -152,9 +154,16 @@ def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: 
               "up": statistics.mean(r["bytes_received"] for r in steady),
               "fixed": ended - started - rounds * steady_s - evaluations, "evaluations": evaluations, **phases}
     if profile:
-        result["stages"] = fixed_stages(json.loads((Path(run_cfg.run_dir) / "profile.json").read_text()), rows,
-                                        started, ended, steady_s)
+        marks = json.loads((Path(run_cfg.run_dir) / "profile.json").read_text())
+        result["stages"] = fixed_stages(marks, rows, started, ended, steady_s)
+        result["cpu"] = _cpu_per_round(cpu, marks["round_ended"][warmup - 1:rounds - 1])
     return result
+
+
+def _cpu_per_round(cpu: CpuSampler, ends: list[float]) -> dict[str, float]:
+    """CPU seconds by kind of process per round, over the rounds between the first and the last of these ends."""
+    spent = cpu.between(ends[0], ends[-1])
+    return {kind: seconds / (len(ends) - 1) for kind, seconds in spent.items()}
 
 
 def fixed_stages(marks: dict[str, float], rows: list[dict], started: float, ended: float,
@@ -211,6 +220,18 @@ def print_profile(rows: list[dict], header: str, slots: int) -> None:
         print(f"- {name}: {meaning}")
     print(f"- client phases are CPU-seconds summed over the round's clients, {slots} at a time; "
           f"other: the rest of the round (the server's row bookkeeping)")
+    print_cpu([(r["config"], [r["cpu"]], [r["round"]]) for r in rows])
+
+
+def print_cpu(runs: list[tuple[str, list[dict[str, float]], list[float]]]) -> None:
+    """CPU seconds per steady round by kind of process (median of the repetitions) beside the wall time: on a
+    CPU-bound machine, what the server and Flower spend is what the clients lack."""
+    med = statistics.median
+    print_table("CPU-seconds per steady round by process (sampled from /proc; median of the repetitions)",
+                ["config"] + list(KINDS) + ["total", "wall s/round"], [
+        [label] + [f"{med(c[k] for c in cpu):.2f}" for k in KINDS] + [f"{med(sum(c.values()) for c in cpu):.2f}",
+                                                                     f"{med(wall):.3f}"]
+        for label, cpu, wall in runs])
 
 
 def _client_work(row: dict) -> float:
@@ -232,13 +253,14 @@ def round_stock(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: i
     text = (f"fedit-config={toml_value(json.dumps(run_cfg.to_run_config()))} "
             f"timings={toml_value(str(timings))}")
     started = time.time()
-    with LocalFederation(workdir / ".flwr") as sim:
+    with LocalFederation(workdir / ".flwr") as sim, CpuSampler(sim.home) as cpu:
         sim.run(run_cfg, num_supernodes=cfg.num_clients, cpus=cpus, gpus=gpus, app=STOCK_APP, run_config=text)
     finished = time.time()
     ended = json.loads(timings.read_text())["round_ended"]  # round 0 (before training), then after each round
     per_round = [b - a for a, b in zip(ended, ended[1:])]
     steady = statistics.median(per_round[warmup:rounds - 1])
     return {"round": steady, "fixed": finished - started - rounds * steady, "evaluations": 0.0,
+            "cpu": _cpu_per_round(cpu, ended[warmup:rounds]),
             "stages": {"start-up (SuperLink, simulation, ServerApp)": ended[0] - started,
                        "rounds beyond the steady rate (worker builds in round 1)": sum(per_round) - rounds * steady,
                        "shut-down (simulation, SuperLink)": finished - ended[-1]}}
@@ -265,7 +287,8 @@ def bench_against_stock(cfg: RunConfig, local_steps: list[int], rounds: int, war
                      **{name: [r["round"] for r in reps] for name, reps in runs.items()},
                      **{f"{name}_fixed": [r["fixed"] for r in reps] for name, reps in runs.items()},
                      **{f"{name}_evaluations": [r["evaluations"] for r in reps] for name, reps in runs.items()},
-                     **{f"{name}_stages": [r["stages"] for r in reps] for name, reps in runs.items()}})
+                     **{f"{name}_stages": [r["stages"] for r in reps] for name, reps in runs.items()},
+                     **{f"{name}_cpu": [r["cpu"] for r in reps] for name, reps in runs.items()}})
     return rows
 
 
@@ -289,6 +312,9 @@ def print_against_stock(rows: list[dict], header: str) -> None:
         [r["config"], _spread(r["stock_fixed"], 1)] + [
             f"{_spread(r[f'{t}_fixed'], 1)} [{statistics.median(r[f'{t}_evaluations']):.1f}]"
             for t in ("files", "messages")] for r in rows])
+    print_cpu([(f"{r['config']}, {label}", r[f"{name}_cpu"], r[name]) for r in rows
+               for name, label in (("stock", "stock Flower app"), ("files", "fedit, files"),
+                                   ("messages", "fedit, messages"))])
     for r in rows:
         stages = list(dict.fromkeys(k for name in ("stock", "files", "messages") for k in r[f"{name}_stages"][0]))
         print_table(f"{r['config']}: where the fixed cost goes (s, median of the repetitions)",
@@ -353,9 +379,11 @@ def projected_seconds(cfg: RunConfig, round_s: float, fixed_s: float, val_s: flo
             + test_s * sum(evaluates_test(cfg, r) for r in rounds))
 
 
-def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, cpus: int, gpus: float) -> list[dict]:
+def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, cpus: int, gpus: float,
+               against_stock: bool = False) -> list[dict]:
     """Project a manifest's wall time from measurements: per group of runs that cost the same per round, one
-    short `flwr run` (median s/round, fixed cost per run) and the server's evaluations timed in process."""
+    short `flwr run` (median s/round, fixed cost per run) and the server's evaluations timed in process; with
+    `against_stock`, the stock Flower app on the same model, data and J right after it (its fixed cost)."""
     from fed_app.loaded_task import load_task
 
     groups = group_by_cost(runs)
@@ -376,6 +404,10 @@ def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, c
                      "rounds": sum(c.total_rounds for c in members), "round": flower["round"],
                      "fixed": flower["fixed"], "val": val_s, "test": test_s, "hours": total / 3600,
                      "stages": flower["stages"]})
+        if against_stock:
+            rows[-1]["stock"] = round_stock(probe, rounds, warmup, workdir, cpus, gpus)
+            _progress(f"group {len(rows)} of {len(groups)}, stock Flower app", rows[-1]["stock"]["round"],
+                      rows[-1]["stock"]["fixed"])
     return rows
 
 
@@ -389,6 +421,15 @@ def print_grid(rows: list[dict], header: str) -> None:
     stages = list(rows[0]["stages"])
     print_table("where the fixed cost of a run goes (s)", ["runs that cost alike"] + stages, [
         [r["config"]] + [f"{r['stages'][k]:.2f}" for k in stages] for r in rows])
+    if "stock" not in rows[0]:
+        return
+    stages = list(dict.fromkeys([*rows[0]["stock"]["stages"], *stages]))
+    print_table("fixed cost per run (s): fedit against the stock Flower app on the same model, data and J "
+                "(plain FedAvg: no step 0, no evaluation)",
+                ["runs that cost alike", "app", "s/round", "fixed s/run"] + stages, [
+        [r["config"], app, f"{m['round']:.3f}", f"{m['fixed']:.1f}"]
+        + [f"{m['stages'][k]:.2f}" if k in m["stages"] else "-" for k in stages]
+        for r in rows for app, m in (("stock Flower app", r["stock"]), ("fedit", r))])
 
 
 def bench_data(cfg: RunConfig, batches: int) -> list[dict]:

@@ -45,8 +45,9 @@ def main(grid: Grid, context: Context) -> None:
 
 
 class Marks(dict):
-    """When the ServerApp reached each stage of a run (epoch seconds, comparable across processes); written to
-    the run's profile.json when FEDIT_PROFILE is set, for `bench round --profile` and `bench grid`."""
+    """When the ServerApp reached each stage of a run, and each round ended ('round_ended', a list), in epoch
+    seconds, comparable across processes; written to the run's profile.json when FEDIT_PROFILE is set, for
+    `bench round --profile` and `bench grid`."""
 
     def mark(self, stage: str) -> None:
         self[stage] = time.time()
@@ -92,7 +93,7 @@ def _run(grid: Grid, cfg: RunConfig, run_dir: RunDir, claim, marks: Marks) -> Ru
                 make_server_optimizer(cfg))
         strategy = (SeededFedAvg(*args) if cfg.client_algorithm == "fedavg" else
                     SeededScaffold(*args, trainable=sum(s.numel() for s in task.trainable_shapes().values())))
-        run_steps(cfg, run_dir, Rounds(cfg, run_dir, task, strategy), guard=claim.check)
+        run_steps(cfg, run_dir, Rounds(cfg, run_dir, task, strategy, marks), guard=claim.check)
         marks.mark("steps_done")
     finally:
         if files is not None:
@@ -123,8 +124,10 @@ class Rounds:
 
     key = "round"
 
-    def __init__(self, cfg: RunConfig, run_dir: RunDir, task: LoadedTask, strategy: SeededFedAvg):
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, task: LoadedTask, strategy: SeededFedAvg,
+                 marks: Marks | None = None):
         self.cfg, self.run_dir, self.task, self.strategy = cfg, run_dir, task, strategy
+        self.marks = Marks() if marks is None else marks
         self.total = cfg.total_rounds
         self.global_state: State = {}
         self.current = self.checkpointed = 0  # the last round taken, and the last one checkpointed
@@ -164,6 +167,7 @@ class Rounds:
                "bytes_sent": metrics["bytes_sent"], "bytes_received": metrics["bytes_received"]}
         if self.profile:
             row.update({f"profile_{k[5:]}": float(v) for k, v in metrics.items() if k.startswith("time_")})
+            self.marks.setdefault("round_ended", []).append(time.time())  # the CPU sampler's round boundaries
         return row
 
     def evaluate(self, server_round: int) -> dict:
