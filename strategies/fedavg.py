@@ -41,12 +41,16 @@ class WeightedSum:
 
     def add(self, delta: dict[str, Tensor], weight: float, mask: dict[str, Tensor] | None = None) -> None:
         for name, value in delta.items():
-            total = self.sums.setdefault(name, torch.zeros_like(value, dtype=torch.float32))
+            if name not in self.sums:  # not setdefault: it would build (and fault in) a zero model every add
+                self.sums[name] = torch.zeros_like(value, dtype=torch.float32)
+                if self.masked:
+                    self.weights[name] = torch.zeros_like(self.sums[name])
+            total = self.sums[name]
             if not self.masked:
                 total.add_(value.float(), alpha=weight / self.total)
                 continue
             total.add_(value.float() * mask[name], alpha=weight)
-            self.weights.setdefault(name, torch.zeros_like(total)).add_(mask[name].float(), alpha=weight)
+            self.weights[name].add_(mask[name].float(), alpha=weight)
 
     def result(self) -> dict[str, Tensor]:
         if not self.masked:
@@ -98,13 +102,13 @@ class RoundSum:
             self.total.add(SeededFedAvg._scatter(delta[Form.VALUES], mask), weight, mask)
         self.metrics.append(metrics)
 
-    def result(self) -> tuple[ArrayRecord, MetricRecord]:
+    def result(self) -> tuple[dict[str, Tensor], MetricRecord]:
         weights = [float(m[Key.NUM_EXAMPLES]) for m in self.metrics]
         loss = sum(w * float(m[Key.TRAIN_LOSS]) for w, m in zip(weights, self.metrics)) / sum(weights)
         builds = max(int(m.get(Key.TASK_BUILDS, 0)) for m in self.metrics)  # 1: built once per process
         phases = {f"time_client_{k[5:]}": sum(float(m.get(k, 0.0)) for m in self.metrics)
                   for k in (Key.TIME_READ, Key.TIME_TRAIN, Key.TIME_WRITE)}  # summed over the clients
-        return ArrayRecord(self.total.result()), MetricRecord({"train_loss": loss, "clients": len(self.metrics),
+        return self.total.result(), MetricRecord({"train_loss": loss, "clients": len(self.metrics),
                                                                "task_builds": builds, **phases})
 
 
@@ -155,9 +159,8 @@ class SeededFedAvg(FedAvg):
         training = PHASES[str(config.get(Key.PHASE, ""))] == Phase.TRAIN
         shared = self.plan.shared if self.plan is not None and training else None
         payload = masked_state(state, shared) if shared is not None and self.compact else flat_state(state)
-        delta, metrics = self.train_round(server_round, payload, config)
+        update, metrics = self.train_round(server_round, payload, config)
         started = time.perf_counter()
-        update = delta.to_torch_state_dict()
         if self.server_optimizer is not None and training:  # dense runs only (RunConfig checks)
             x = flat_state(state)[Form.FLAT]  # the global buffer itself (a copy if state is not one buffer)
             mean = update[Form.FLAT] if Form.FLAT in update else flat_state(update)[Form.FLAT]
@@ -205,7 +208,7 @@ class SeededFedAvg(FedAvg):
         return True
 
     def train_round(self, server_round: int, arrays: dict[str, Tensor],
-                    config: ConfigRecord) -> tuple[ArrayRecord, MetricRecord]:
+                    config: ConfigRecord) -> tuple[dict[str, Tensor], MetricRecord]:
         """One FedAvg round over the sampled clients (retrying failures), aggregated as the replies come; its
         metrics include the payload bytes it moved each way and the seconds of each phase."""
         started = time.perf_counter()

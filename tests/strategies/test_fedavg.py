@@ -51,7 +51,7 @@ def test_a_failed_client_is_retried_and_the_round_averages_every_sampled_client(
     assert grid.sent == sampled + [sampled[0]]  # resent to the failed client only
     weights = [p + 1 for p in sampled]
     expected = sum(w * p for w, p in zip(weights, sampled)) / sum(weights)
-    assert torch.allclose(delta.to_torch_state_dict()["w"], torch.full((2,), expected))
+    assert torch.allclose(delta["w"], torch.full((2,), expected))
     assert metrics["clients"] == 4
 
 
@@ -97,7 +97,7 @@ def test_files_transport_gives_the_message_result_with_tiny_messages_and_leaves_
         grid = FileClients(NODES)
         delta, metrics = _strategy(grid, max_retries=0, files=via).train_round(1, {"w": torch.arange(3.0)},
                                                                              ConfigRecord())
-        results[name] = (delta.to_torch_state_dict()["w"], metrics["bytes_sent"], metrics["bytes_received"], grid)
+        results[name] = (delta["w"], metrics["bytes_sent"], metrics["bytes_received"], grid)
     sampled = sample_partitions(3, 1, 10, 4)
     expected = torch.arange(3.0) + sum((p + 1) * p for p in sampled) / sum(p + 1 for p in sampled)
     assert torch.equal(results["files"][0], results["messages"][0]) and torch.allclose(results["files"][0], expected)
@@ -129,7 +129,7 @@ def test_when_clients_cannot_read_the_files_the_round_is_redone_inside_messages(
     delta, metrics = strategy.train_round(1, {"w": torch.arange(3.0)}, ConfigRecord())
     sampled = sample_partitions(3, 1, 10, 4)
     expected = torch.arange(3.0) + sum((p + 1) * p for p in sampled) / sum(p + 1 for p in sampled)
-    assert torch.allclose(delta.to_torch_state_dict()["w"], expected) and metrics["clients"] == 4
+    assert torch.allclose(delta["w"], expected) and metrics["clients"] == 4
     assert strategy.files is None and "arrays" in grid.contents[-1]  # later rounds send models in messages
     assert "sending models inside the messages from now on" in caplog.text
     assert list(files.root.iterdir()) == []
