@@ -41,6 +41,7 @@ def test_bench_round_against_the_stock_app_and_by_phase():
     assert "| J=2, dense |" in out and "files / stock" in out  # the stock app ran, beside both transports
     assert "| nodes' partition ids (query round; the server's task builds meanwhile) |" in out
     assert "| start-up (SuperLink, simulation, ServerApp) |" in out
+    assert "| J=2, stock Flower app |" in out and "| J=2, fedit, messages |" in out  # CPU by process
     out = subprocess.run([sys.executable, "-m", "experiments", "bench", "round", "--profile", *tiny],
                          capture_output=True, text=True, check=True).stdout
     assert "| J=2, files |" in out and "| J=2, messages |" in out and "client_train" in out
@@ -69,7 +70,14 @@ def test_bench_grid_measures_once_per_cost_group_and_prints_the_projection(tmp_p
     manifest.write_text("name: m\nkind: federated\nbase: {num-clients: 10, fraction-train: 0.2, num-rounds: 40}\n"
                         "grid: {partition: [iid, noniid], classes-per-client: [5]}\nseeds: [1, 2]\n")
     out = subprocess.run([sys.executable, "-m", "experiments", "bench", "grid", "--manifest", str(manifest),
-                          "--rounds", "4", "--warmup", "1", "--run-config", "synthetic-train-size=1500"],
-                         capture_output=True, text=True, check=True).stdout
+                          "--rounds", "4", "--warmup", "1", "--against", "stock", "--run-config",
+                          "synthetic-train-size=1500"], capture_output=True, text=True, check=True).stdout
     assert "| all runs | 4 | 160 |" in out and "projected wall time of the whole manifest:" in out
     assert "| runs that cost alike | start-up (SuperLink, simulation, ServerApp) |" in out
+    assert "| all runs | stock Flower app |" in out and "| all runs | fedit |" in out  # fixed cost beside stock
+
+
+def test_bench_refuses_a_warmup_that_leaves_no_steady_rounds():
+    out = subprocess.run([sys.executable, "-m", "experiments", "bench", "round", "--rounds", "4", "--warmup", "2"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--warmup 2 with --rounds 4 leaves no steady rounds" in out.stderr

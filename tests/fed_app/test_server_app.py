@@ -159,6 +159,8 @@ def test_with_fedit_profile_set_each_row_says_where_its_round_went(tmp_path, mon
         assert work <= phases["exchange"] + 1e-6
         assert phases["send"] + phases["exchange"] + phases["aggregate"] + phases["apply"] <= row["round_time"]
     marks = json.loads((tmp_path / "profile" / "profile.json").read_text())  # the fixed cost's stages, in order
+    ended = marks.pop("round_ended")  # when each round ended: the CPU sampler's round boundaries
     assert list(marks) == ["claimed", "discovered", "task_loaded", "steps_done", "finished"]
     assert list(marks.values()) == sorted(marks.values())
+    assert marks["task_loaded"] < ended[0] < ended[1] < marks["steps_done"]
     assert not (tmp_path / "profiled" / "profile.json").exists()
