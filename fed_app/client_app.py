@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 from fed_app.config import ConfigError, RunConfig
 from fed_app.scaffold import ControlStore, scaffold_update
 from fed_app.transport import carry, folder_of, holds, take
-from fed_app.wire import Form, Key, flat_state, gather_trainable, pack_masks, split_flat
+from fed_app.wire import Form, Key, gather_trainable, model_payload, model_state, pack_masks
 from fed_app.loaded_task import LoadedTask, load_task
 
 app = ClientApp()
@@ -32,7 +32,7 @@ def _setup(context: Context) -> tuple[RunConfig, int, LoadedTask]:
 
 def _received_model(msg: Message, task: LoadedTask):
     """The model a query or evaluate message is about, from the message or from the file it references."""
-    return split_flat(take(msg.content, Key.ARRAYS)[Form.FLAT], task.state_shapes())
+    return model_state(take(msg.content, Key.ARRAYS), task.state_shapes())
 
 
 @app.query()
@@ -65,9 +65,10 @@ def train(msg: Message, context: Context) -> Message:
         content = carry(Key.CONTROL_DELTA, {Form.FLAT: change}, folder)
     else:
         delta, loss, examples = task.local_update(state, pid, server_round, masks,
-                                                  head_only=config.get(Key.PHASE, "") == "head")
+                                                  head_only=config.get(Key.PHASE, "") == "head",
+                                                  out=task.reply_buffer())
     trained = time.perf_counter()
-    payload = {Form.VALUES: gather_trainable(delta, masks)} if masks else flat_state(delta)
+    payload = {Form.VALUES: gather_trainable(delta, masks)} if masks else model_payload(delta, folder is not None)
     content.update(carry(Key.DELTA, payload, folder))
     metrics = MetricRecord({Key.TRAIN_LOSS: loss, Key.NUM_EXAMPLES: examples, Key.PARTITION_ID: pid,
                             Key.TASK_BUILDS: task.builds, Key.TIME_READ: read - started,

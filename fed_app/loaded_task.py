@@ -26,7 +26,7 @@ from fed_app.registry import OBJECTIVES
 from fed_app.seeds import client_generator
 from fed_app.task import (autocast, client_lr, evaluate, make_optimizer, proximal, resolve_device, train_steps,
                           training_module)
-from fed_app.wire import Form, split_flat, unpack_masked_state, unpack_masks
+from fed_app.wire import Form, model_state, split_flat, unpack_masked_state, unpack_masks
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class LoadedTask:
     _mask_cache: tuple[bytes, dict[str, Tensor]] | None = None
     _base: State | None = None
     _trainer: torch.nn.Module | None = None
+    _reply: Tensor | None = None
 
     @property
     def trainer(self) -> torch.nn.Module:
@@ -76,17 +77,18 @@ class LoadedTask:
         """The global model from a message's tensors: a flat dense buffer, or (global mask) its compact form."""
         if Form.VALUES in arrays:
             return unpack_masked_state(arrays, self._initial(), masks)  # copies the base once
-        return split_flat(arrays[Form.FLAT], self.state_shapes())
+        return model_state(arrays, self.state_shapes())
 
     def load(self, state: State) -> None:
         self.model.load_state_dict(state)
 
     def local_update(self, global_state: State, partition_id: int, server_round: int,
                      masks: dict[str, Tensor] | None = None, head_only: bool = False,
-                     correction: State | None = None) -> tuple[State, float, int]:
+                     correction: State | None = None, out: Tensor | None = None) -> tuple[State, float, int]:
         """J optimizer steps on this client's shard from the global model: (delta on CPU, mean loss, examples).
         With masks: SparseSGDM under them; head_only: only the head trains (step 0 in FL); correction: a tensor
-        per trainable parameter name added to its gradient at every step (SCAFFOLD)."""
+        per trainable parameter name added to its gradient at every step (SCAFFOLD). The delta is views of one
+        flat buffer: `out` (e.g. reply_buffer()) or a new one."""
         cfg = self.cfg
         self.load(global_state)
         with only_head_trainable(self.model) if head_only else contextlib.nullcontext():
@@ -103,11 +105,19 @@ class LoadedTask:
                                cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device),
                                objective=objective, correction=added)
         trained = self.model.state_dict()
-        flat = torch.empty(sum(v.numel() for v in trained.values()))
+        flat = torch.empty(sum(v.numel() for v in trained.values())) if out is None else out
         delta = split_flat(flat, {k: v.shape for k, v in trained.items()})  # views of one buffer: sent as is
         for k, v in trained.items():
             torch.sub(v.detach().cpu(), global_state[k], out=delta[k])
         return delta, loss, len(shard)
+
+    def reply_buffer(self) -> Tensor:
+        """A flat float32 buffer of the model's size, kept for the process, for a ClientApp's delta: it is copied
+        into the reply (or its file) before the next message comes, and a new 87 MB buffer each round would cost
+        its page faults every time."""
+        if self._reply is None:
+            self._reply = torch.empty(sum(s.numel() for s in self.state_shapes().values()))
+        return self._reply
 
     def ridge_statistics(self, state: State, partition_id: int) -> dict[str, Tensor]:
         self.load(state)

@@ -88,7 +88,7 @@ def scaffold_update(task: LoadedTask, global_state: State, partition_id: int, se
     mine = store.load(partition_id, server_round)
     mine = torch.zeros_like(control) if mine is None else mine
     delta, loss, examples = task.local_update(global_state, partition_id, server_round,
-                                              correction=split_flat(control - mine, shapes))
+                                              correction=split_flat(control - mine, shapes), out=task.reply_buffer())
     moved = torch.cat([delta[n].flatten() for n in shapes])  # y - x over the trainable parameters
     scale = effective_steps(cfg.local_steps, cfg.momentum) * client_lr(cfg, server_round)
     change = -control - moved / scale  # c_i+ - c_i

@@ -37,7 +37,7 @@ class Key:
 
 
 class Form:
-    """The payload forms of a model or an update."""
+    """The payload forms of a model or an update (besides its tensors by name: model_payload)."""
 
     FLAT = "flat"  # every tensor in one float32 vector, in state-dict order
     VALUES = "values"  # only the trainable entries under a mask, in mask order
@@ -57,6 +57,22 @@ def flat_state(state: State) -> State:
                 t._base is base and t.is_contiguous() and t.storage_offset() == o for t, o in zip(tensors, offsets)):
             return {Form.FLAT: base}
     return {Form.FLAT: torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])}
+
+
+def model_payload(state: State, flat: bool) -> State:
+    """A model or an update as it travels: one flat buffer (`flat`: what one file holds, written and mapped at
+    once), or its tensors by name, as Flower's examples send a state dict (inside messages: Flower and Ray copy
+    each array several times, and one 87 MB array costs a fresh allocation, page faults included, each time)."""
+    return flat_state(state) if flat else dict(state)
+
+
+def model_state(arrays: State, shapes: Shapes) -> State:
+    """The model of a payload (model_payload's inverse) for parameters of these shapes, in this order."""
+    if Form.FLAT in arrays:
+        return split_flat(arrays[Form.FLAT], shapes)
+    if list(arrays) != list(shapes) or any(arrays[n].shape != s for n, s in shapes.items()):
+        raise ValueError(f"a model of {len(arrays)} tensors does not fit {len(shapes)}; the two sides differ.")
+    return arrays
 
 
 def split_flat(flat: Tensor, shapes: Shapes) -> State:

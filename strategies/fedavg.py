@@ -17,8 +17,8 @@ from fed_app.seeds import Phase, sample_partitions
 from fed_app.transport import SharedFiles, TransportError, carry, discard, take
 from fed_app.mask_plan import MaskPlan
 from fed_app.registry import AGGREGATIONS
-from fed_app.wire import (Form, Key, add_trainable_, apply_update, flat_state, masked_state, pack_masks,
-                          split_flat)
+from fed_app.wire import (Form, Key, add_trainable_, apply_update, flat_state, masked_state, model_payload,
+                          pack_masks, split_flat)
 from strategies.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,8 @@ class SeededFedAvg(FedAvg):
         config = ConfigRecord() if config is None else config
         training = PHASES[str(config.get(Key.PHASE, ""))] == Phase.TRAIN
         shared = self.plan.shared if self.plan is not None and training else None
-        payload = masked_state(state, shared) if shared is not None and self.compact else flat_state(state)
+        compact = shared is not None and self.compact
+        payload = masked_state(state, shared) if compact else model_payload(state, self.files is not None)
         update, metrics = self.train_round(server_round, payload, config)
         started = time.perf_counter()
         if self.server_optimizer is not None and training:  # dense runs only (RunConfig checks)
@@ -188,7 +189,8 @@ class SeededFedAvg(FedAvg):
         """The model `state` to these partitions, the same record for all (step-0 and calibration queries,
         client evaluation): it goes the way train payloads go, so with transport='files' it is written once for
         all of them, not copied into every message (step 0 of a ridge head asks all K clients twice)."""
-        content = carry(self.arrayrecord_key, flat_state(state), self.files.root if self.files else None)
+        folder = self.files.root if self.files else None
+        content = carry(self.arrayrecord_key, model_payload(state, folder is not None), folder)
         try:
             return self.federation.exchange(server_round, message_type, {p: RecordDict(content) for p in pids})
         except RoundFailedError as err:

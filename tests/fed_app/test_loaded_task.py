@@ -24,6 +24,10 @@ def test_a_client_takes_exactly_j_optimizer_steps_on_its_own_shard(tmp_path):
     again, _, _ = task.local_update(task.initial_state(), partition_id=3, server_round=1)
     assert all(torch.equal(delta[k], again[k]) for k in delta)  # (seed, round, client) fixes the batches
     assert load_task(cfg) is task  # built once per process, reused by every message
+    buffer = task.reply_buffer()  # a ClientApp's delta goes into one buffer kept for the process
+    into, _, _ = task.local_update(task.initial_state(), partition_id=3, server_round=1, out=buffer)
+    assert task.reply_buffer() is buffer and all(t.untyped_storage().data_ptr() == buffer.data_ptr() for t in into.values())
+    assert all(torch.equal(delta[k], into[k]) for k in delta)
 
 
 @pytest.mark.slow

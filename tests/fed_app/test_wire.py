@@ -1,9 +1,11 @@
-"""The wire forms: mask bits, sparse updates, the flat and masked model forms, applied updates."""
+"""The wire forms: mask bits, sparse updates, the flat, by-name and masked model forms, applied updates."""
 
 import torch
 
-from fed_app.wire import (add_trainable_, apply_update, flat_state, gather_trainable, masked_state, pack_masks,
-                          split_flat, unpack_masked_state, unpack_masks)
+import pytest
+
+from fed_app.wire import (add_trainable_, apply_update, flat_state, gather_trainable, masked_state, model_payload,
+                          model_state, pack_masks, split_flat, unpack_masked_state, unpack_masks)
 
 
 def test_masks_and_sparse_updates_round_trip_on_the_wire():
@@ -57,3 +59,19 @@ def test_a_state_of_views_into_one_vector_goes_on_the_wire_without_a_copy():
     assert torch.equal(flat_state(swapped)["flat"], torch.cat([flat[6:], flat[:6]]))
     part = split_flat(flat[:6], {"a": shapes["a"]})  # a view of part of a bigger vector: copied
     assert flat_state(part)["flat"] is not flat and torch.equal(flat_state(part)["flat"], flat[:6])
+
+
+def test_a_model_travels_flat_or_by_name_and_comes_back_as_the_same_views():
+    flat = torch.arange(10.0)
+    shapes = {"a": torch.Size([2, 3]), "b": torch.Size([4])}
+    state = split_flat(flat, shapes)
+    assert model_payload(state, flat=True)["flat"] is flat  # one file: the buffer itself
+    by_name = model_payload(state, flat=False)  # inside messages: the tensors, as Flower's examples send them
+    assert list(by_name) == ["a", "b"] and all(by_name[n] is state[n] for n in shapes)
+    for payload in (model_payload(state, True), by_name):
+        back = model_state(payload, shapes)
+        assert list(back) == ["a", "b"] and all(torch.equal(back[n], state[n]) for n in shapes)
+    with pytest.raises(ValueError, match="a model of 1 tensors does not fit 2; the two sides differ"):
+        model_state({"a": state["a"]}, shapes)
+    with pytest.raises(ValueError, match="does not fit"):
+        model_state({"a": state["a"], "b": torch.zeros(5)}, shapes)
