@@ -55,6 +55,18 @@ def test_a_failed_client_is_retried_and_the_round_averages_every_sampled_client(
     assert metrics["clients"] == 4
 
 
+def test_replies_are_added_up_on_one_torch_thread_and_the_threads_come_back_after():
+    class Counting(FlakyGrid):
+        def answer(self, messages):
+            self.threads = torch.get_num_threads()  # while replies come in and are added up
+            return super().answer(messages)
+
+    torch.set_num_threads(2)
+    grid = Counting(NODES, fail=[], times=0)
+    _strategy(grid, max_retries=0).train_round(1, {"w": torch.zeros(2)}, ConfigRecord())
+    assert grid.threads == 1 and torch.get_num_threads() == 2
+
+
 def test_a_client_failing_past_the_retries_fails_the_round_with_a_clear_message():
     sampled = sample_partitions(3, 1, 10, 4)
     grid = FlakyGrid(NODES, fail=[sampled[2]], times=5)
