@@ -228,14 +228,14 @@ def mask_layers(results_dir: Path, out: Path) -> Path | None:
     runs = {}
     for stats in sorted(Path(results_dir).glob("*/mask_stats.json")):
         config = json.loads((stats.parent / "config.json").read_text())
-        key = json.dumps({k: v for k, v in config.items() if k not in ("seed", "run_dir", "claim_token")},
+        key = json.dumps({k: v for k, v in config.items() if k not in ("seed", "run_dir", "claim_token", "session")},
                          sort_keys=True)
         kind = "centralized" if stats.parent.name.startswith("centralized") else "federated"
         runs.setdefault(key, (config, json.loads(stats.read_text()), kind))
     if not runs:
         return None
     configs = [c for c, _, _ in runs.values()]
-    differing = [k for k in configs[0] if k not in ("seed", "run_dir", "claim_token")
+    differing = [k for k in configs[0] if k not in ("seed", "run_dir", "claim_token", "session")
                  and len({json.dumps(c.get(k)) for c in configs}) > 1]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for config, rows, kind in runs.values():

@@ -14,7 +14,7 @@ from fed_app.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IGNORED = {"run_dir", "seed", "claim_token", "tracker"}  # config columns that never define a group
+IGNORED = {"run_dir", "seed", "claim_token", "session", "tracker"}  # config columns that never define a group
 RULES = ("final", "best-val")  # which step of a run is selected on and reported: the last, or best validation
 
 

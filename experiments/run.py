@@ -27,6 +27,7 @@ from fed_app import claims
 from fed_app.errors import UserError
 from fed_app.launch import preflight
 from fed_app.local_federation import LocalFederation, run_config_arg
+from fed_app.session import Session
 from fed_app.run_loop import progress_line
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class SlotWorker:
         self.runner, self.slot, self.label = runner, slot, label
         self.cpus, self.gpus = runner.cpus, 0.0 if slot.name == "cpu" else runner.gpus
         self.federation: LocalFederation | None = None
+        self.session: Session | None = None
         self.child: subprocess.Popen | None = None
         self.finished = threading.Event()  # set once its runs are over and their claims released
         self.thread = threading.Thread(target=self._loop, daemon=True, name=f"slot-{slot.name}")
@@ -139,6 +141,8 @@ class SlotWorker:
             while (run := self._next()) is not None:
                 self._one(run)
         finally:
+            if self.session is not None:
+                self.session.close()
             if self.federation is not None:
                 self.federation.close()
             self.finished.set()
@@ -203,11 +207,12 @@ class SlotWorker:
             preflight(cfg)  # data and model once per source, before Flower starts
             with self.runner.lock:
                 self.runner.checked.add(source)
-        if self.federation is None:  # this slot's own federation: FLWR_HOME, ports, device
+        if self.federation is None:  # this slot's own federation (FLWR_HOME, ports, device) and session
             self.federation = LocalFederation(self.runner.results / self.runner.manifest.name / ".flwr", self.slot.env)
-        cores = self.slot.threads or None  # a CPU slot's Ray gets its share of the cores, not all of them
-        output = self.federation.run(cfg, num_supernodes=cfg.num_clients, cpus=min(self.cpus, cores or self.cpus),
-                                     gpus=self.gpus, total_cpus=cores)
+            cores = self.slot.threads or None  # a CPU slot's Ray gets its share of the cores, not all of them
+            self.session = Session(self.federation, cpus=min(self.cpus, cores or self.cpus), gpus=self.gpus,
+                                   total_cpus=cores)
+        output = self.session.run(cfg)  # one simulation runs the slot's runs in turn
         (Path(cfg.run_dir) / "run.log").write_text(output)
 
 

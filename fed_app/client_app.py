@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 
 import torch
@@ -25,9 +27,19 @@ def _partition_id(context: Context, cfg: RunConfig) -> int:
     return pid
 
 
-def _setup(context: Context) -> tuple[RunConfig, int, LoadedTask]:
-    cfg = RunConfig.from_run_config(context.run_config)
+def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, LoadedTask]:
+    """The run this message is about (the config it carries; else the context's), this node's partition, and the
+    task loaded for that run."""
+    if Key.RUN in msg.content:  # a session's simulation serves run after run (fed_app/session.py)
+        cfg = _parsed(str(msg.content[Key.RUN][Key.CONFIG_JSON]))
+    else:
+        cfg = RunConfig.from_run_config(context.run_config)
     return cfg, _partition_id(context, cfg), load_task(cfg)
+
+
+@functools.lru_cache(maxsize=4)  # every message of a run carries the same text
+def _parsed(text: str) -> RunConfig:
+    return RunConfig.from_run_config(json.loads(text))
 
 
 def _received_model(msg: Message, task: LoadedTask):
@@ -38,7 +50,7 @@ def _received_model(msg: Message, task: LoadedTask):
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which shard this node owns and how many training images it holds (the task is loaded here, once)."""
-    cfg, pid, task = _setup(context)
+    cfg, pid, task = _setup(msg, context)
     info = ConfigRecord({Key.PARTITION_ID: pid, Key.NUM_EXAMPLES: len(task.shards[pid])})
     return Message(RecordDict({Key.INFO: info}), reply_to=msg)
 
@@ -49,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     Under a mask (content Key.MASK) only the trainable entries travel back, as one flat vector. With the
     server's control variate (Key.CONTROL, SCAFFOLD) the steps are corrected and the control change goes back
     too. A model that came as a file (transport='files') is answered with a file in the same folder."""
-    cfg, pid, task = _setup(context)
+    cfg, pid, task = _setup(msg, context)
     config = msg.content[Key.CONFIG]
     masks = None
     started = time.perf_counter()
@@ -80,7 +92,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.query("ridge")
 def ridge(msg: Message, context: Context) -> Message:
     """Step 0, head='ridge': X^T X, X^T Y of this shard's backbone features (they add up across clients)."""
-    _, pid, task = _setup(context)
+    _, pid, task = _setup(msg, context)
     stats = task.ridge_statistics(_received_model(msg, task), pid)
     metrics = MetricRecord({Key.NUM_EXAMPLES: int(stats["count"]), Key.PARTITION_ID: pid})
     return Message(RecordDict({Key.STATS: ArrayRecord({k: stats[k] for k in ("xtx", "xty")}), Key.METRICS: metrics}),
@@ -90,7 +102,7 @@ def ridge(msg: Message, context: Context) -> Message:
 @app.query("temperature")
 def temperature(msg: Message, context: Context) -> Message:
     """Step 0, head='ridge': this shard's cross-entropy sums of the solved head at each candidate temperature."""
-    _, pid, task = _setup(context)
+    _, pid, task = _setup(msg, context)
     losses = task.temperature_losses(_received_model(msg, task), pid)
     metrics = MetricRecord({Key.NUM_EXAMPLES: len(task.shards[pid]), Key.PARTITION_ID: pid})
     return Message(RecordDict({Key.LOSSES: ArrayRecord({Key.SUMS: losses}), Key.METRICS: metrics}), reply_to=msg)
@@ -99,7 +111,7 @@ def temperature(msg: Message, context: Context) -> Message:
 @app.query("fisher")
 def fisher(msg: Message, context: Context) -> Message:
     """Calibration: Fisher sums of this shard on the weights received (already damped by the server)."""
-    cfg, pid, task = _setup(context)
+    cfg, pid, task = _setup(msg, context)
     sums = task.fisher_sums(_received_model(msg, task), pid)
     metrics = MetricRecord({Key.NUM_EXAMPLES: min(cfg.fisher_samples, len(task.shards[pid])), Key.PARTITION_ID: pid})
     flat = torch.cat([s.flatten() for s in sums.values()])  # float64, as summed: the server adds these up
@@ -109,7 +121,7 @@ def fisher(msg: Message, context: Context) -> Message:
 @app.query("local_mask")
 def local_mask(msg: Message, context: Context) -> Message:
     """mask-scope 'local': calibrate this client's own mask on its own shard; reply with it as packed bits."""
-    _, pid, task = _setup(context)
+    _, pid, task = _setup(msg, context)
     masks = task.local_masks(_received_model(msg, task), pid)
     bits = ArrayRecord({Key.BITS: torch.from_numpy(pack_masks(masks))})
     return Message(RecordDict({Key.MASK: bits, Key.METRICS: MetricRecord({Key.PARTITION_ID: pid})}), reply_to=msg)
@@ -118,7 +130,7 @@ def local_mask(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The received model's loss and accuracy on this client's own shard."""
-    cfg, pid, task = _setup(context)
+    cfg, pid, task = _setup(msg, context)
     result = task.evaluate(_received_model(msg, task), task.shard(pid))
     metrics = MetricRecord({"loss": result["loss"], "accuracy": result["accuracy"],
                             Key.NUM_EXAMPLES: len(task.shards[pid])})

@@ -100,7 +100,7 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
 
 
 # Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes.
-NOT_RESULTS = frozenset({"run_dir", "transport", "claim_token", "tracker"})
+NOT_RESULTS = frozenset({"run_dir", "transport", "claim_token", "tracker", "session"})
 
 
 class ConfigError(UserError, ValueError):
@@ -193,6 +193,7 @@ class RunConfig:
     run_dir: str = ""
     tracker: str = "none"  # live tracking beside rows.jsonl: none | tensorboard | wandb (fed_app/trackers.py)
     claim_token: str = ""  # set by the command that claimed the run (fed_app/claims.py), not by users
+    session: str = ""  # set by the runner: the folder through which one simulation gets its runs (fed_app/session.py)
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():

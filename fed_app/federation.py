@@ -4,12 +4,13 @@ payload bytes each exchange moved. No sampling and no arithmetic: that is the st
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fed_app.config import ConfigError, RunConfig
@@ -41,8 +42,9 @@ class Federation:
     """The grid and its partition -> node map, with the run's retry policy."""
 
     def __init__(self, grid: Grid, nodes: dict[int, int], examples: dict[int, int], max_retries: int,
-                 timeout: float):
+                 timeout: float, cfg: RunConfig | None = None):
         self.grid, self.nodes = grid, nodes
+        self.run = run_record(cfg)  # every message names its run's config: one simulation may serve many runs
         self.examples = examples  # partition id -> its training images, as its node reported them
         self.max_retries, self.timeout = max_retries, timeout
         self.bytes_sent = self.bytes_received = 0  # totals over the run's exchanges (a row takes differences)
@@ -55,7 +57,7 @@ class Federation:
             time.sleep(0.5)
         if len(node_ids) != cfg.num_clients:
             raise _wrong_federation(cfg, f"{len(node_ids)} nodes are connected after {wait_s:.0f}s")
-        queries = [Message(RecordDict(), node, MessageType.QUERY) for node in node_ids]
+        queries = [Message(RecordDict(run_record(cfg)), node, MessageType.QUERY) for node in node_ids]
         nodes, examples = {}, {}
         for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
             if reply.has_error():
@@ -68,7 +70,7 @@ class Federation:
             raise _wrong_federation(cfg, f"the federation's {len(node_ids)} nodes hold partitions "
                                          f"{sorted(nodes)[:5]}...")
         retries = cfg.max_retries if cfg.on_client_failure == "retry" else 0
-        return cls(grid, nodes, examples, retries, cfg.round_timeout)
+        return cls(grid, nodes, examples, retries, cfg.round_timeout, cfg)
 
     def exchange(self, server_round: int, message_type: str, records: dict[int, RecordDict],
                  consume: Callable[[Message], None] | None = None) -> Exchange:
@@ -138,7 +140,13 @@ class Federation:
         return sum(payload_bytes(r) for p in pids for r in records[p].values())
 
     def _messages(self, records: dict[int, RecordDict], message_type: str) -> list[Message]:
-        return [Message(record, self.nodes[p], message_type) for p, record in records.items()]
+        return [Message(RecordDict({**record, **self.run}), self.nodes[p], message_type)
+                for p, record in records.items()]
+
+
+def run_record(cfg: RunConfig | None) -> dict[str, ConfigRecord]:
+    """Message content naming the run's whole config (Key.RUN), which clients read before their context's."""
+    return {Key.RUN: ConfigRecord({Key.CONFIG_JSON: json.dumps(cfg.to_run_config())})} if cfg is not None else {}
 
 
 def _wrong_federation(cfg: RunConfig, found: str) -> ConfigError:

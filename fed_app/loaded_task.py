@@ -4,6 +4,7 @@ takes the seeded initial model from it. Task code only: no Flower."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -41,7 +42,7 @@ class LoadedTask:
     model: torch.nn.Module
     spec: ModelSpec
     shards: list[Tensor]
-    builds: int = 0  # how many times this process loaded a task: 1 in steady state
+    builds: int = 0  # how many times this process loaded a task for this run: 1 in steady state
     _mask_cache: tuple[bytes, dict[str, Tensor]] | None = None
     _base: State | None = None
     _trainer: torch.nn.Module | None = None
@@ -167,7 +168,7 @@ class LoadedTask:
 
 
 _CURRENT: LoadedTask | None = None
-_BUILDS = 0
+_BUILDS: collections.Counter[RunConfig] = collections.Counter()  # by run: a session's workers serve many
 # The ServerApp builds its task in a thread while the nodes are discovered; a ClientApp answering in the same
 # process (tests' InProcessGrid) would otherwise build a second task beside it.
 _BUILDING = threading.Lock()
@@ -180,7 +181,7 @@ def load_task(cfg: RunConfig) -> LoadedTask:
 
 
 def _load_task(cfg: RunConfig) -> LoadedTask:
-    global _CURRENT, _BUILDS
+    global _CURRENT
     if _CURRENT is None or _CURRENT.cfg != cfg:
         device = resolve_device(cfg)
         data = load_dataset(cfg, device)
@@ -188,7 +189,7 @@ def _load_task(cfg: RunConfig) -> LoadedTask:
         if cfg.head_frozen:
             freeze_head(model)  # step 0 fits it; afterwards it is neither trained nor masked
         shards = [torch.as_tensor(s, device=device) for s in client_shards(cfg, data.train.labels.cpu().numpy())]
-        _BUILDS += 1
-        _CURRENT = LoadedTask(cfg, device, data, model.to(device), spec, shards, builds=_BUILDS)
+        _BUILDS[cfg] += 1
+        _CURRENT = LoadedTask(cfg, device, data, model.to(device), spec, shards, builds=_BUILDS[cfg])
         log.info("process %d loaded its task (%s on %s)", os.getpid(), cfg.model, device)
     return _CURRENT

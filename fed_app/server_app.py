@@ -8,12 +8,14 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_app.config import RunConfig
+from fed_app.errors import UserError
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
 from fed_app.federation import Federation
 from fed_app.mask_plan import MaskPlan
@@ -22,6 +24,7 @@ from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
 from fed_app.run_loop import claimed_run, run_steps
 from fed_app.scaffold import ControlStore
+from fed_app.session import SessionFolder
 from fed_app.task import client_lr
 from fed_app.transport import SharedFiles
 from fed_app.wire import Form, Key, flat_state, split_flat
@@ -41,7 +44,25 @@ PROFILE = "FEDIT_PROFILE"  # set (to 1) in the environment: rows get each round'
 def main(grid: Grid, context: Context) -> None:
     marks = Marks(started=time.time())
     _log_lines()
-    run(grid, RunConfig.from_run_config(context.run_config), marks)
+    cfg = RunConfig.from_run_config(context.run_config)
+    if cfg.session:
+        serve(grid, SessionFolder(Path(cfg.session)), marks)
+    else:
+        run(grid, cfg, marks)
+
+
+def serve(grid: Grid, session: SessionFolder, marks: Marks) -> None:
+    """Session mode: each run the command submits, in turn, on this one federation, its outcome written back;
+    until the command says stop or is gone. A failed run ends the session (the command starts a new one)."""
+    n = 1
+    while (cfg := session.next_run(n)) is not None:
+        try:
+            run(grid, cfg, marks)
+        except BaseException as err:
+            session.finish(n, str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")
+            raise
+        session.finish(n, None)
+        n, marks = n + 1, Marks(started=time.time())
 
 
 class Marks(dict):

@@ -33,6 +33,7 @@ class Key:
     PARTITION_ID, NUM_EXAMPLES, TASK_BUILDS = "partition-id", "num-examples", "task-builds"
     SERVER_ROUND, PHASE, TRAIN_LOSS = "server-round", "phase", "train_loss"
     CHECKPOINTED = "checkpointed-round"  # the train config: the round of the run's last checkpoint
+    RUN, CONFIG_JSON = "run", "config"  # every message: the run's whole config, as JSON (fed_app/session.py)
     TIME_READ, TIME_TRAIN, TIME_WRITE = "time-read", "time-train", "time-write"  # a train reply's phases (s)
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from fed_app.config import RunConfig
-from fed_app.local_federation import processes_under
+from fed_app.local_federation import LocalFederation, processes_under
+from fed_app.session import Session
+from strategies.fedavg import one_torch_thread
 
 TINY = {
     "dataset": "synthetic", "model": "vit-tiny-test", "synthetic-train-size": 3200,
@@ -79,8 +81,19 @@ class InProcessGrid(PushPullGrid):
                 if self.trained == self.fail_after:
                     raise RuntimeError("the federation went away")
                 self.trained += 1
-            replies.append(app(msg, self.contexts[msg.metadata.dst_node_id]))
+            with one_torch_thread():  # as a Ray actor with one CPU (OMP_NUM_THREADS=1): the same sums, in order
+                replies.append(app(msg, self.contexts[msg.metadata.dst_node_id]))
         return replies
+
+
+def run_in_process(cfg: RunConfig) -> Path:
+    """`cfg` run to its end by the real ServerApp and ClientApp in this process (InProcessGrid): the reference
+    that a run under `flwr run` must end equal to, bit for bit, without paying Flower's start-up."""
+    from fed_app import server_app
+
+    play_server_app()
+    server_app.run(InProcessGrid(cfg), cfg)
+    return Path(cfg.run_dir)
 
 
 @pytest.fixture
@@ -88,19 +101,33 @@ def tiny_cfg(tmp_path) -> RunConfig:
     return RunConfig.from_run_config({**TINY, "run-dir": str(tmp_path / "run")})
 
 
+@pytest.fixture(scope="session")
+def flower_session(tmp_path_factory):
+    """One Flower simulation of 10 nodes (fed_app/session.py) that runs the tests' runs in turn, as the runner
+    runs a slot's: Flower's start-up paid once. `flower_session.run(cfg)`; a failed run starts a new one."""
+    with LocalFederation(tmp_path_factory.mktemp("flwr")) as sim:
+        session = Session(sim)
+        yield session
+        session.close()
+
+
 def flower_processes_under(base: Path) -> list[int]:
     """The processes whose FLWR_HOME lies under `base`: what a stopped command must leave none of."""
     return processes_under(lambda home: str(home).startswith(str(base)))
 
 
-@pytest.fixture(scope="session")
-def server_app_identity() -> None:
+def play_server_app() -> None:
     """This test process plays a ServerApp's process: a Flower message takes its sender's run, node and task
     from the process identity, which Flower's runtimes set through these public setters before a ServerApp
     starts (flwr.server.compat.app does the same)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+@pytest.fixture(scope="session")
+def server_app_identity() -> None:
+    play_server_app()
 
 
 def pytest_collection_modifyitems(config, items):
