@@ -137,27 +137,69 @@ def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: 
     from fed_app.local_federation import LocalFederation
     from fed_app.server_app import PROFILE
 
-    run_cfg = cfg.replace(num_rounds=rounds, rounds_scaling=False, eval_every=10**6, test_every=0,
-                          checkpoint_every=10**6,
-                          run_dir=str((workdir / f"run-{cfg.run_id()}-{time.monotonic_ns()}").resolve()))
+    run_cfg = _bench_config(cfg, rounds, workdir)
     started = time.time()
     with LocalFederation(workdir / ".flwr", extra_env={PROFILE: "1"} if profile else None) as sim, \
             CpuSampler(sim.home) as cpu:
         sim.run(run_cfg, num_supernodes=cfg.num_clients, cpus=cpus, gpus=gpus)
     ended = time.time()
+    result = _measured(run_cfg, rounds, warmup, started, ended)
+    if profile:
+        result["stages"] = fixed_stages(result["marks"], result["rows"], started, ended, result["round"])
+        result["cpu"] = _cpu_per_round(cpu, result["marks"]["round_ended"][warmup - 1:rounds - 1])
+    return result
+
+
+def _bench_config(cfg: RunConfig, rounds: int, workdir: Path, tag: str = "") -> RunConfig:
+    """`cfg` for `rounds` rounds that evaluate only at round 0 and at the end, in a run folder of its own."""
+    return cfg.replace(num_rounds=rounds, rounds_scaling=False, eval_every=10**6, test_every=0,
+                       checkpoint_every=10**6,
+                       run_dir=str((workdir / f"run-{cfg.run_id()}-{time.monotonic_ns()}{tag}").resolve()))
+
+
+def _measured(run_cfg: RunConfig, rounds: int, warmup: int, started: float, ended: float) -> dict:
+    """A finished run's median seconds per steady round (first `warmup` rounds and the last, which evaluates,
+    excluded), mean bytes per round each way, each profiled phase's median, its fixed cost between `started` and
+    `ended` (less its rounds at that rate and less the server's evaluations), its rows and marks."""
     rows = [json.loads(line) for line in (Path(run_cfg.run_dir) / "rows.jsonl").read_text().splitlines()]
     steady = [r for r in rows if warmup < r["round"] < rounds]
-    phases = {k: statistics.median(r[k] for r in steady) for k in steady[0] if k.startswith("profile_")}
     steady_s = statistics.median(r["round_time"] for r in steady)
     evaluations = sum(r.get("profile_evaluate", 0.0) for r in rows)  # work the stock app does not do
-    result = {"round": steady_s, "down": statistics.mean(r["bytes_sent"] for r in steady),
-              "up": statistics.mean(r["bytes_received"] for r in steady),
-              "fixed": ended - started - rounds * steady_s - evaluations, "evaluations": evaluations, **phases}
-    if profile:
-        marks = json.loads((Path(run_cfg.run_dir) / "profile.json").read_text())
-        result["stages"] = fixed_stages(marks, rows, started, ended, steady_s)
-        result["cpu"] = _cpu_per_round(cpu, marks["round_ended"][warmup - 1:rounds - 1])
-    return result
+    marks = Path(run_cfg.run_dir) / "profile.json"
+    return {"round": steady_s, "down": statistics.mean(r["bytes_sent"] for r in steady),
+            "up": statistics.mean(r["bytes_received"] for r in steady),
+            "fixed": ended - started - rounds * steady_s - evaluations, "evaluations": evaluations,
+            **{k: statistics.median(r[k] for r in steady) for k in steady[0] if k.startswith("profile_")},
+            "rows": rows, "marks": json.loads(marks.read_text()) if marks.exists() else {}}
+
+
+def round_session(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: int, gpus: float) -> dict:
+    """Two runs of `cfg` in one session, as the runner runs a slot's runs (fed_app/session.py). The first is
+    measured as round_flower measures a run of its own (its rate, fixed cost and stages; its shut-down is the
+    session's); the second gives the fixed cost of every later run of a slot, 'session_fixed': its wall time from
+    submit to done less its rounds at the steady rate and less the server's evaluations, and its 'session_stages'."""
+    from fed_app.local_federation import LocalFederation
+    from fed_app.server_app import PROFILE
+    from fed_app.session import Session
+
+    runs = [_bench_config(cfg, rounds, workdir, f"-{k}") for k in (1, 2)]
+    spans = []
+    with LocalFederation(workdir / ".flwr", extra_env={PROFILE: "1"}) as sim:
+        session = Session(sim, cpus=cpus, gpus=gpus)
+        for run_cfg in runs:
+            spans.append([time.time()])
+            session.run(run_cfg)
+            spans[-1].append(time.time())
+        closing = time.time()
+        session.close()
+        closed = time.time() - closing
+    first_end = spans[0][1] + closed  # the first run's shut-down: noticing it is done, and closing the session
+    first = _measured(runs[0], rounds, warmup, spans[0][0], first_end)
+    first["stages"] = fixed_stages(first["marks"], first["rows"], spans[0][0], first_end, first["round"])
+    second = _measured(runs[1], rounds, warmup, *spans[1])
+    first["session_fixed"] = second["fixed"]
+    first["session_stages"] = fixed_stages(second["marks"], second["rows"], *spans[1], second["round"])
+    return first
 
 
 def _cpu_per_round(cpu: CpuSampler, ends: list[float]) -> dict[str, float]:
@@ -359,7 +401,7 @@ def print_round(rows: list[dict], header: str) -> None:
 # Run-config keys that change what a run learns but not what a round costs: runs that differ only in
 # these share one measurement in `bench grid`.
 COST_FREE = {"seed", "split_seed", "partition", "classes_per_client", "num_rounds", "rounds_scaling", "eval_every",
-             "test_every", "checkpoint_every", "run_dir", "claim_token", "tracker", "lr", "momentum", "weight_decay", "ridge_lambda"}
+             "test_every", "checkpoint_every", "run_dir", "claim_token", "session", "tracker", "lr", "momentum", "weight_decay", "ridge_lambda"}
 
 
 def group_by_cost(runs: list[RunConfig]) -> list[list[RunConfig]]:
@@ -392,18 +434,23 @@ def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, c
     rows = []
     for members, values in zip(groups, probes):
         probe = members[0]
-        flower = round_flower(probe, rounds, warmup, workdir, cpus, gpus, profile=True)
+        flower = round_session(probe, rounds, warmup, workdir, cpus, gpus)
         _progress(f"group {len(rows) + 1} of {len(groups)} ({len(members)} runs)", flower["round"], flower["fixed"])
+        print(f"    in a session: fixed {flower['session_fixed']:.1f} s/run", file=sys.stderr, flush=True)
         print("    " + ", ".join(f"{k}: {v:.1f}" for k, v in flower["stages"].items()), file=sys.stderr, flush=True)
         task = load_task(probe)
         state = task.initial_state()
         val_s, _ = _measure(lambda: task.evaluate(state, task.data.val), task.device, repeats=1)
         test_s, _ = _measure(lambda: task.evaluate(state, task.data.test), task.device, repeats=1)
-        total = sum(projected_seconds(c, flower["round"], flower["fixed"], val_s, test_s) for c in members)
+        # the runner runs a slot's runs in one session: its start-up and shut-down once per federation size
+        total = sum(projected_seconds(c, flower["round"], flower["session_fixed"], val_s, test_s) for c in members)
+        if probe.num_clients not in {g[0].num_clients for g in groups[:len(rows)]}:
+            total += flower["fixed"] - flower["session_fixed"]
         rows.append({"config": " ".join(f"{k}={values[k]}" for k in varying) or "all runs", "runs": len(members),
                      "rounds": sum(c.total_rounds for c in members), "round": flower["round"],
-                     "fixed": flower["fixed"], "val": val_s, "test": test_s, "hours": total / 3600,
-                     "stages": flower["stages"]})
+                     "fixed": flower["fixed"], "session_fixed": flower["session_fixed"], "val": val_s,
+                     "test": test_s, "hours": total / 3600, "stages": flower["stages"],
+                     "session_stages": flower["session_stages"]})
         if against_stock:
             rows[-1]["stock"] = round_stock(probe, rounds, warmup, workdir, cpus, gpus)
             _progress(f"group {len(rows)} of {len(groups)}, stock Flower app", rows[-1]["stock"]["round"],
@@ -412,14 +459,16 @@ def bench_grid(runs: list[RunConfig], rounds: int, warmup: int, workdir: Path, c
 
 
 def print_grid(rows: list[dict], header: str) -> None:
-    print_table(header, ["runs that cost alike", "runs", "rounds", "s/round (Flower)", "fixed s/run",
-                         "val eval s", "test eval s", "projected hours"], [
+    print_table(header, ["runs that cost alike", "runs", "rounds", "s/round (Flower)", "fixed s/run: alone",
+                         "fixed s/run: in a session", "val eval s", "test eval s", "projected hours"], [
         [r["config"], str(r["runs"]), str(r["rounds"]), f"{r['round']:.3f}", f"{r['fixed']:.1f}",
-         f"{r['val']:.2f}", f"{r['test']:.2f}", f"{r['hours']:.2f}"] for r in rows])
+         f"{r['session_fixed']:.1f}", f"{r['val']:.2f}", f"{r['test']:.2f}", f"{r['hours']:.2f}"] for r in rows])
     print(f"projected wall time of the whole manifest: {sum(r['hours'] for r in rows):.2f} h "
-          f"({sum(r['runs'] for r in rows)} runs, one after another; checkpoint writes not counted)")
+          f"({sum(r['runs'] for r in rows)} runs, one after another in one session, as the runner runs one slot; "
+          f"checkpoint writes not counted)")
     stages = list(rows[0]["stages"])
-    print_table("where the fixed cost of a run goes (s)", ["runs that cost alike"] + stages, [
+    print_table("where the fixed cost of a run of its own goes (s; a later run of the session pays no start-up "
+                "and no shut-down)", ["runs that cost alike"] + stages, [
         [r["config"]] + [f"{r['stages'][k]:.2f}" for k in stages] for r in rows])
     if "stock" not in rows[0]:
         return
@@ -429,7 +478,9 @@ def print_grid(rows: list[dict], header: str) -> None:
                 ["runs that cost alike", "app", "s/round", "fixed s/run"] + stages, [
         [r["config"], app, f"{m['round']:.3f}", f"{m['fixed']:.1f}"]
         + [f"{m['stages'][k]:.2f}" if k in m["stages"] else "-" for k in stages]
-        for r in rows for app, m in (("stock Flower app", r["stock"]), ("fedit", r))])
+        for r in rows for app, m in (("stock Flower app", r["stock"]), ("fedit, a run of its own", r),
+                                     ("fedit, a later run of a session", {**r, "fixed": r["session_fixed"],
+                                                                          "stages": r["session_stages"]}))])
 
 
 def bench_data(cfg: RunConfig, batches: int) -> list[dict]:

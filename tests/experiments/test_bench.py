@@ -25,8 +25,8 @@ def test_bench_data_prints_preparation_and_training_rates():
 
 @pytest.mark.slow
 def test_bench_round_prints_limit_flower_and_ratio_for_dense_and_sparse():
-    out = subprocess.run([sys.executable, "-m", "experiments", "bench", "round", "--rounds", "4", "--warmup", "1",
-                          "--run-config", "num-clients=20 synthetic-train-size=2500"],
+    out = subprocess.run([sys.executable, "-m", "experiments", "bench", "round", "--local-steps", "4", "--rounds", "4",
+                          "--warmup", "1", "--run-config", "num-clients=20 synthetic-train-size=2500"],
                          capture_output=True, text=True, check=True).stdout
     assert "| J=4, dense |" in out and "| J=4, sparse-sgdm (sparsity 0.9) |" in out
     assert "J=4: sparse / dense upload: 0.091" in out  # 10% of the backbone; the frozen step-0 head stays put
@@ -41,7 +41,7 @@ def test_bench_round_against_the_stock_app_and_by_phase():
     assert "| J=2, dense |" in out and "files / stock" in out  # the stock app ran, beside both transports
     assert "| nodes' partition ids (query round; the server's task builds meanwhile) |" in out
     assert "| start-up (SuperLink, simulation, ServerApp) |" in out
-    assert "| J=2, stock Flower app |" in out and "| J=2, fedit, messages |" in out  # CPU by process
+    assert "| J=2, dense, stock Flower app |" in out and "| J=2, dense, fedit, messages |" in out  # CPU by process
     out = subprocess.run([sys.executable, "-m", "experiments", "bench", "round", "--profile", *tiny],
                          capture_output=True, text=True, check=True).stdout
     assert "| J=2, files |" in out and "| J=2, messages |" in out and "client_train" in out
@@ -74,7 +74,8 @@ def test_bench_grid_measures_once_per_cost_group_and_prints_the_projection(tmp_p
                           "synthetic-train-size=1500"], capture_output=True, text=True, check=True).stdout
     assert "| all runs | 4 | 160 |" in out and "projected wall time of the whole manifest:" in out
     assert "| runs that cost alike | start-up (SuperLink, simulation, ServerApp) |" in out
-    assert "| all runs | stock Flower app |" in out and "| all runs | fedit |" in out  # fixed cost beside stock
+    assert "| all runs | stock Flower app |" in out and "| all runs | fedit, a run of its own |" in out
+    assert "| all runs | fedit, a later run of a session |" in out  # the runner's later runs skip start-up
 
 
 def test_bench_refuses_a_warmup_that_leaves_no_steady_rounds():
