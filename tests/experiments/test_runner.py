@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from experiments.manifest import load_manifest
+from fed_app import centralized
 
-from ..conftest import flower_processes_under
+from ..conftest import flower_processes_under, run_in_process
 
 MANIFEST = """
 name: tiny
@@ -92,12 +93,14 @@ def _rows(run_dir, timing=frozenset()):
 
 
 def _reference(tmp_path, text):
-    """The runs of `text` done by one runner, one at a time: id -> rows."""
+    """The (centralized) runs of `text` done one at a time in this process: id -> rows."""
     manifest = tmp_path / "reference" / "tiny.yaml"
     manifest.parent.mkdir()
     manifest.write_text(text)
-    subprocess.run(_runner(manifest, tmp_path / "reference"), check=True, capture_output=True)
-    return {r.run_id: _rows(r.cfg.run_dir) for r in load_manifest(manifest, tmp_path / "reference").runs}
+    runs = load_manifest(manifest, tmp_path / "reference").runs
+    for r in runs:
+        centralized.run(r.cfg)
+    return {r.run_id: _rows(r.cfg.run_dir) for r in runs}
 
 
 @pytest.mark.slow
@@ -214,9 +217,8 @@ def test_sigterm_stops_the_runner_and_its_federation_and_the_rerun_ends_as_the_u
     rerun = subprocess.run(_runner(manifest, results), capture_output=True, text=True, env=env)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr
     assert "round 10/10" in rerun.stdout and "INFO:" not in rerun.stdout  # each row logged once, plainly
-    reference = tmp_path / "reference"
-    subprocess.run(_runner(manifest, reference), check=True, capture_output=True)
-    assert _rows(run_dir, {"round_time"}) == _rows(reference / "fl" / run_dir.name, {"round_time"})
-    a = torch.load(reference / "fl" / run_dir.name / "checkpoint.pt", weights_only=False)["model"]
+    reference = run_in_process(load_manifest(manifest, tmp_path / "reference").runs[0].cfg)
+    assert _rows(run_dir, {"round_time"}) == _rows(reference, {"round_time"})
+    a = torch.load(reference / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

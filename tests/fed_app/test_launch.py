@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fed_app.local_federation import LocalFederation, run_config_arg
+from fed_app.local_federation import run_config_arg
 
-from ..conftest import fl_cfg, flower_processes_under
+from ..conftest import fl_cfg, flower_processes_under, run_in_process
 
 SETTINGS = {"num-rounds": 16, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4}
 TIMING = {"wall_time", "round_time"}
@@ -32,16 +32,14 @@ def _launch(cfg, cwd: Path, **popen) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
-    """One reference run shared by the tests of this run."""
+    """One reference run, in process, shared by the tests of this module."""
     root = tmp_path_factory.mktemp("reference")
-    with LocalFederation(root / "flwr") as fed:
-        fed.run(fl_cfg(root, "whole", **SETTINGS), num_supernodes=10, timeout=300)
-    return root / "whole"
+    return run_in_process(fl_cfg(root, "whole", **SETTINGS))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_a_signal_stops_every_process_and_the_rerun_ends_as_the_uninterrupted_run(tmp_path, uninterrupted, signum):
+def test_sigterm_stops_every_process_and_the_rerun_ends_as_the_uninterrupted_run(tmp_path, uninterrupted):
+    signum = signal.SIGTERM
     cfg = fl_cfg(tmp_path, "cut", **SETTINGS)
     cut = Path(cfg.run_dir)
     proc = _launch(cfg, tmp_path, start_new_session=True)
@@ -71,3 +69,18 @@ def test_a_signal_stops_every_process_and_the_rerun_ends_as_the_uninterrupted_ru
     a = torch.load(uninterrupted / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(cut / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sighup_a_closed_terminal_stops_every_process_and_releases_the_claim(tmp_path):
+    cfg = fl_cfg(tmp_path, "cut", **SETTINGS)
+    cut = Path(cfg.run_dir)
+    proc = _launch(cfg, tmp_path, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (cut / "rows.jsonl").exists():  # Flower is up: round 0 is written
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGHUP)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGHUP and "stopped by SIGHUP" in output, output[-2000:]
+    assert flower_processes_under(tmp_path / "results" / ".flwr") == []
+    assert not (cut / "CLAIM").exists() and not (cut / "DONE").exists()

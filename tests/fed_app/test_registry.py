@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from fed_app.config import ConfigError, RunConfig
 from fed_app.model import build_model
 from fed_app.registry import AGGREGATIONS, OBJECTIVES
-from fed_app.local_federation import LocalFederation
 from masking.calibrate import calibrate, load_masks
 from strategies.fedavg import weighted_average
 
@@ -55,14 +54,13 @@ def test_the_plugin_rule_objective_and_aggregation_do_what_they_say():
 
 
 @pytest.mark.slow
-def test_a_plugin_registered_from_outside_the_package_runs_end_to_end(tmp_path):
-    cfg = RunConfig.from_run_config({**TINY, **PLUGIN, "num-clients": 6, "fraction-train": 0.5, "num-rounds": 2,
+def test_a_plugin_registered_from_outside_the_package_runs_end_to_end(tmp_path, flower_session):
+    cfg = RunConfig.from_run_config({**TINY, **PLUGIN, "num-clients": 10, "fraction-train": 0.3, "num-rounds": 2,
                                      "eval-every": 1, "local-steps": 2, "optimizer": "sparse-sgdm", "head": "ridge",
                                      "lr": 0.01, "sparsity": 0.8, "calibration-rounds": 2,
                                      "mask-rule": "by-position", "client-objective": "proximal",
                                      "aggregation": "half-step", "run-dir": str(tmp_path / "run")})
-    with LocalFederation(tmp_path / "flwr") as sim:
-        sim.run(cfg, num_supernodes=6, timeout=300)
+    flower_session.run(cfg)  # a simulation whose workers started before the run named the plugin
     rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["train_loss"] > 0 for r in rows[1:])
     for m in load_masks(tmp_path / "run" / "mask.pt").values():  # the server calibrated with the plugin's rule

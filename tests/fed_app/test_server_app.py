@@ -10,7 +10,7 @@ import torch
 from fed_app.local_federation import LocalFederation, FlowerRunError
 from fed_app.transport import SharedFiles
 
-from ..conftest import fl_cfg as _cfg
+from ..conftest import fl_cfg as _cfg, run_in_process
 
 TIMING = {"wall_time", "round_time"}
 
@@ -21,11 +21,10 @@ def _rows(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("partition", ["iid", "noniid"])
-def test_flwr_run_simulation_end_to_end(tmp_path, partition):
+@pytest.mark.parametrize("partition", ["noniid"])  # iid: the default, under `flwr run` in the SIGKILL tests below
+def test_flwr_run_simulation_end_to_end(tmp_path, partition, flower_session):
     cfg = _cfg(tmp_path, partition, partition=partition, **{"classes-per-client": 20, "fraction-evaluate": 0.5})
-    with LocalFederation(tmp_path / "flwr") as sim:
-        sim.run(cfg, num_supernodes=10, timeout=300)
+    flower_session.run(cfg)  # the runner's way: one `flwr run` that serves run after run
     rows = _rows(tmp_path / partition)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # round 0: the starting point, evaluated
     assert all(r["clients"] == 3 for r in rows[1:])
@@ -49,12 +48,12 @@ SPARSE = {"optimizer": "sparse-sgdm", "head": "ridge", "sparsity": 0.8, "calibra
 @pytest.mark.parametrize("editing", [{}, SPARSE, SERVER_ADAM], ids=["dense", "sparse", "fedadam-scaffold"])
 def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights(tmp_path, editing):
     settings = {"num-rounds": 12, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4, **editing}
-    # the reference moves models inside Flower messages, the killed run through files: same numbers
-    whole = _cfg(tmp_path, "whole", transport="messages", **settings)
+    # the reference runs in this process with models inside messages, the killed run under `flwr run` through
+    # files: same numbers
+    run_in_process(_cfg(tmp_path, "whole", transport="messages", **settings))
     cut = _cfg(tmp_path, "cut", **settings)
     assert cut.transport == "files"
     with LocalFederation(tmp_path / "flwr") as sim:
-        sim.run(whole, num_supernodes=10, timeout=300)
         proc = sim.popen(cut, num_supernodes=10)
         rows_file, deadline = tmp_path / "cut" / "rows.jsonl", time.time() + 240
         while time.time() < deadline and not (rows_file.exists() and len(rows_file.read_text().splitlines()) >= 5):

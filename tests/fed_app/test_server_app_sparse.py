@@ -1,5 +1,6 @@
 """Sparse fine-tuning in FL through real `flwr run`: federated ridge and Fisher masks equal their
-centralized counterparts on the union of the shards; frozen entries never move; sparse payloads."""
+centralized counterparts on the union of the shards; frozen entries never move; sparse payloads. The module's
+runs share one Flower simulation (a session, as the runner runs them)."""
 
 import json
 
@@ -12,7 +13,6 @@ from fed_app.data import load_dataset
 from fed_app.editing import calibrate_masks, fit_head
 from fed_app.head import freeze_head, set_head
 from fed_app.model import build_model
-from fed_app.local_federation import LocalFederation
 from masking.calibrate import load_masks
 from fed_app.wire import unpack_masks
 from masking.combine import combine_masks
@@ -25,10 +25,9 @@ SPARSE_FL = {**TINY, "num-clients": 10, "fraction-train": 0.3, "num-rounds": 3, 
 
 
 @pytest.mark.slow
-def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_frozen_entries(tmp_path):
+def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_frozen_entries(tmp_path, flower_session):
     cfg = RunConfig.from_run_config({**SPARSE_FL, "run-dir": str(tmp_path / "run")})
-    with LocalFederation(tmp_path / "flwr") as sim:
-        sim.run(cfg, num_supernodes=10, timeout=300)
+    flower_session.run(cfg)
     run = tmp_path / "run"
     final = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
     fed_masks = load_masks(run / "mask.pt")
@@ -74,12 +73,11 @@ def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_froze
 
 
 @pytest.mark.slow
-def test_local_masks_each_client_its_own_and_entries_frozen_everywhere_never_move(tmp_path):
+def test_local_masks_each_client_its_own_and_entries_frozen_everywhere_never_move(tmp_path, flower_session):
     settings = {**SPARSE_FL, "mask-scope": "local", "partition": "noniid", "classes-per-client": 10,
                 "fisher-samples": 64, "fisher-mode": "sampled"}
     cfg = RunConfig.from_run_config({**settings, "run-dir": str(tmp_path / "run")})
-    with LocalFederation(tmp_path / "flwr") as sim:
-        sim.run(cfg, num_supernodes=10, timeout=300)
+    flower_session.run(cfg)
     run = tmp_path / "run"
     model, _ = build_model(cfg, 100)
     freeze_head(model)
@@ -100,12 +98,11 @@ def test_local_masks_each_client_its_own_and_entries_frozen_everywhere_never_mov
 
 
 @pytest.mark.slow
-def test_head_rounds_train_the_head_and_no_backbone_entry(tmp_path):
+def test_head_rounds_train_the_head_and_no_backbone_entry(tmp_path, flower_session):
     settings = {**SPARSE_FL, "head": "train", "head-rounds": 2, "num-rounds": 2, "fisher-samples": 64,
                 "mask-rule": "random", "calibration-rounds": 1}
     cfg = RunConfig.from_run_config({**settings, "run-dir": str(tmp_path / "run")})
-    with LocalFederation(tmp_path / "flwr") as sim:
-        sim.run(cfg, num_supernodes=10, timeout=300)
+    flower_session.run(cfg)
     model, _ = build_model(cfg, 100)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
@@ -116,15 +113,14 @@ def test_head_rounds_train_the_head_and_no_backbone_entry(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_voted_global_mask_is_the_clients_own_masks_combined_and_frozen_entries_never_move(tmp_path):
+def test_a_voted_global_mask_is_the_clients_own_masks_combined_and_frozen_entries_never_move(tmp_path, flower_session):
     settings = {**SPARSE_FL, "partition": "noniid", "classes-per-client": 10, "fisher-samples": 64,
                 "fisher-mode": "sampled", "num-rounds": 2}
     own = RunConfig.from_run_config({**settings, "mask-scope": "local", "run-dir": str(tmp_path / "own")})
     voted = RunConfig.from_run_config({**settings, "mask-aggregation": "vote", "mask-quorum": 0.3,
                                        "run-dir": str(tmp_path / "voted")})
-    with LocalFederation(tmp_path / "flwr") as sim:
-        sim.run(own, num_supernodes=10, timeout=300)
-        sim.run(voted, num_supernodes=10, timeout=300)
+    flower_session.run(own)
+    flower_session.run(voted)
     model, _ = build_model(voted, 100)
     freeze_head(model)
     shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
