@@ -130,18 +130,18 @@ def _bench(args) -> int:
                              f"{args.rounds - 1}")
             return 0
         steps = [int(j) for j in args.local_steps.split(",")]
+        slots = int(1 / gpus) if gpus else max(1, (os.cpu_count() or 1) // args.cpus)  # clients training at once
         if args.profile:
             from experiments.bench import bench_profile, print_profile
 
             with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
                 rows = bench_profile(cfg, steps, args.rounds, args.warmup, Path(tmp), args.cpus, gpus)
-            slots = int(1 / gpus) if gpus else max(1, (os.cpu_count() or 1) // args.cpus)
             print_profile(rows, f"bench round --profile: {cfg.model}, K={cfg.num_clients}, C={cfg.fraction_train}, "
                                 f"batch {cfg.batch_size}, {name}, seconds per round by phase, median of rounds "
                                 f"{args.warmup + 1}..{args.rounds - 1}", slots)
             return 0
         if args.against == "stock":
-            from experiments.bench import bench_against_stock, print_against_stock
+            from experiments.bench import bench_against_stock, print_against_stock, print_profile
 
             with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
                 rows = bench_against_stock(cfg, steps, args.rounds, args.warmup, Path(tmp), args.cpus, gpus,
@@ -150,6 +150,8 @@ def _bench(args) -> int:
                                       f"C={cfg.fraction_train}, batch {cfg.batch_size}, {name}, precision "
                                       f"{cfg.precision}, s/round = median of rounds {args.warmup + 1}.."
                                       f"{args.rounds - 1}, then median (range) of {args.repeats} interleaved runs")
+            print_profile([p for r in rows for p in r["profiles"]], "fedit's rounds by phase (s; median of the "
+                          "repetitions; bench round --profile alone runs only these)", slots, cpu=False)
             return 0
         with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
             rows = bench_round(cfg, steps, args.rounds, args.warmup, Path(tmp), args.cpus, gpus)

@@ -250,7 +250,7 @@ def bench_profile(cfg: RunConfig, local_steps: list[int], rounds: int, warmup: i
     return rows
 
 
-def print_profile(rows: list[dict], header: str, slots: int) -> None:
+def print_profile(rows: list[dict], header: str, slots: int, cpu: bool = True) -> None:
     """Seconds per round by phase; client phases are summed over the round's clients, and Flower's own share
     of the exchange is estimated as the exchange less the clients' summed work spread over `slots`."""
     print_table(header, ["config", "round"] + [name for name, _ in PHASES] + ["Flower transit (est.)", "other"], [
@@ -262,7 +262,8 @@ def print_profile(rows: list[dict], header: str, slots: int) -> None:
         print(f"- {name}: {meaning}")
     print(f"- client phases are CPU-seconds summed over the round's clients, {slots} at a time; "
           f"other: the rest of the round (the server's row bookkeeping)")
-    print_cpu([(r["config"], [r["cpu"]], [r["round"]]) for r in rows])
+    if cpu:
+        print_cpu([(r["config"], [r["cpu"]], [r["round"]]) for r in rows])
 
 
 def print_cpu(runs: list[tuple[str, list[dict[str, float]], list[float]]]) -> None:
@@ -330,7 +331,11 @@ def bench_against_stock(cfg: RunConfig, local_steps: list[int], rounds: int, war
                      **{f"{name}_fixed": [r["fixed"] for r in reps] for name, reps in runs.items()},
                      **{f"{name}_evaluations": [r["evaluations"] for r in reps] for name, reps in runs.items()},
                      **{f"{name}_stages": [r["stages"] for r in reps] for name, reps in runs.items()},
-                     **{f"{name}_cpu": [r["cpu"] for r in reps] for name, reps in runs.items()}})
+                     **{f"{name}_cpu": [r["cpu"] for r in reps] for name, reps in runs.items()},
+                     "profiles": [{"config": f"J={j}, {t}", "clients": c.clients_per_round,
+                                   **{k: statistics.median(r[k] for r in runs[t]) for k in runs[t][0]
+                                      if k == "round" or k.startswith("profile_")}}
+                                  for t in ("files", "messages")]})
     return rows
 
 

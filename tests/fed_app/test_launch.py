@@ -16,7 +16,7 @@ from fed_app.local_federation import run_config_arg
 
 from ..conftest import fl_cfg, flower_processes_under, run_in_process
 
-SETTINGS = {"num-rounds": 16, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4}
+SETTINGS = {"num-rounds": 10, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4}
 TIMING = {"wall_time", "round_time"}
 
 
@@ -60,7 +60,7 @@ def test_sigterm_stops_every_process_and_the_rerun_ends_as_the_uninterrupted_run
     assert flower_processes_under(tmp_path / "results" / ".flwr") == []  # SuperLink, SuperExec, Ray: all gone
     rows = len((cut / "rows.jsonl").read_text().splitlines())
     time.sleep(3)
-    assert len((cut / "rows.jsonl").read_text().splitlines()) == rows < 17  # nobody writes the run any more
+    assert len((cut / "rows.jsonl").read_text().splitlines()) == rows < 11  # nobody writes the run any more
     assert not (cut / "CLAIM").exists() and not (cut / "DONE").exists()
     rerun = _launch(cfg, tmp_path)
     output, _ = rerun.communicate(timeout=300)

@@ -45,7 +45,8 @@ SPARSE = {"optimizer": "sparse-sgdm", "head": "ridge", "sparsity": 0.8, "calibra
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("editing", [{}, SPARSE, SERVER_ADAM], ids=["dense", "sparse", "fedadam-scaffold"])
+# dense FedAvg stopped and resumed under `flwr run`: tests/fed_app/test_launch.py and the runner's SIGTERM test
+@pytest.mark.parametrize("editing", [SPARSE, SERVER_ADAM], ids=["sparse", "fedadam-scaffold"])
 def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights(tmp_path, editing):
     settings = {"num-rounds": 12, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4, **editing}
     # the reference runs in this process with models inside messages, the killed run under `flwr run` through
