@@ -69,7 +69,8 @@ class Federation:
         if len(node_ids) != cfg.num_clients:
             waited = time.monotonic() - started
             raise _wrong_federation(cfg, f"{len(node_ids)} nodes are connected after {waited:.0f}s")
-        queries = [Message(RecordDict(run_record(cfg)), node, MessageType.QUERY) for node in node_ids]
+        run = run_record(cfg)  # one JSON text for all K queries
+        queries = [Message(RecordDict(run), node, MessageType.QUERY) for node in node_ids]
         nodes, examples = {}, {}
         for reply in grid.send_and_receive(queries, timeout=cfg.round_timeout):
             if reply.has_error():
