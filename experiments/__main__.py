@@ -76,6 +76,9 @@ def _run(args) -> int:
     if outcome.elsewhere:
         print(f"{len(outcome.elsewhere)} runs were being run by other commands ({', '.join(outcome.elsewhere)}); "
               f"rerun this command once they stop to check on them.", file=sys.stderr)
+    if outcome.diverged:
+        print(f"{len(outcome.diverged)} runs diverged ({', '.join(outcome.diverged)}): marked DIVERGED, they lose "
+              f"every selection and the report lists them apart.", file=sys.stderr)
     if outcome.failed:
         print(f"error: {len(outcome.failed)} runs failed ({', '.join(outcome.failed)}); rerun the same command "
               f"to retry them.", file=sys.stderr)

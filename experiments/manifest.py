@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ import yaml
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.errors import UserError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("centralized", "federated")
 TOP_KEYS = {"name", "kind", "base", "grid", "seeds", "rounds-scaling", "description", "tuned-from"}
@@ -181,11 +184,12 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
         raise ManifestError(f"{where}: tuned-from takes {', '.join(keys)} from the results of manifest {name}, "
                             f"which has not been run under {results}; {command}.")
     tuning = load_manifest(saved, results)  # its own tuned values too: they are in its run ids
-    done = sum((Path(r.cfg.run_dir) / "DONE").exists() for r in tuning.runs)
+    done = sum((Path(r.cfg.run_dir) / "DONE").exists() or (Path(r.cfg.run_dir) / "DIVERGED").exists()
+               for r in tuning.runs)  # a diverged run is finished: it loses the selection
     if done < len(tuning.runs):
         raise ManifestError(f"{where}: tuned-from takes {', '.join(keys)} from manifest {name}, which has not "
                             f"finished ({done} of {len(tuning.runs)} runs done); {command}.")
-    from experiments.report import load_results, over_seeds, select_best, summarize
+    from experiments.report import edge_winners, load_results, over_seeds, select_best, summarize
 
     axes = [a.replace("-", "_") for a in tuning.axes]
     table = over_seeds(summarize(load_results(results / name), axes, "final"), axes)
@@ -204,9 +208,17 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
             wanted = ", ".join(f"{k}={values.get(k, defaults[k])}" for k in match)
             raise ManifestError(f"{where}: manifest {name} has no finished run with {wanted} to take "
                                 f"{', '.join(keys)} from; add those values to its grid.")
+        for note in edge_winners(rows, best, [k.replace("-", "_") for k in keys]):
+            if (name, note) not in _FLAGGED:  # once per command, not once per run that takes the value
+                _FLAGGED.add((name, note))
+                log.warning("%s: the best of manifest %s is at the edge of its grid: %s to its grid and rerun it.",
+                            where, name, note)
         return {k: _plain(best[k.replace("-", "_")]) for k in keys}
 
     return pick
+
+
+_FLAGGED: set[tuple[str, str]] = set()
 
 
 def _plain(value: Any) -> Any:

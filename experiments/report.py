@@ -40,6 +40,8 @@ def load_results(results_dir: Path) -> pd.DataFrame:
         for key, value in config.items():
             frame[key] = value if key_applies(key, kind, config) else None
         frame["run_id"], frame["kind"], frame["done"] = run_dir.name, kind, (run_dir / "DONE").exists()
+        diverged = run_dir / "DIVERGED"
+        frame["diverged"] = diverged.read_text() if diverged.exists() else None
         frames.append(frame)
     if not frames:
         raise NoResultsError(f"no run with a rows.jsonl under {results_dir}; run a manifest first.")
@@ -61,7 +63,7 @@ def grid_axes(results_dir: Path, df: pd.DataFrame) -> list[str]:
 def varying(df: pd.DataFrame) -> list[str]:
     """Config columns whose value differs between runs."""
     per_run = df.groupby("run_id").first()
-    skip = IGNORED | {"step", "epoch", "round", "done"}
+    skip = IGNORED | {"step", "epoch", "round", "done", "diverged"}
     candidates = [c for c in per_run.columns if c not in skip and not _is_metric(c)]
     return [c for c in candidates if per_run[c].astype(str).nunique() > 1]
 
@@ -87,7 +89,7 @@ def summarize(df: pd.DataFrame, axes: list[str] | None = None, rule: str = "fina
     """Per run, at the checkpoint `rule` selects: its step, validation accuracy, test accuracy and loss; the
     step-0 test numbers (after step 0 and calibration); bytes per round; then the run's config (axes first)."""
     axes = [a for a in (varying(df) if axes is None else axes) if a != "kind"]
-    skip = {"step", "epoch", "round", "done", "run_id", "kind", "run_dir"}
+    skip = {"step", "epoch", "round", "done", "diverged", "run_id", "kind", "run_dir"}
     config_columns = axes + [c for c in df.columns if c not in axes and c not in skip and not _is_metric(c)]
     out = []
     for run_id, g in df.groupby("run_id", sort=True):
@@ -96,7 +98,8 @@ def summarize(df: pd.DataFrame, axes: list[str] | None = None, rule: str = "fina
         start = g[g["step"] == 0]
         trained = g[g["step"] > 0]
         out.append({
-            "run_id": run_id, "kind": g["kind"].iloc[0], "done": bool(g["done"].iloc[0]), "steps": int(g["step"].max()),
+            "run_id": run_id, "kind": g["kind"].iloc[0], "done": bool(g["done"].iloc[0]),
+            "diverged": g["diverged"].iloc[0] if "diverged" in g else None, "steps": int(g["step"].max()),
             "checkpoint": np.nan if chosen is None else int(chosen["step"]),
             **{m: np.nan if chosen is None else chosen[m] for m in ("val_accuracy", "test_accuracy", "test_loss")},
             **{f"step0_{m}": start[m].iloc[0] if len(start) and m in start else np.nan
@@ -116,7 +119,7 @@ def over_seeds(summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     by_key = summary.groupby(keys, dropna=False)
     grouped = by_key[METRICS]
     table = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std")).join(
-        by_key["test_accuracy"].count().rename("n"))
+        by_key["test_accuracy"].count().rename("n")).join(by_key["diverged"].count().rename("diverged"))
     return table.reset_index()
 
 
@@ -184,10 +187,28 @@ def method_table(stats: pd.DataFrame) -> str:
 
 
 def select_best(table: pd.DataFrame, kind: str | None = None) -> pd.Series | None:
-    """The configuration with the best mean validation accuracy (never the test accuracy), of one kind."""
+    """The configuration with the best mean validation accuracy (never the test accuracy), of one kind; one
+    whose run diverged at any seed loses to every other."""
     rows = table if kind is None else table[table["kind"] == kind]
     rows = rows.dropna(subset=["val_accuracy_mean"])
+    if "diverged" in rows and (rows["diverged"] == 0).any():
+        rows = rows[rows["diverged"] == 0]
     return None if rows.empty else rows.loc[rows["val_accuracy_mean"].idxmax()]
+
+
+def edge_winners(rows: pd.DataFrame, best: pd.Series, keys: list[str]) -> list[str]:
+    """For each numeric key of `keys` (snake_case) tried at three or more values among `rows`, where `best` took
+    the lowest or highest: 'lr=0.01 is the highest tried; add 0.03' (the grid's own spacing, continued)."""
+    notes = []
+    for key in keys:
+        tried = sorted({float(v) for v in rows[key].dropna() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        if len(tried) < 3 or pd.isna(best.get(key)) or float(best[key]) not in (tried[0], tried[-1]):
+            continue
+        edge, inner = (tried[-1], tried[-2]) if float(best[key]) == tried[-1] else (tried[0], tried[1])
+        beyond = edge * edge / inner if edge > 0 and inner > 0 else 2 * edge - inner  # log grid, else linear
+        side = "highest" if edge == tried[-1] else "lowest"
+        notes.append(f"{key.replace('_', '-')}={edge:g} is the {side} tried; add {beyond:.3g}")
+    return notes
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -222,6 +243,8 @@ def shown_table(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
                                 ("test_loss", "test loss", 1), ("step0_test_accuracy", "step-0 test acc %", 100)):
         shown[name] = [_pm(m, s, n, scale, 2 if scale == 100 else 3)
                        for m, s, n in zip(table[f"{metric}_mean"], table[f"{metric}_std"], table["n"])]
+    if "diverged" in table and table["diverged"].any():
+        shown["diverged"] = table["diverged"].map(lambda d: f"{d} diverged" if d else "")
     return shown
 
 
@@ -241,11 +264,14 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
         old.unlink()
     from experiments.figures import client_classes, make_figures, mask_layers, methods_figure
 
-    made = make_figures(df, summary, axes, figures) + client_classes(results_dir, figures)
+    diverged = summary[summary["diverged"].notna()]
+    learned = summary[summary["diverged"].isna()]  # a diverged run's numbers are drawn nowhere
+    made = make_figures(df[df["run_id"].isin(learned["run_id"])], learned, axes, figures)
+    made += client_classes(results_dir, figures)
     made += [p for p in [mask_layers(results_dir, figures)] if p is not None]
     where = {"final": "at each run's last evaluated step", "best-val": "at each run's best-validation step"}[rule]
     lines = [f"# Report: {results_dir.name}", "", f"{summary['run_id'].nunique()} runs "
-             f"({int(summary['done'].sum())} finished). Checkpoint rule `{rule}`: configurations are selected by "
+             f"({int(summary['done'].sum())} finished, {len(diverged)} diverged). Checkpoint rule `{rule}`: configurations are selected by "
              f"validation accuracy and reported by test accuracy, both {where}; mean ± std over n seeds. Step 0 is "
              f"the model after step 0 (head) and mask calibration, before any fine-tuning.", ""]
     for kind in ("centralized", "federated"):
@@ -255,10 +281,17 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
         rows = table[table["kind"] == kind]
         tuned = [a for a in axes if a in rows and rows[a].astype(str).nunique() > 1]
         chosen = ", ".join(f"{a.replace('_', '-')}={best[a]}" for a in tuned if pd.notna(best[a])) or "-"
+        edges = edge_winners(rows, best, tuned)
+        flag = f" **At the edge of its grid:** {'; '.join(edges)}." if edges else ""
         lines += [f"**Best {kind} configuration by validation accuracy:** {chosen}: validation "
                   f"{_pm(best['val_accuracy_mean'], best['val_accuracy_std'], best['n'])}, test "
-                  f"{_pm(best['test_accuracy_mean'], best['test_accuracy_std'], best['n'])}.", ""]
-    remedies = methods_by_level(summary)
+                  f"{_pm(best['test_accuracy_mean'], best['test_accuracy_std'], best['n'])}.{flag}", ""]
+    if len(diverged):
+        lines += [f"## Diverged runs ({len(diverged)})", "", "Stopped by the divergence guard (marked DIVERGED, not "
+                  "DONE): they lose every selection and are drawn in no figure.", "",
+                  markdown_table(diverged[["run_id", *[a for a in axes if a in diverged and a != "kind"], "diverged"]]
+                                 .astype(object).map(_cell)), ""]
+    remedies = methods_by_level(learned)
     if remedies is not None:
         lines += ["## Test accuracy per method and heterogeneity level", "", method_table(remedies), ""]
         made.append(methods_figure(remedies, figures))

@@ -38,9 +38,12 @@ class RunFailedError(UserError, RuntimeError):
 
 
 def status(run: Run) -> str:
+    """done, diverged (stopped by the divergence guard: finished, never rerun), partial or new."""
     path = Path(run.cfg.run_dir)
     if (path / "DONE").exists():
         return "done"
+    if (path / "DIVERGED").exists():
+        return "diverged"
     return "partial" if (path / "checkpoint.pt").exists() else "new"
 
 
@@ -63,6 +66,7 @@ def print_plan(manifest: Manifest, runs: list[Run], console: Console) -> None:
 @dataclass
 class Outcome:
     failed: list[str] = field(default_factory=list)  # runs that failed here
+    diverged: list[str] = field(default_factory=list)  # runs the divergence guard stopped (here or before)
     elsewhere: list[str] = field(default_factory=list)  # runs another live command holds
 
 
@@ -147,8 +151,16 @@ class SlotWorker:
                 self.federation.close()
             self.finished.set()
 
+    def _finished(self, run: Run) -> bool:
+        """Whether nothing is left to run of `run` (a diverged one counted as such)."""
+        state = status(run)
+        if state == "diverged":
+            with self.runner.lock:
+                self.runner.outcome.diverged.append(run.run_id)
+        return state in ("done", "diverged")
+
     def _one(self, run: Run) -> None:
-        if status(run) == "done":
+        if self._finished(run):
             self.runner.bar.advance(self.runner.overall)
             return
         claim = claims.take(Path(run.cfg.run_dir))
@@ -160,10 +172,14 @@ class SlotWorker:
             self.runner.bar.advance(self.runner.overall)
             return
         with claim:
-            if status(run) == "done":  # finished by another runner between the look and the claim
+            if self._finished(run):  # finished by another runner between the look and the claim
                 self.runner.bar.advance(self.runner.overall)
                 return
             self._claimed(run, run.cfg.replace(claim_token=claim.token))
+            if status(run) == "diverged":
+                log.warning("run %s diverged: %s", run.run_id, (Path(run.cfg.run_dir) / "DIVERGED").read_text())
+                with self.runner.lock:
+                    self.runner.outcome.diverged.append(run.run_id)
         self.runner.bar.advance(self.runner.overall)
 
     def _claimed(self, run: Run, cfg) -> None:
@@ -197,7 +213,8 @@ class SlotWorker:
                                       stderr=subprocess.PIPE, text=True)
         out, err = self.child.communicate()
         (Path(cfg.run_dir) / "run.log").write_text(out + err)
-        if self.child.returncode != 0 and not self.runner.stop.is_set():
+        diverged = (Path(cfg.run_dir) / "DIVERGED").exists()  # an outcome of the run, not a failure
+        if self.child.returncode != 0 and not diverged and not self.runner.stop.is_set():
             lines = [line for line in err.splitlines() if line.startswith("error: ")]
             raise RunFailedError(lines[-1][len("error: "):] if lines else f"exit {self.child.returncode}: {err[-500:]}")
 

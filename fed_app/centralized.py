@@ -17,7 +17,7 @@ from fed_app.head import freeze_head
 from fed_app.model import build_model
 from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
-from fed_app.run_loop import claimed_run, run_steps
+from fed_app.run_loop import DivergedError, claimed_run, diverged_message, run_steps
 from fed_app.seeds import epoch_generator
 from fed_app.task import (autocast, evaluate, make_optimizer, make_scheduler, resolve_device, set_masks_by_name,
                           train_steps, training_module)
@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 def run(cfg: RunConfig) -> RunDir:
     """Step 0 and calibration when asked, then cfg.epochs epochs, resuming from the run's checkpoint."""
     with claimed_run(cfg, "centralized") as (run_dir, claim):
-        if run_dir.done:
-            log.info("run %s is already done; nothing to do", run_dir.path)
+        if run_dir.finished:
+            log.info("run %s is already %s; nothing to do", run_dir.path, "done" if run_dir.done else "diverged")
             return run_dir
         return run_steps(cfg, run_dir, Epochs(cfg, run_dir), guard=claim.check)
 
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
     run_dir = run(cfg)
+    if run_dir.diverged:
+        raise DivergedError(diverged_message(run_dir))
     print(Path(run_dir.path))
 
 

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from fed_app.config import parse_overrides
     from fed_app.rundir import RunDir
+    from fed_app.run_loop import DivergedError, diverged_message
 
     parser = argparse.ArgumentParser(
         prog="python -m fed_app.launch",
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
             for line in proc.stdout:  # stream Flower's log as it comes
                 sys.stdout.write(line)
             proc.wait()
-    if not (Path(cfg.run_dir) / "DONE").exists():
+    if run_dir.diverged:
+        raise DivergedError(diverged_message(run_dir))
+    if not run_dir.done:
         raise FlowerRunError("the Flower run did not finish; see the log above. Rerun the same command to resume.")
     log.info("done: %s", cfg.run_dir)
 

@@ -1,5 +1,6 @@
 """The one shape of a resumable run, centralized or federated: restore the last checkpoint or take step 0,
-then each step is run, recorded as a row and checkpointed on schedule, then DONE. What a step is (an epoch,
+then each step is run, recorded as a row and checkpointed on schedule, then DONE (or DIVERGED, when the
+divergence guard stops it). What a step is (an epoch,
 a FedAvg round) belongs to the caller's `Steps`; when to restore, record and checkpoint belongs here."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any, Protocol
 
 from fed_app import claims
 from fed_app.config import RunConfig
+from fed_app.divergence import divergence
+from fed_app.errors import UserError
 from fed_app.rundir import RunDir
 from fed_app.trackers import Tracker, open_tracker
 
@@ -60,17 +63,19 @@ def claimed_run(cfg: RunConfig, group: str) -> Iterator[tuple[RunDir, claims.Cla
 
 
 def run_steps(cfg: RunConfig, run_dir: RunDir, steps: Steps, guard: Callable[[], None] = lambda: None) -> RunDir:
-    """Restore or step 0, then steps start+1..total, each one a row and, on schedule, a checkpoint; DONE.
+    """Restore or step 0, then steps start+1..total, each one a row and, on schedule, a checkpoint; DONE. A run
+    whose rows show divergence (fed_app/divergence.py) stops at that row, marked DIVERGED instead.
     `guard` runs before anything is written (the claim's check: a run whose command is gone stops)."""
     key = steps.key
     checkpoint = run_dir.resume(key)
+    rows = run_dir.rows()  # kept from before a stop: the guard looks back over them
     tracker = open_tracker(cfg, run_dir.path, key)
-    tracker.catch_up(run_dir.rows())  # rows the tracker does not hold yet (kept from before a stop)
+    tracker.catch_up(rows)  # rows the tracker does not hold yet
     t0 = time.perf_counter()
     try:
         if checkpoint is None:
             started = time.perf_counter()
-            _record(cfg, run_dir, steps, 0, steps.step_zero(), started, t0, guard, tracker)
+            rows.append(_record(cfg, run_dir, steps, 0, steps.step_zero(), started, t0, guard, tracker, rows))
             start = 0
         else:
             steps.restore(checkpoint)
@@ -78,20 +83,38 @@ def run_steps(cfg: RunConfig, run_dir: RunDir, steps: Steps, guard: Callable[[],
             t0 -= checkpoint.get("wall_time", 0.0)  # wall time counts on from where the run stopped
         for i in range(start + 1, steps.total + 1):
             started = time.perf_counter()
-            _record(cfg, run_dir, steps, i, steps.step(i), started, t0, guard, tracker)
+            rows.append(_record(cfg, run_dir, steps, i, steps.step(i), started, t0, guard, tracker, rows))
+            if "diverged" in rows[-1]:
+                break
         guard()
         steps.finish(run_dir)
-        run_dir.mark_done()
+        if "diverged" in rows[-1]:
+            run_dir.mark_diverged(rows[-1]["diverged"])
+            log.warning("%s", diverged_message(run_dir))
+        else:
+            run_dir.mark_done()
     finally:
         tracker.close()
     return run_dir
 
 
+class DivergedError(UserError, RuntimeError):
+    """A command's run was stopped by the divergence guard: its one sentence (the runner lists it apart)."""
+
+
+def diverged_message(run_dir: RunDir) -> str:
+    """The one sentence of a run the divergence guard stopped."""
+    return (f"run {run_dir.path.name} diverged ({run_dir.diverged}); it is marked DIVERGED, not DONE, and loses "
+            f"every selection; lower its lr (or delete its folder to run it again).")
+
+
 def _record(cfg: RunConfig, run_dir: RunDir, steps: Steps, i: int, fields: dict[str, Any], started: float,
-            t0: float, guard: Callable[[], None], tracker: Tracker) -> None:
+            t0: float, guard: Callable[[], None], tracker: Tracker, before: list[dict[str, Any]]) -> dict[str, Any]:
     row = {steps.key: i, **fields, **steps.evaluate(i)}
     row[f"{steps.key}_time"] = time.perf_counter() - started
     row["wall_time"] = time.perf_counter() - t0
+    if i > 0 and (reason := divergence([*before, row], steps.key, final=i == steps.total)):
+        row["diverged"] = reason
     guard()
     run_dir.append_row(row)
     tracker.log(row)
@@ -99,6 +122,7 @@ def _record(cfg: RunConfig, run_dir: RunDir, steps: Steps, i: int, fields: dict[
         run_dir.save_checkpoint({steps.key: i, **steps.state(), "wall_time": row["wall_time"],
                                  "config": cfg.to_dict()})
     log.info("%s", progress_line(steps.key, i, steps.total, row))
+    return row
 
 
 def progress_line(key: str, i: int, total: int, row: dict[str, Any]) -> str:

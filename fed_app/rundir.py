@@ -1,4 +1,4 @@
-"""A run's directory: config.json, append-only rows.jsonl, atomic checkpoint.pt, DONE marker."""
+"""A run's directory: config.json, append-only rows.jsonl, atomic checkpoint.pt, DONE or DIVERGED marker."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class RunDir:
         self.rows_file = path / "rows.jsonl"
         self.checkpoint_file = path / "checkpoint.pt"
         self.done_file = path / "DONE"
+        self.diverged_file = path / "DIVERGED"  # holds the divergence guard's reason
 
     @classmethod
     def for_config(cls, cfg: RunConfig, group: str) -> RunDir:
@@ -53,6 +54,19 @@ class RunDir:
 
     def mark_done(self) -> None:
         atomic_write_bytes(self.done_file, b"")
+
+    @property
+    def diverged(self) -> str | None:
+        """Why the divergence guard stopped this run (fed_app/divergence.py), or None."""
+        return self.diverged_file.read_text() if self.diverged_file.exists() else None
+
+    @property
+    def finished(self) -> bool:
+        """Nothing is left to run: DONE, or stopped by the divergence guard."""
+        return self.done or self.diverged_file.exists()
+
+    def mark_diverged(self, reason: str) -> None:
+        atomic_write_bytes(self.diverged_file, reason.encode())
 
     def append_row(self, row: dict[str, Any]) -> None:
         with open(self.rows_file, "a") as f:

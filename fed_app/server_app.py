@@ -93,8 +93,8 @@ def run(grid: Grid, cfg: RunConfig, marks: Marks | None = None) -> RunDir:
     """Step 0 and calibration when asked, then FedAvg for cfg.total_rounds rounds; resumes from checkpoints."""
     marks = Marks() if marks is None else marks
     with claimed_run(cfg, "federated") as (run_dir, claim):
-        if run_dir.done:
-            log.info("run %s is already done; nothing to do", run_dir.path)
+        if run_dir.finished:
+            log.info("run %s is already %s; nothing to do", run_dir.path, "done" if run_dir.done else "diverged")
             return run_dir
         _run(grid, cfg, run_dir, claim, marks)
         marks.mark("finished")

@@ -98,6 +98,10 @@ seeds: [1, 2]
     (Path(tune.runs[0].cfg.run_dir) / "DONE").unlink()
     with pytest.raises(ManifestError, match=r"has not finished \(11 of 12 runs done\)"):
         load_manifest(_write(tmp_path, text, "study.yaml"), results)
+    (Path(tune.runs[0].cfg.run_dir) / "DIVERGED").write_text("train_loss is nan at round 1")
+    study = load_manifest(_write(tmp_path, text, "study.yaml"), results)  # a diverged run is finished...
+    assert {r.cfg.optimizer: r.cfg.lr for r in study.runs} == {**best_val, "sgdm": 0.01}  # ...and loses
+    (Path(tune.runs[0].cfg.run_dir) / "DIVERGED").unlink()
     (Path(tune.runs[0].cfg.run_dir) / "DONE").write_text("")
     study = load_manifest(_write(tmp_path, text, "study.yaml"), results)
     assert {r.cfg.optimizer: r.cfg.lr for r in study.runs} == best_val

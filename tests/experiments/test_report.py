@@ -166,3 +166,25 @@ def test_remedies_get_a_method_by_heterogeneity_table_and_figure(tmp_path):
     assert (tmp_path / "figures" / "accuracy_by_method_and_heterogeneity.png").stat().st_size > 0
     both = pd.Series({"client_algorithm": "scaffold", "server_optimizer": "fedadam", "prox_mu": 0.0})
     assert method_name(both) == "SCAFFOLD + FedAdam"
+
+
+def test_a_diverged_run_loses_every_selection_and_is_listed_apart(tmp_path):
+    _centralized_grid(tmp_path)
+    # lr=1.0 has the best validation accuracy of all, but the divergence guard stopped it
+    _run(tmp_path, "centralized-e", _epochs([0.95], [0.95]), lr=1.0, seed=1, done=False)
+    (tmp_path / "centralized-e" / "DIVERGED").write_text("train_loss is nan at epoch 2")
+    text = write_report(tmp_path).read_text()
+    assert "5 runs (3 finished, 1 diverged)" in text
+    assert "**Best centralized configuration by validation accuracy:** lr=0.1:" in text
+    assert "## Diverged runs (1)" in text and "| centralized-e | 1 | train_loss is nan at epoch 2 |" in text
+    by_config = pd.read_csv(tmp_path / "by_config.csv").set_index("lr")
+    assert by_config.loc[1.0, "diverged"] == 1 and by_config.loc[0.1, "diverged"] == 0
+
+
+def test_a_winner_at_the_edge_of_its_grid_is_flagged_with_the_value_to_add(tmp_path):
+    for i, (lr, val) in enumerate([(0.001, 0.5), (0.01, 0.6), (0.1, 0.7)]):
+        _run(tmp_path, f"centralized-{i}", _epochs([val], [val]), lr=lr, seed=1)
+    text = write_report(tmp_path).read_text()
+    assert "**At the edge of its grid:** lr=0.1 is the highest tried; add 1." in text
+    (tmp_path / "centralized-2" / "rows.jsonl").write_text(json.dumps(_epochs([0.55], [0.55])[0]) + "\n")
+    assert "edge of its grid" not in write_report(tmp_path).read_text()  # lr=0.01 won: inside the grid
