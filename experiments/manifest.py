@@ -8,6 +8,7 @@
       - {partition: [iid], local-steps: [4, 8, 16]}   # also set its own kind: [centralized]
     seeds: [42]
     rounds-scaling: true         # optional: num-rounds counts rounds at J=4
+    control: {partition: iid}    # optional: the control arm; the report pairs every other arm with it by seed
     tuned-from: {manifest: fedavg_lr, keys: [lr]}   # optional: these keys from that manifest's best
                                  # configuration by validation accuracy (it must have finished); base < tuned < grid;
                                  # with match: [optimizer], the best among its runs of the same optimizer;
@@ -18,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
@@ -33,7 +35,7 @@ from fed_app.errors import UserError
 log = logging.getLogger(__name__)
 
 KINDS = ("centralized", "federated")
-TOP_KEYS = {"name", "kind", "base", "grid", "seeds", "rounds-scaling", "description", "tuned-from"}
+TOP_KEYS = {"name", "kind", "base", "grid", "seeds", "rounds-scaling", "description", "tuned-from", "control"}
 TUNED = "tuned"  # a base or grid value that tuned-from fills in
 
 
@@ -62,6 +64,7 @@ class Manifest:
     path: Path
     runs: tuple[Run, ...]
     axes: tuple[str, ...]  # the run-config keys the grid varies (kebab-case), seed last
+    control: dict[str, Any] = dataclasses.field(default_factory=dict)  # the control arm's values, e.g. {optimizer: sgdm}
 
 
 def load_manifest(path: str | Path, results: str | Path = "results", resolve_tuned: bool = True) -> Manifest:
@@ -90,6 +93,10 @@ def load_manifest(path: str | Path, results: str | Path = "results", resolve_tun
     seeds = raw.get("seeds", [base.get("seed", RunConfig().seed)])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ManifestError(f"{where}: 'seeds' must be a non-empty list of integers, e.g. seeds: [42, 43].")
+    control = raw.get("control") or {}
+    if not isinstance(control, dict) or any(isinstance(v, (list, dict)) for v in control.values()):
+        raise ManifestError(f"{where}: 'control' must map grid keys to the control arm's value, e.g. "
+                            f"control: {{optimizer: sgdm}}.")
     if "rounds-scaling" in raw:
         base = {**base, "rounds-scaling": raw["rounds-scaling"]}
     results = Path(results)
@@ -115,7 +122,10 @@ def load_manifest(path: str | Path, results: str | Path = "results", resolve_tun
             runs[key] = Run(point_kind, cfg.replace(run_dir=str((results / name / run.run_id).resolve())))
     if len(seeds) > 1:
         axes.append("seed")
-    return Manifest(name, path, tuple(runs.values()), tuple(axes))
+    unknown = [k for k in control if k not in axes]
+    if unknown:
+        raise ManifestError(f"{where}: control key '{unknown[0]}' is not a grid axis; name a key the grid varies.")
+    return Manifest(name, path, tuple(runs.values()), tuple(axes), control)
 
 
 def _grid_points(where: str, grid: Any) -> list[dict[str, Any]]:

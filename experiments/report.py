@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from experiments.paired import paired_differences, paired_table
 from fed_app.applicability import key_applies
 from fed_app.errors import UserError
 
@@ -48,16 +49,18 @@ def load_results(results_dir: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def grid_axes(results_dir: Path, df: pd.DataFrame) -> list[str]:
-    """The grid's axes (snake_case) from the manifest the runner saved, else the columns that vary."""
+def grid_axes(results_dir: Path, df: pd.DataFrame) -> tuple[list[str], dict]:
+    """The grid's axes (snake_case) and its control arm, from the manifest the runner saved; else the columns
+    that vary, and no control."""
     saved = Path(results_dir) / "manifest.yaml"
     if not saved.exists():
-        return varying(df)
+        return varying(df), {}
     from experiments.manifest import load_manifest
 
     manifest = load_manifest(saved, Path(results_dir).parent, resolve_tuned=False)
     axes = [a.replace("-", "_") for a in manifest.axes]
-    return (["kind"] if len({r.kind for r in manifest.runs}) > 1 else []) + [a for a in axes if a in df]
+    kinds = ["kind"] if len({r.kind for r in manifest.runs}) > 1 else []
+    return kinds + [a for a in axes if a in df], manifest.control
 
 
 def varying(df: pd.DataFrame) -> list[str]:
@@ -70,7 +73,8 @@ def varying(df: pd.DataFrame) -> list[str]:
 
 def _is_metric(column: str) -> bool:
     return column.startswith(("train_", "val_", "test_", "bytes_", "wall_", "round_time", "learning_rate",
-                              "density", "clients", "client_loss", "client_accuracy", "task_", "head_temperature", "step0_", "profile_"))
+                              "density", "clients", "client_loss", "client_accuracy", "task_", "head_temperature", "head_loss", "head_evaluations",
+                              "head_gradient", "step0_", "profile_"))
 
 
 def checkpoint_row(g: pd.DataFrame, rule: str) -> pd.Series | None:
@@ -253,7 +257,7 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
     selected and reported at the same checkpoint `rule` ('final' or 'best-val')."""
     results_dir = Path(results_dir)
     df = load_results(results_dir)
-    axes = grid_axes(results_dir, df)
+    axes, control = grid_axes(results_dir, df)
     summary = summarize(df, axes, rule)
     table = over_seeds(summary, axes)
     summary.to_csv(results_dir / "summary.csv", index=False)
@@ -295,6 +299,16 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
     if remedies is not None:
         lines += ["## Test accuracy per method and heterogeneity level", "", method_table(remedies), ""]
         made.append(methods_figure(remedies, figures))
+    if control:
+        diffs = paired_differences(summary, axes, control)
+        diffs.to_csv(results_dir / "paired.csv", index=False)
+        lines += ["## Each arm against its control, paired by seed", "",
+                  f"Test accuracy of the arm minus its control ({', '.join(f'{k}={v}' for k, v in control.items())}, "
+                  f"the same other settings) at the same seed, the mean over seeds with a 95% t-interval; where the "
+                  f"interval holds zero no difference is shown.", "", paired_table(diffs), ""]
+    if table["n"].max() == 1:
+        lines += ["Every configuration ran one seed: its numbers carry no spread, and no difference here is shown "
+                  "beyond the noise of one run.", ""]
     lines += ["## Results by configuration", "", markdown_table(shown_table(table, axes)), ""]
     lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in made]
     report = results_dir / "report.md"

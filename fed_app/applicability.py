@@ -34,6 +34,8 @@ ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping
     "head_epochs": lambda c: c["head"] == "train",
     "head_rounds": lambda c: c["head"] == "train",
     "ridge_lambda": lambda c: c["head"] == "ridge",
+    "logistic_lambda": lambda c: c["head"] == "logistic",
+    "head_iterations": lambda c: c["head"] == "logistic",
     "ridge_calibrate": lambda c: c["head"] == "ridge",
     "freeze_head": lambda c: c["head"] != "none",
     "sparsity": lambda c: c["optimizer"] == "sparse-sgdm",

@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.scaffold import ControlStore, scaffold_update
-from fed_app.transport import carry, folder_of, holds, take
+from fed_app.transport import carry, encode, folder_of, holds, take
 from fed_app.wire import Form, Key, gather_trainable, model_payload, model_state, pack_masks
 from fed_app.loaded_task import LoadedTask, load_task
 
@@ -97,6 +97,16 @@ def ridge(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({Key.NUM_EXAMPLES: int(stats["count"]), Key.PARTITION_ID: pid})
     return Message(RecordDict({Key.STATS: ArrayRecord({k: stats[k] for k in ("xtx", "xty")}), Key.METRICS: metrics}),
                    reply_to=msg)
+
+
+@app.query("logistic")
+def logistic(msg: Message, context: Context) -> Message:
+    """Step 0, head='logistic': this shard's cross-entropy sum of the received head and its gradient (float64)."""
+    _, pid, task = _setup(msg, context)
+    head = take(msg.content, Key.ARRAYS)
+    sums = task.logistic_sums(head[Key.WEIGHT], head[Key.BIAS], pid)
+    metrics = MetricRecord({Key.NUM_EXAMPLES: len(task.shards[pid]), Key.PARTITION_ID: pid})
+    return Message(RecordDict({Key.SUMS: encode(sums), Key.METRICS: metrics}), reply_to=msg)
 
 
 @app.query("temperature")

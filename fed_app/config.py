@@ -20,7 +20,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "scheduler": ("cosine", "warmup-cosine", "step", "exponential", "constant"),
     "optimizer": ("sgdm", "sparse-sgdm"),
-    "head": ("none", "train", "ridge"),
+    "head": ("none", "train", "logistic", "ridge"),
     "mask_rule": ("least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"),
     "fisher_mode": ("sampled", "empirical", "batch"),
     "partition": ("iid", "noniid", "dirichlet"),
@@ -55,6 +55,8 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "gamma": (0.0, True),
     "head_epochs": (1, False),
     "ridge_lambda": (0.0, False),
+    "logistic_lambda": (0.0, False),
+    "head_iterations": (1, False),
     "sparsity": (0.0, False),
     "calibration_rounds": (1, False),
     "fisher_samples": (1, False),
@@ -143,6 +145,8 @@ class RunConfig:
     optimizer: str = "sgdm"
     head: str = "none"
     head_epochs: int = 1
+    logistic_lambda: float = 1e-2  # head='logistic': L2 penalty lam/2 ||W||^2 beside the mean cross-entropy
+    head_iterations: int = 100  # head='logistic': L-BFGS steps at most (in FL each evaluation is one query round)
     ridge_lambda: float = 1.0
     ridge_calibrate: bool = True
     freeze_head: bool = True

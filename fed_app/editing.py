@@ -12,8 +12,8 @@ from torch import Tensor
 from fed_app.config import RunConfig
 from fed_app.batches import BatchTransform, batch_stream
 from fed_app.data import Split
-from fed_app.head import (fit_temperature, freeze_head, head_module, only_head_trainable, ridge_statistics, set_head,
-                          solve_ridge, temperature_losses)
+from fed_app.head import (feature_matrix, fit_logistic, fit_temperature, freeze_head, head_module, logistic_sums,
+                          only_head_trainable, ridge_statistics, set_head, solve_ridge, temperature_losses)
 from fed_app.seeds import fisher_images_generator, fisher_labels_generator, head_epoch_generator
 from fed_app.task import train_steps
 from masking.calibrate import Masks, calibrate
@@ -24,10 +24,15 @@ log = logging.getLogger(__name__)
 
 def fit_head(cfg: RunConfig, model: torch.nn.Module, split: Split, indices: Tensor, train_tf: BatchTransform,
              eval_tf: BatchTransform, precision: contextlib.AbstractContextManager, num_classes: int) -> dict:
-    """Step 0: train the head on the frozen backbone, or solve it as ridge regression and fit its temperature;
-    then freeze it (unless freeze-head=false). What step 0 found, for the round-0 row: e.g. the temperature."""
+    """Step 0: train the head on the frozen backbone, fit it as a logistic regression on its features, or solve
+    it as ridge regression and fit its temperature; then freeze it (unless freeze-head=false). What step 0 found, for the round-0 row: e.g. the temperature."""
     found = {}
-    if cfg.head == "ridge":
+    if cfg.head == "logistic":
+        feats, labels = feature_matrix(model, split, indices, eval_tf, cfg.eval_batch_size, precision)
+        weight, bias, found = fit_logistic(lambda w, b: logistic_sums(feats, labels, w, b), feats.shape[1],
+                                           num_classes, cfg.logistic_lambda, cfg.head_iterations)
+        set_head(model, weight, bias)
+    elif cfg.head == "ridge":
         stats = ridge_statistics(model, split, indices, eval_tf, cfg.eval_batch_size, precision, num_classes)
         set_head(model, *solve_ridge(stats, cfg.ridge_lambda))
         if cfg.ridge_calibrate:

@@ -6,11 +6,12 @@ import itertools
 import logging
 
 import torch
-from flwr.app import ConfigRecord, MessageType
+from flwr.app import ConfigRecord, MessageType, RecordDict
 
 from fed_app.config import RunConfig
-from fed_app.head import fit_temperature, head_name, solve_ridge
+from fed_app.head import fit_logistic, fit_temperature, head_name, solve_ridge
 from fed_app.seeds import Phase, sample_partitions
+from fed_app.transport import encode, take
 from fed_app.wire import Form, Key, split_flat, unpack_masks
 from fed_app.loaded_task import State, LoadedTask
 from masking.calibrate import Masks, calibrate
@@ -20,11 +21,30 @@ log = logging.getLogger(__name__)
 
 
 def federated_head(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, state: State) -> tuple[State, dict]:
-    """head='ridge': every client's X^T X and X^T Y summed, solved once (equal to ridge on the union), then
+    """head='logistic': an L-BFGS fit on the clients' summed cross-entropy and gradient (each evaluation one query
+    of every client, carrying only the head), equal to the centralized fit on the union of the shards;
+    head='ridge': every client's X^T X and X^T Y summed, solved once (equal to ridge on the union), then
     every client's cross-entropy sums at each candidate temperature summed, and the best one folded into the
     head (equal to the centralized fit); head='train': head-rounds FedAvg rounds in which clients train only
     the head. Then it stays frozen (unless freeze-head=false). Also what step 0 found, for the round-0 row."""
     everyone = list(range(cfg.num_clients))
+    if cfg.head == "logistic":
+        dim = state[f"{head_name(task.model)}.weight"].shape[1]
+
+        def client_sums(weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+            record = RecordDict({Key.ARRAYS: encode({Key.WEIGHT: weight, Key.BIAS: bias})})
+            replies = strategy.federation.exchange(0, f"{MessageType.QUERY}.logistic",
+                                                   {p: record for p in everyone}).replies
+            total = {k: v.clone() for k, v in take(replies[0].content, Key.SUMS).items()}
+            for reply in replies[1:]:  # in partition order: the same float sums every time
+                for k, v in take(reply.content, Key.SUMS).items():
+                    total[k] += v
+            return total
+
+        weight, bias, found = fit_logistic(client_sums, dim, task.data.num_classes, cfg.logistic_lambda,
+                                           cfg.head_iterations)
+        w, b = f"{head_name(task.model)}.weight", f"{head_name(task.model)}.bias"
+        return {**state, w: weight.to(state[w].dtype), b: bias.to(state[b].dtype)}, found
     if cfg.head == "ridge":
         replies = strategy.send_model(0, f"{MessageType.QUERY}.ridge", state, everyone).replies
         parts = [r.content[Key.STATS].to_torch_state_dict() for r in replies]  # in partition order

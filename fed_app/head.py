@@ -1,11 +1,12 @@
-"""Step 0: the classifier head, trained on a frozen backbone or solved as ridge regression (its logits'
-temperature then fitted by cross-entropy), then frozen."""
+"""Step 0: the classifier head, trained on a frozen backbone, fitted as an L2-regularized multinomial logistic
+regression (the linear probe of LP-FT) or solved as ridge regression (its logits' temperature then fitted by
+cross-entropy), then frozen."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,53 @@ def fit_temperature(losses: Tensor) -> float:
             step = float(log_t[1] - log_t[0])
             return math.exp(float(log_t[i]) + 0.5 * step * (left - right) / curvature)
     return float(TEMPERATURES[i])
+
+
+@torch.no_grad()
+def feature_matrix(model: torch.nn.Module, split: Split, indices: Tensor, transform: BatchTransform, batch_size: int,
+                   precision: contextlib.AbstractContextManager) -> tuple[Tensor, Tensor]:
+    """(backbone features (N, D) in float64, labels (N,)) of `indices`: what the logistic head is fitted on."""
+    feats, labels = zip(*features(model, split, indices, transform, batch_size, precision))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def logistic_sums(feats: Tensor, labels: Tensor, weight: Tensor, bias: Tensor) -> dict[str, Tensor]:
+    """Summed cross-entropy of the linear head (weight, bias) on these features, and its gradient, in float64:
+    the only numbers a client sends to fit the logistic head (sums of disjoint sets add up)."""
+    log_p = (feats @ weight.to(feats).T + bias.to(feats)).log_softmax(-1)
+    rows = torch.arange(len(labels), device=feats.device)
+    residual = log_p.exp()
+    residual[rows, labels] -= 1  # d(cross-entropy)/d(logits) = softmax - one-hot
+    return {"loss": -log_p[rows, labels].sum(), "grad_weight": residual.T @ feats, "grad_bias": residual.sum(0),
+            "count": torch.tensor(float(len(labels)), dtype=torch.float64)}
+
+
+Sums = Callable[[Tensor, Tensor], dict[str, Tensor]]
+
+
+def fit_logistic(sums: Sums, dim: int, classes: int, lam: float, iterations: int) -> tuple[Tensor, Tensor, dict]:
+    """(weight (C, D), bias (C,), what the fit reports) minimizing the mean cross-entropy + lam/2 ||W||^2 (the
+    bias unpenalized), from zero, by full-batch L-BFGS with a strong-Wolfe line search in float64. `sums(W, b)`
+    gives logistic_sums over all the data: centrally in one call, in FL one query round of every client (the
+    same iterates either way, to float64 rounding). Stops after `iterations` L-BFGS steps or when no gradient
+    entry exceeds 1e-6."""
+    params = torch.zeros(classes, dim + 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=iterations, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    last = {"evaluations": 0}
+
+    def closure() -> Tensor:
+        weight, bias = params.detach()[:, :dim], params.detach()[:, dim]
+        found = {k: v.double().cpu() for k, v in sums(weight, bias).items()}
+        n = float(found["count"])
+        params.grad = torch.cat([found["grad_weight"] / n + lam * weight, found["grad_bias"][:, None] / n], 1)
+        last.update(evaluations=last["evaluations"] + 1, loss=float(found["loss"] / n))
+        return found["loss"] / n + lam / 2 * weight.square().sum()
+
+    opt.step(closure)
+    weight, bias = params.detach()[:, :dim].clone(), params.detach()[:, dim].clone()
+    return weight, bias, {"head_loss": last["loss"], "head_evaluations": last["evaluations"],
+                          "head_gradient": float(params.grad.abs().max())}
 
 
 def head_name(model: torch.nn.Module) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -21,7 +22,8 @@ from fed_app.batches import BatchTransform, batch_stream
 from fed_app.data import Dataset, Split, load_dataset
 from fed_app.partition import client_shards
 from fed_app.editing import calibrate_masks, fisher_indices, fisher_sums
-from fed_app.head import freeze_head, head_module, only_head_trainable, ridge_statistics, temperature_losses
+from fed_app.head import (feature_matrix, freeze_head, head_module, logistic_sums, only_head_trainable,
+                          ridge_statistics, temperature_losses)
 from fed_app.model import ModelSpec, build_model
 from fed_app.registry import OBJECTIVES
 from fed_app.seeds import client_generator
@@ -47,6 +49,7 @@ class LoadedTask:
     _base: State | None = None
     _trainer: torch.nn.Module | None = None
     _reply: Tensor | None = None
+    _features: dict[int, tuple[Tensor, Tensor]] = dataclasses.field(default_factory=dict)  # head='logistic'
 
     @property
     def trainer(self) -> torch.nn.Module:
@@ -124,6 +127,17 @@ class LoadedTask:
         self.load(state)
         return ridge_statistics(self.model, self.data.train, self.shards[partition_id], self.eval_tf,
                                 self.cfg.eval_batch_size, autocast(self.cfg, self.device), self.data.num_classes)
+
+    def logistic_sums(self, weight: Tensor, bias: Tensor, partition_id: int) -> dict[str, Tensor]:
+        """head='logistic': this shard's summed cross-entropy of the head (weight, bias) and its gradient. Step 0
+        starts from the seeded initial model, which every client builds itself, so only the head travels; the
+        shard's features are computed once per process (an L-BFGS fit asks for these sums 100 times or so)."""
+        if partition_id not in self._features:
+            self.load(self._initial())
+            self._features[partition_id] = feature_matrix(self.model, self.data.train, self.shards[partition_id],
+                                                          self.eval_tf, self.cfg.eval_batch_size,
+                                                          autocast(self.cfg, self.device))
+        return {k: v.cpu() for k, v in logistic_sums(*self._features[partition_id], weight, bias).items()}
 
     def temperature_losses(self, state: State, partition_id: int) -> Tensor:
         """This shard's summed cross-entropy of the received head at each candidate temperature (float64)."""

@@ -30,6 +30,7 @@ class Key:
     CONTROL_DELTA = "control-delta"  # a SCAFFOLD client's c_i+ - c_i, in the same form
     INFO, STATS, LOSSES, SUMS = "info", "stats", "losses", "sums"  # step-0 query replies
     BITS = "bits"
+    WEIGHT, BIAS = "weight", "bias"  # head='logistic': the head a query asks the clients' sums for
     PARTITION_ID, NUM_EXAMPLES, TASK_BUILDS = "partition-id", "num-examples", "task-builds"
     SERVER_ROUND, PHASE, TRAIN_LOSS = "server-round", "phase", "train_loss"
     CHECKPOINTED = "checkpointed-round"  # the train config: the round of the run's last checkpoint

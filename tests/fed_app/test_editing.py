@@ -1,4 +1,5 @@
-"""Step 0 and sparse fine-tuning in the centralized trainer: frozen means bit-identical, ridge is exact."""
+"""Step 0 and sparse fine-tuning in the centralized trainer: frozen means bit-identical, ridge and the logistic head
+are exact."""
 
 import json
 
@@ -8,7 +9,7 @@ import torch
 from fed_app import centralized
 from fed_app.batches import BatchTransform
 from fed_app.data import load_dataset
-from fed_app.head import ridge_statistics, solve_ridge
+from fed_app.head import feature_matrix, fit_logistic, logistic_sums, ridge_statistics, solve_ridge
 from fed_app.model import build_model
 from masking.calibrate import load_masks
 
@@ -99,3 +100,29 @@ def test_an_interrupted_sparse_run_resumes_with_its_mask_to_the_same_end(tiny_cf
     assert strip(cut.rows()) == strip(whole.rows())
     a, b = whole.load_checkpoint()["model"], cut.load_checkpoint()["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_logistic_head_is_the_regularized_cross_entropy_optimum_and_its_sums_add_up(tiny_cfg):
+    data = load_dataset(tiny_cfg, torch.device("cpu"))
+    model, spec = build_model(tiny_cfg, 100)
+    tf = BatchTransform.for_model(spec)
+    idx = torch.arange(400)
+    feats, labels = feature_matrix(model, data.train, idx, tf, 128, torch.autocast("cpu", enabled=False))
+    weight, bias = torch.randn(100, feats.shape[1], dtype=torch.float64), torch.randn(100, dtype=torch.float64)
+    whole = logistic_sums(feats, labels, weight, bias)
+    halves = [logistic_sums(feats[s], labels[s], weight, bias) for s in (slice(0, 150), slice(150, None))]
+    for k in whole:
+        torch.testing.assert_close(halves[0][k] + halves[1][k], whole[k])
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()  # the gradient against autograd's
+    torch.nn.functional.cross_entropy(feats @ w.T + b, labels, reduction="sum").backward()
+    torch.testing.assert_close(whole["grad_weight"], w.grad)
+    torch.testing.assert_close(whole["grad_bias"], b.grad)
+
+    lam = 1e-2
+    weight, bias, found = fit_logistic(lambda w, b: logistic_sums(feats, labels, w, b), feats.shape[1], 100, lam, 500)
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    objective = torch.nn.functional.cross_entropy(feats @ w.T + b, labels) + lam / 2 * w.square().sum()
+    objective.backward()
+    assert found["head_gradient"] < 1e-6 and w.grad.abs().max() < 1e-6 and b.grad.abs().max() < 1e-6  # the optimum
+    assert found["head_loss"] == pytest.approx(torch.nn.functional.cross_entropy(feats @ weight.T + bias, labels).item())
+    assert found["head_evaluations"] > 10
