@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from experiments.cost import accuracy_against_cost, run_cost
 from experiments.paired import paired_differences, paired_table
 from fed_app.applicability import key_applies
 from fed_app.errors import UserError
@@ -109,12 +110,14 @@ def summarize(df: pd.DataFrame, axes: list[str] | None = None, rule: str = "fina
             **{f"step0_{m}": start[m].iloc[0] if len(start) and m in start else np.nan
                for m in ("test_accuracy", "test_loss")},
             "bytes_per_round": trained["bytes_received"].mean() if "bytes_received" in trained else np.nan,
+            **run_cost(g),
             **{c: g[c].iloc[0] for c in config_columns},
         })
     return pd.DataFrame(out)
 
 
-METRICS = ["val_accuracy", "test_accuracy", "test_loss", "step0_test_accuracy", "step0_test_loss"]
+METRICS = ["val_accuracy", "test_accuracy", "test_loss", "step0_test_accuracy", "step0_test_loss", "upload_total",
+           "upload_step0", "wall_time_total"]
 
 
 def over_seeds(summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
@@ -247,6 +250,9 @@ def shown_table(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
                                 ("test_loss", "test loss", 1), ("step0_test_accuracy", "step-0 test acc %", 100)):
         shown[name] = [_pm(m, s, n, scale, 2 if scale == 100 else 3)
                        for m, s, n in zip(table[f"{metric}_mean"], table[f"{metric}_std"], table["n"])]
+    if (table["kind"] == "federated").any():  # the whole upload, and the part step 0 and calibration took
+        shown["upload MiB (step 0)"] = [f"{t / 2**20:.1f} ({z / 2**20:.1f})" if t > 0 else "" for t, z in
+                                        zip(table["upload_total_mean"], table["upload_step0_mean"])]
     if "diverged" in table and table["diverged"].any():
         shown["diverged"] = table["diverged"].map(lambda d: f"{d} diverged" if d else "")
     return shown
@@ -270,9 +276,11 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
 
     diverged = summary[summary["diverged"].notna()]
     learned = summary[summary["diverged"].isna()]  # a diverged run's numbers are drawn nowhere
-    made = make_figures(df[df["run_id"].isin(learned["run_id"])], learned, axes, figures)
+    drawn = df[df["run_id"].isin(learned["run_id"])]
+    made = make_figures(drawn, learned, axes, figures)
     made += client_classes(results_dir, figures)
-    made += [p for p in [mask_layers(results_dir, figures)] if p is not None]
+    made += [p for p in [mask_layers(results_dir, figures), accuracy_against_cost(drawn, axes, figures)]
+             if p is not None]
     where = {"final": "at each run's last evaluated step", "best-val": "at each run's best-validation step"}[rule]
     lines = [f"# Report: {results_dir.name}", "", f"{summary['run_id'].nunique()} runs "
              f"({int(summary['done'].sum())} finished, {len(diverged)} diverged). Checkpoint rule `{rule}`: configurations are selected by "

@@ -124,7 +124,9 @@ def fisher(msg: Message, context: Context) -> Message:
     cfg, pid, task = _setup(msg, context)
     sums = task.fisher_sums(_received_model(msg, task), pid)
     metrics = MetricRecord({Key.NUM_EXAMPLES: min(cfg.fisher_samples, len(task.shards[pid])), Key.PARTITION_ID: pid})
-    flat = torch.cat([s.flatten() for s in sums.values()])  # float64, as summed: the server adds these up
+    # float32 on the wire (half of float64's upload: every client sends one score per backbone weight each
+    # calibration round); the server adds them up in float64. Masks are unchanged (tested against float64 sums).
+    flat = torch.cat([s.flatten() for s in sums.values()]).float()
     return Message(RecordDict({Key.SUMS: ArrayRecord({Form.FLAT: flat}), Key.METRICS: metrics}), reply_to=msg)
 
 

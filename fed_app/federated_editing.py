@@ -76,7 +76,7 @@ def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, st
         r = next(rounds)
         pids = sample_partitions(cfg.seed, r, cfg.num_clients, cfg.calibration_clients, Phase.CALIBRATION)
         replies = strategy.send_model(r, f"{MessageType.QUERY}.fisher", model.state_dict(), pids).replies
-        total = reply_flat(replies[0])
+        total = reply_flat(replies[0]).double()  # float32 scores, summed in float64
         for reply in replies[1:]:  # in partition order: the same float sums every time
             total += reply_flat(reply)
         return {n: s.to(task.device) for n, s in split_flat(total, task.trainable_shapes()).items()}

@@ -77,15 +77,20 @@ def test_a_run_is_labelled_only_by_the_keys_that_apply_to_it(tmp_path):
 def test_a_federated_grid_gets_the_heterogeneity_heatmap_and_bytes(tmp_path):
     for nc in (1, 5):
         for j in (4, 8):
-            rows = [{"round": 0, "val_accuracy": 0.01, "test_accuracy": 0.01, "test_loss": 4.6},
+            rows = [{"round": 0, "val_accuracy": 0.01, "test_accuracy": 0.01, "test_loss": 4.6, "bytes_received": 500,
+                     "wall_time": 2.0},  # step 0's queries
                     {"round": 1, "train_loss": 4.0, "bytes_received": 1000 * j, "val_accuracy": nc / 10,
-                     "test_accuracy": nc / 10 + j / 100, "test_loss": 3.0}]
+                     "test_accuracy": nc / 10 + j / 100, "test_loss": 3.0, "wall_time": 5.0}]
             _run(tmp_path, f"federated-{nc}-{j}", rows, partition="noniid", classes_per_client=nc, local_steps=j)
     write_report(tmp_path)
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert sorted(summary["test_accuracy"].round(2)) == [0.14, 0.18, 0.54, 0.58]
     assert (tmp_path / "figures" / "heatmap_shards_by_local_steps.png").exists()
     assert (tmp_path / "figures" / "bytes_per_round.png").exists()
+    summary = summary.set_index("run_id")  # the whole bill: step 0 included, not only the rounds
+    assert summary.loc["federated-5-8", "upload_total"] == 8500 and summary.loc["federated-5-8", "upload_step0"] == 500
+    assert summary.loc["federated-5-8", "bytes_per_round"] == 8000
+    assert (tmp_path / "figures" / "accuracy_by_cost.png").exists()
 
 
 def test_a_missing_or_empty_results_folder_is_one_sentence_and_exit_2(tmp_path):
