@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "head": ("none", "train", "logistic", "ridge"),
     "mask_rule": ("least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"),
     "fisher_mode": ("sampled", "empirical", "batch"),
+    "mask_threshold": ("per-layer", "global"),
     "partition": ("iid", "noniid", "dirichlet"),
     "on_client_failure": ("retry", "fail"),
     "transport": ("files", "messages"),
@@ -153,6 +154,7 @@ class RunConfig:
     sparsity: float = 0.9
     calibration_rounds: int = 5
     mask_rule: str = "least-sensitive"
+    mask_threshold: str = "per-layer"  # magnitude and random rules: each tensor keeps its share (TaLoS), or 'global'
     fisher_mode: str = "sampled"
     fisher_samples: int = 1024
     fisher_chunk: int = 32

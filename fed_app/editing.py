@@ -83,4 +83,4 @@ def calibrate_masks(cfg: RunConfig, model: torch.nn.Module, split: Split, indice
     scored = fisher_indices(cfg, indices)
     return calibrate(model, cfg.mask_rule, cfg.sparsity, cfg.calibration_rounds,
                      score_fn=lambda m: fisher_sums(cfg, m, split, scored, eval_tf),
-                     damping=cfg.mask_damping, seed=cfg.seed)
+                     damping=cfg.mask_damping, seed=cfg.seed, per_layer=cfg.mask_threshold == "per-layer")

@@ -85,7 +85,7 @@ def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, st
         return reply.content[Key.SUMS].to_torch_state_dict()[Form.FLAT]
 
     masks = calibrate(task.model, cfg.mask_rule, cfg.sparsity, cfg.calibration_rounds, client_fisher,
-                      damping=cfg.mask_damping, seed=cfg.seed)
+                      damping=cfg.mask_damping, seed=cfg.seed, per_layer=cfg.mask_threshold == "per-layer")
     return {n: m.cpu() for n, m in masks.items()}
 
 

@@ -3,7 +3,10 @@
 A mask is a dict {parameter name: bool tensor}, True = trainable. Each round keeps round(d^(r/R) * N)
 entries trainable among those still trainable (frozen entries never come back), ranked by the rule's
 score; ties are broken by a seeded random order. Sensitivity rules rescore every round on the model
-with its already-frozen weights multiplied by `damping` (TaLoS's soft mask).
+with its already-frozen weights multiplied by `damping` (TaLoS's soft mask), under one threshold across
+layers. Rules whose score does not depend on data (magnitude, random) are computed in one round, as TaLoS
+does: R rounds would only redraw their ties; and, as TaLoS does, per layer (each tensor keeps its share),
+unless `per_layer` is False.
 """
 
 from __future__ import annotations
@@ -85,8 +88,10 @@ def calibrate(
     score_fn: Callable[[torch.nn.Module], dict[str, Tensor]],
     damping: float = 0.1,
     seed: int = 0,
+    per_layer: bool = True,
 ) -> Masks:
-    """Masks over the model's trainable parameters; `score_fn(model)` gives Fisher sums (by name)."""
+    """Masks over the model's trainable parameters; `score_fn(model)` gives Fisher sums (by name); `per_layer`:
+    a rule without data (magnitude, random) thresholds each tensor on its own (TaLoS), else all at once."""
     ranking = MASK_RULES.get(rule)
     params = scored_parameters(model)
     device = next(iter(params.values())).device
@@ -94,13 +99,18 @@ def calibrate(
     masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}
     total = sum(p.numel() for p in params.values())
     keep_lowest = ranking.keep_lowest
+    rounds = rounds if ranking.needs_fisher else 1
     for r, density in enumerate(density_schedule(1.0 - sparsity, rounds), start=1):
         if ranking.needs_fisher:
             with damped(model, masks, damping):
                 scores = score_fn(model)
+            masks = shrink_masks(scores, masks, round(density * total), keep_lowest, generator)
         else:
             scores = ranking.score(params, generator)
-        masks = shrink_masks(scores, masks, round(density * total), keep_lowest, generator)
+            groups = [[n] for n in masks] if per_layer else [list(masks)]
+            masks = {n: m for names in groups for n, m in shrink_masks(
+                {n: scores[n] for n in names}, {n: masks[n] for n in names},
+                round(density * sum(masks[n].numel() for n in names)), keep_lowest, generator).items()}
         log.info("calibration round %d/%d (%s): density %.4f", r, rounds, rule, density_of(masks))
     return masks
 

@@ -48,20 +48,39 @@ def test_every_rule_hits_the_target_density_within_one_element(rule, rounds):
     model = _tiny()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     score_fn = lambda m: fisher_diagonal(m, x, mode="sampled", generator=torch.Generator().manual_seed(0))  # noqa: E731
-    masks = calibrate(model, rule, sparsity=0.9, rounds=rounds, score_fn=score_fn, seed=0)
+    masks = calibrate(model, rule, sparsity=0.9, rounds=rounds, score_fn=score_fn, seed=0, per_layer=False)
     total = sum(m.numel() for m in masks.values())
     assert abs(sum(int(m.sum()) for m in masks.values()) - 0.1 * total) <= 1
     assert "head.weight" not in masks
+    if not RULES.get(rule).needs_fisher:  # per layer (TaLoS): each tensor keeps its own share
+        per_layer = calibrate(model, rule, sparsity=0.9, rounds=rounds, score_fn=score_fn, seed=0)
+        assert all(int(m.sum()) == round(0.1 * m.numel()) for m in per_layer.values())
 
 
-def test_magnitude_rules_pick_the_smallest_or_largest_weights():
+def test_magnitude_rules_pick_the_smallest_or_largest_weights_globally_or_per_layer():
     model = _tiny()
-    low = calibrate(model, "lowest-magnitude", 0.5, 1, score_fn=None)
-    high = calibrate(model, "highest-magnitude", 0.5, 1, score_fn=None)
-    w = torch.cat([p.detach().abs().flatten() for n, p in model.named_parameters() if n in low])
-    lo = torch.cat([low[n].flatten() for n in low])
-    hi = torch.cat([high[n].flatten() for n in high])
-    assert w[lo].max() <= w[~lo].min() and w[hi].min() >= w[~hi].max()
+    params = dict(model.named_parameters())
+    for per_layer in (False, True):
+        low = calibrate(model, "lowest-magnitude", 0.5, 1, score_fn=None, per_layer=per_layer)
+        high = calibrate(model, "highest-magnitude", 0.5, 1, score_fn=None, per_layer=per_layer)
+        groups = [[n] for n in low] if per_layer else [list(low)]
+        for names in groups:
+            w = torch.cat([params[n].detach().abs().flatten() for n in names])
+            lo = torch.cat([low[n].flatten() for n in names])
+            hi = torch.cat([high[n].flatten() for n in names])
+            assert w[lo].max() <= w[~lo].min() and w[hi].min() >= w[~hi].max()
+    # per layer, every tensor keeps half; one global threshold does not (layers' magnitudes differ)
+    assert all(int(m.sum()) == round(0.5 * m.numel()) for m in low.values())
+    globally = calibrate(model, "lowest-magnitude", 0.5, 1, score_fn=None, per_layer=False)
+    assert any(abs(int(m.sum()) - 0.5 * m.numel()) > 1 for m in globally.values())
+
+
+def test_rules_without_data_take_one_round_whatever_r():
+    model = _tiny()
+    for rule in ("random", "lowest-magnitude"):
+        one = calibrate(model, rule, 0.9, 1, score_fn=None, seed=3)
+        five = calibrate(model, rule, 0.9, 5, score_fn=None, seed=3)
+        assert all(torch.equal(one[n], five[n]) for n in one)
 
 
 def test_rescoring_sees_frozen_weights_damped_and_the_weights_come_back_exactly():
