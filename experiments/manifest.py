@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from fed_app.applicability import key_applies
 from fed_app.config import ConfigError, RunConfig
 from fed_app.errors import UserError
 
@@ -109,7 +110,7 @@ def load_manifest(path: str | Path, results: str | Path = "results", resolve_tun
             raise ManifestError(f"{where}: kind={point_kind!r} is not one of {', '.join(KINDS)}; set it at the "
                                 f"top level or in the grid.")
         axes += [k for k in point if k not in axes]
-        found = tuned({**base, **point}) if tuned else {}
+        found = tuned({**base, **point}, point_kind) if tuned else {}
         values = _fill_tuned(where, {**base, **found, **point}, found, resolve_tuned)
         for seed in seeds:
             try:
@@ -158,28 +159,29 @@ def _fill_tuned(where: str, values: dict[str, Any], found: dict[str, Any], resol
     return values
 
 
-def tuned_picker(where: str, spec: Any, results: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """tuned-from, one entry or a list: for a run's values (before tuning), the tuned {key: value} of every
-    entry whose `for` includes the run, later entries winning."""
+def tuned_picker(where: str, spec: Any, results: Path) -> Callable[[dict[str, Any], str], dict[str, Any]]:
+    """tuned-from, one entry or a list: for a run's values (before tuning) and kind, the tuned {key: value} of
+    every entry whose `for` includes the run, later entries winning."""
     entries = spec if isinstance(spec, list) else [spec]
     pickers = [(entry.get("for", {}) if isinstance(entry, dict) else {}, tuned_values(where, entry, results))
                for entry in entries]
     defaults = RunConfig().to_run_config()
 
-    def pick(values: dict[str, Any]) -> dict[str, Any]:
+    def pick(values: dict[str, Any], kind: str) -> dict[str, Any]:
         found: dict[str, Any] = {}
         for only, picker in pickers:
             if all(str(values.get(k, defaults.get(k))) in map(str, allowed) for k, allowed in only.items()):
-                found.update(picker(values))
+                found.update(picker(values, kind))
         return found
 
     return pick
 
 
-def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """For a run's values, {key: value} of the best configuration of a finished tuning manifest: the highest
-    mean validation accuracy over seeds at each run's final evaluation (the report's 'final' rule), never the
-    test accuracy; with `match`, among the tuning runs that share the run's values of those keys."""
+def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, Any], str], dict[str, Any]]:
+    """For a run's values and kind, {key: value} of the best configuration of a finished tuning manifest: the
+    highest mean validation accuracy over seeds at each run's final evaluation (the report's 'final' rule), never
+    the test accuracy; with `match`, among the tuning runs that share the run's values of those keys (a key that
+    does not apply to the run, e.g. mask-rule to a dense control, matches the tuning runs it does not apply to)."""
     fields = {"manifest", "keys", "match", "for"}
     if not (isinstance(spec, dict) and {"manifest", "keys"} <= set(spec) <= fields
             and isinstance(spec["manifest"], str) and isinstance(spec["keys"], list) and spec["keys"]
@@ -209,10 +211,15 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
                             f"name keys that {name} varies.")
     defaults = RunConfig().to_run_config()
 
-    def pick(values: dict[str, Any]) -> dict[str, Any]:
+    def pick(values: dict[str, Any], kind: str) -> dict[str, Any]:
         rows = table
+        snake = {k.replace("-", "_"): v for k, v in {**defaults, **values}.items()}
         for key in match:
-            rows = rows[rows[key.replace("-", "_")].astype(str) == str(values.get(key, defaults[key]))]
+            column = rows[key.replace("-", "_")]
+            if key_applies(key.replace("-", "_"), kind, snake):
+                rows = rows[column.astype(str) == str(values.get(key, defaults[key]))]
+            else:
+                rows = rows[column.isna()]
         best = select_best(rows)
         if best is None:
             wanted = ", ".join(f"{k}={values.get(k, defaults[k])}" for k in match)

@@ -49,18 +49,22 @@ def test_every_shipped_manifest_validates(path):
 def test_the_shipped_studies_have_the_sizes_seeds_and_controls_the_protocol_states():
     loaded = {p.stem: load_manifest(p, resolve_tuned=False) for p in SHIPPED}
     counts = {name: len(m.runs) for name, m in loaded.items()}
-    assert counts["noniid_grid"] == 15 * 3 and counts["schedulers"] == 5 * 3 and counts["mask_rules"] == 12 * 3
-    assert counts["sparse_grid"] == 16 * 3 and counts["fedavg_lr"] == 10 and counts["centralized_search"] == 24
+    assert counts["noniid_grid"] == 15 * 3 and counts["schedulers"] == 5 * 3 and counts["mask_rules"] == 19 * 3
+    assert counts["sparse_grid"] == 16 * 3 and counts["fedavg_lr"] == 18 and counts["centralized_search"] == 28
     assert counts["heterogeneity_remedies"] == 4 * 5 * 3 and counts["remedies_tuning"] == 9  # 4 levels x 5 methods
-    for name in ("noniid_grid", "sparse_grid", "mask_rules", "fisher_modes", "schedulers", "fedavg_iid"):
+    assert counts["sparse_lr"] == 5 * 5 + 4 * 5 + 5 and counts["head_control"] == 4 * 3
+    for name in ("noniid_grid", "sparse_grid", "mask_rules", "fisher_modes", "schedulers", "fedavg_iid", "head_control"):
         assert len({r.cfg.seed for r in loaded[name].runs}) == 3, name
-    for name in ("sparse_grid", "mask_rules", "mask_scope"):  # a dense control with the same frozen head
+    for name in ("sparse_grid", "mask_rules", "mask_scope", "mask_aggregation"):  # dense control, same frozen head
         controls = [r.cfg for r in loaded[name].runs if r.cfg.optimizer == "sgdm"]
-        assert controls and all(c.head == "ridge" and c.freeze_head for c in controls), name
-    baselines = [r.cfg for n in ("centralized_search", "schedulers", "fedavg_lr", "fedavg_iid", "noniid_grid")
-                 for r in loaded[n].runs]
-    assert all((c.head, c.freeze_head) == ("ridge", False) for c in baselines)  # one protocol for the baselines
+        assert controls and all(c.head == "logistic" and c.freeze_head for c in controls), name
+        assert loaded[name].control == {"optimizer": "sgdm"}
+    baselines = [r.cfg for n in ("centralized_search", "schedulers", "fedavg_iid", "noniid_grid", "remedies_tuning",
+                                 "heterogeneity_remedies") for r in loaded[n].runs]
+    assert all((c.head, c.freeze_head) == ("logistic", False) for c in baselines)  # one protocol for the baselines
     assert min(r.cfg.lr for r in loaded["centralized_search"].runs) == 0.0001
+    # every tuning manifest tunes at the horizon of the studies that take its values
+    assert {r.cfg.num_rounds for n in ("fedavg_lr", "sparse_lr", "remedies_tuning") for r in loaded[n].runs} == {200}
 
 
 def _finish(results, manifest, val_and_test):
@@ -134,6 +138,29 @@ seeds: [1]
     with pytest.raises(ManifestError, match=r"^manifest m.yaml: prox-mu: tuned asks tuned-from for prox-mu, but no "
                                             r"tuned-from entry gives it to this run; add an entry with keys: \[prox-mu\]"):
         load_manifest(_write(tmp_path, without), results)
+
+
+def test_tuned_from_gives_each_rule_its_own_lr_and_the_dense_control_its_own(tmp_path):
+    results = tmp_path / "results"
+    tune = load_manifest(_write(tmp_path, """
+name: tune
+kind: federated
+base: {head: logistic}
+grid:
+  - {optimizer: [sparse-sgdm], mask-rule: [least-sensitive, random], lr: [0.01, 0.1]}
+  - {optimizer: [sgdm], lr: [0.001, 0.01]}
+seeds: [1]
+""", "tune.yaml"), results)
+    best = {("sparse-sgdm", "least-sensitive"): 0.1, ("sparse-sgdm", "random"): 0.01, ("sgdm", None): 0.001}
+    _finish(results, tune, lambda c: (0.9 if c.lr == best[c.optimizer, c.mask_rule if c.optimizer != "sgdm" else None]
+                                      else 0.5, 0.5))
+    text = ("name: study\nkind: federated\nbase: {head: logistic}\ntuned-from: {manifest: tune, keys: [lr], "
+            "match: [optimizer, mask-rule]}\ngrid:\n  - {optimizer: [sparse-sgdm], mask-rule: [least-sensitive, random]}\n"
+            "  - {optimizer: [sgdm]}\n")
+    study = load_manifest(_write(tmp_path, text, "study.yaml"), results)
+    # mask-rule does not apply to the dense control: it takes the dense tuning runs' best
+    assert {(r.cfg.optimizer, r.cfg.mask_rule if r.cfg.optimizer != "sgdm" else None): r.cfg.lr
+            for r in study.runs} == best
 
 
 @pytest.mark.parametrize("text, words", [
