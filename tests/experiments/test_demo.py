@@ -17,7 +17,8 @@ def test_make_demo_runs_every_demo_run_learns_and_writes_the_report(tmp_path):
     assert len(runs) == 5 and all((p / "DONE").exists() for p in runs)
     summary = pd.read_csv(tmp_path / "demo" / "summary.csv")
     gain = summary["test_accuracy"] - summary["step0_test_accuracy"]
-    assert (gain > 0.05).all(), summary[["run_id", "step0_test_accuracy", "test_accuracy"]]  # every run learns
+    assert (gain > 0.05).all(), summary[["run_id", "step0_test_accuracy", "test_accuracy"]]  # every run learns...
+    assert (summary["test_loss"] < summary["step0_test_loss"]).all(), summary[["run_id", "step0_test_loss", "test_loss"]]
     learned = summary.set_index(["kind", "partition", "optimizer"])["test_accuracy"]
     assert learned[("federated", "iid", "sgdm")] > learned[("federated", "noniid", "sgdm")] + 0.2
     assert summary["test_accuracy"][summary["kind"] == "centralized"].max() > 0.75
