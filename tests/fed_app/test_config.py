@@ -52,7 +52,10 @@ def test_a_key_applies_only_to_the_runs_it_shapes():
     dense = RunConfig(head="ridge")
     sparse = RunConfig(optimizer="sparse-sgdm", head="ridge", mask_rule="random")
     assert not dense.applies("sparsity", "federated") and sparse.applies("sparsity", "federated")
-    assert sparse.applies("calibration_rounds", "centralized") and not sparse.applies("fisher_mode", "federated")
+    assert not sparse.applies("calibration_rounds", "centralized") and not sparse.applies("fisher_mode", "federated")
+    assert sparse.applies("mask_threshold", "federated")  # the random rule: one round, thresholded per layer
+    fisher = sparse.replace(mask_rule="least-sensitive")
+    assert fisher.applies("calibration_rounds", "centralized") and not fisher.applies("mask_threshold", "federated")
     assert dense.applies("epochs", "centralized") and not dense.applies("epochs", "federated")
     assert not dense.applies("local_steps", "centralized") and dense.applies("local_steps", "federated")
     assert not dense.applies("classes_per_client", "federated")
