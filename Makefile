@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install test demo run centralized report clean
+.PHONY: install test demo miniature run centralized report clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ RESULTS ?= results
 demo: $(STAMP)
 	$(PY) -m experiments run experiments/manifests/demo.yaml --results $(RESULTS)
 	$(PY) -m experiments report $(RESULTS)/demo
+
+# The whole study rehearsed on a CPU: every shipped manifest, tuning first, on real digits (results/miniature)
+miniature: $(STAMP)
+	$(PY) -m experiments study --miniature --results $(RESULTS)/miniature
 
 # The headline job: FedAvg, K=100, C=0.1, J=4, iid, CIFAR-100, DINO ViT-S/16 (defaults in pyproject.toml)
 run: $(STAMP)

@@ -1,4 +1,5 @@
-"""Command line: `python -m experiments run MANIFEST`, `report RESULTS_DIR`, `bench fisher|round|data|grid`."""
+"""Command line: `python -m experiments run MANIFEST`, `report RESULTS_DIR`, `study --miniature`,
+`bench fisher|round|data|grid`."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--checkpoint", choices=["final", "best-val"], default="final",
                         help="which step of each run is selected on (validation) and reported (test): the last "
                              "evaluated one, or the best-validation one")
+    study = sub.add_parser("study", help="the whole study rehearsed: every shipped manifest, tuning first")
+    study.add_argument("--miniature", action="store_true", required=True,
+                       help="on real digits with the tiny ViT, rounds and epochs shrunk, in process (a laptop's "
+                            "rehearsal before booking a GPU); the only kind there is yet")
+    study.add_argument("--results", type=Path, default=Path("results/miniature"))
+    study.add_argument("--only", default=None,
+                       help="comma-separated manifest names: only those and the tuning manifests they depend on")
+    study.add_argument("--workers", type=int, default=2, help="runs at once, each in a process of its own")
     bench = sub.add_parser("bench", help="benchmarks; print a Markdown table and ratios")
     bench.add_argument("what", choices=["fisher", "round", "data", "grid"])
     bench.add_argument("--run-config", default="",
@@ -55,7 +64,16 @@ def main(argv: list[str] | None = None) -> int:
                             "(benchmarks/stock_app); round: interleaved with fedit in both transports, "
                             "grid: after fedit in each cost group, beside its fixed cost")
     args = parser.parse_args(argv)
-    return {"run": _run, "report": _report, "bench": _bench}[args.command](args)
+    return {"run": _run, "report": _report, "study": _study, "bench": _bench}[args.command](args)
+
+
+def _study(args) -> int:
+    from experiments.miniature import study
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    only = [n.strip() for n in args.only.split(",")] if args.only else None
+    print(study(Path("experiments/manifests"), args.results, only, args.workers))
+    return 0
 
 
 def _run(args) -> int:
