@@ -203,11 +203,17 @@ def select_best(table: pd.DataFrame, kind: str | None = None) -> pd.Series | Non
     return None if rows.empty else rows.loc[rows["val_accuracy_mean"].idxmax()]
 
 
+# Hyperparameters a search tunes (not arms of a comparison, like sparsity): where a winner at an edge means a
+# grid to extend.
+TUNABLE = {"lr", "weight_decay", "momentum", "epochs", "step_size", "gamma", "server_lr", "server_momentum",
+           "server_tau", "prox_mu", "logistic_lambda", "ridge_lambda", "head_epochs", "head_rounds"}
+
+
 def edge_winners(rows: pd.DataFrame, best: pd.Series, keys: list[str]) -> list[str]:
-    """For each numeric key of `keys` (snake_case) tried at three or more values among `rows`, where `best` took
-    the lowest or highest: 'lr=0.01 is the highest tried; add 0.03' (the grid's own spacing, continued)."""
+    """For each numeric hyperparameter of `keys` (snake_case) tried at three or more values among `rows`, where
+    `best` took the lowest or highest: 'lr=0.01 is the highest tried; add 0.03' (the grid's spacing, continued)."""
     notes = []
-    for key in keys:
+    for key in [k for k in keys if k in TUNABLE]:
         tried = sorted({float(v) for v in rows[key].dropna() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if len(tried) < 3 or pd.isna(best.get(key)) or float(best[key]) not in (tried[0], tried[-1]):
             continue
