@@ -230,7 +230,7 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
                 _FLAGGED.add((name, note))
                 log.warning("%s: the best of manifest %s is at the edge of its grid: %s to its grid and rerun it.",
                             where, name, note)
-        return {k: _plain(best[k.replace("-", "_")]) for k in keys}
+        return {k: _plain(best[k.replace("-", "_")], k) for k in keys}
 
     return pick
 
@@ -238,6 +238,9 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
 _FLAGGED: set[tuple[str, str]] = set()
 
 
-def _plain(value: Any) -> Any:
-    """A numpy scalar as the Python value a YAML manifest would have given."""
-    return value.item() if hasattr(value, "item") else value
+def _plain(value: Any, key: str) -> Any:
+    """A value read back from a results table as the Python value a YAML manifest would have given for `key`: a
+    numpy scalar unwrapped, and an integer key's 3.0 (a column with gaps is float) as 3."""
+    value = value.item() if hasattr(value, "item") else value
+    kind = RunConfig.__dataclass_fields__[key.replace("-", "_")].type
+    return int(value) if kind in ("int", int) and isinstance(value, float) and value.is_integer() else value

@@ -140,6 +140,23 @@ seeds: [1]
         load_manifest(_write(tmp_path, without), results)
 
 
+def test_an_integer_key_tuned_where_other_runs_leave_it_empty_stays_an_integer(tmp_path):
+    results = tmp_path / "results"
+    tune = load_manifest(_write(tmp_path, """
+name: tune
+kind: federated
+grid:
+  - {head: [train], head-rounds: [2, 3]}
+  - {head: [logistic]}
+seeds: [1]
+""", "tune.yaml"), results)
+    _finish(results, tune, lambda c: (0.9 if c.head == "train" and c.head_rounds == 3 else 0.5, 0.5))
+    text = ("name: study\nkind: federated\ntuned-from: {manifest: tune, keys: [head-rounds], match: [head], "
+            "for: {head: [train]}}\ngrid: {head: [train, logistic]}\n")
+    study = load_manifest(_write(tmp_path, text, "study.yaml"), results)  # the column has gaps: 3.0 in pandas
+    assert {r.cfg.head: r.cfg.head_rounds for r in study.runs}["train"] == 3
+
+
 def test_tuned_from_gives_each_rule_its_own_lr_and_the_dense_control_its_own(tmp_path):
     results = tmp_path / "results"
     tune = load_manifest(_write(tmp_path, """
