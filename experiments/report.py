@@ -210,11 +210,15 @@ TUNABLE = {"lr", "weight_decay", "momentum", "epochs", "step_size", "gamma", "se
 
 
 def edge_winners(rows: pd.DataFrame, best: pd.Series, keys: list[str]) -> list[str]:
-    """For each numeric hyperparameter of `keys` (snake_case) tried at three or more values among `rows`, where
-    `best` took the lowest or highest: 'lr=0.01 is the highest tried; add 0.03' (the grid's spacing, continued)."""
+    """For each numeric hyperparameter of `keys` (snake_case) tried at three or more values among the rows that
+    share `best`'s values of the other keys (its own sub-grid), where `best` took the lowest or highest:
+    'lr=0.01 is the highest tried; add 0.03' (the grid's spacing, continued)."""
     notes = []
     for key in [k for k in keys if k in TUNABLE]:
-        tried = sorted({float(v) for v in rows[key].dropna() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        same = rows
+        for other in [k for k in keys if k != key and k in rows]:
+            same = same[same[other].astype(str) == str(best.get(other))]
+        tried = sorted({float(v) for v in same[key].dropna() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if len(tried) < 3 or pd.isna(best.get(key)) or float(best[key]) not in (tried[0], tried[-1]):
             continue
         edge, inner = (tried[-1], tried[-2]) if float(best[key]) == tried[-1] else (tried[0], tried[1])

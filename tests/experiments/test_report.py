@@ -193,3 +193,7 @@ def test_a_winner_at_the_edge_of_its_grid_is_flagged_with_the_value_to_add(tmp_p
     assert "**At the edge of its grid:** lr=0.1 is the highest tried; add 1." in text
     (tmp_path / "centralized-2" / "rows.jsonl").write_text(json.dumps(_epochs([0.55], [0.55])[0]) + "\n")
     assert "edge of its grid" not in write_report(tmp_path).read_text()  # lr=0.01 won: inside the grid
+    # weight decay tried at three values, but only under lr=1.0: not the winner's sub-grid, so no flag for it
+    for i, wd in enumerate([0.001, 0.01, 0.1]):  # the winner (lr=0.01) has the lowest weight decay of all runs
+        _run(tmp_path, f"centralized-wd{i}", _epochs([0.3], [0.3]), lr=1.0, weight_decay=wd, seed=1)
+    assert "edge of its grid" not in write_report(tmp_path).read_text()
