@@ -197,3 +197,15 @@ def test_a_winner_at_the_edge_of_its_grid_is_flagged_with_the_value_to_add(tmp_p
     for i, wd in enumerate([0.001, 0.01, 0.1]):  # the winner (lr=0.01) has the lowest weight decay of all runs
         _run(tmp_path, f"centralized-wd{i}", _epochs([0.3], [0.3]), lr=1.0, weight_decay=wd, seed=1)
     assert "edge of its grid" not in write_report(tmp_path).read_text()
+    # step-size varies now (it applies to step runs only): the winner's, empty, still picks its own sub-grid
+    for i, lr in enumerate([0.3, 3.0]):
+        _run(tmp_path, f"centralized-step{i}", _epochs([0.1], [0.1]), lr=lr, scheduler="step", seed=1)
+    _run(tmp_path, "centralized-top", _epochs([0.99], [0.99]), lr=1.0, seed=2)
+    assert "lr=1 is the highest tried; add 10" in write_report(tmp_path).read_text()
+
+
+def test_edge_winners_compare_within_the_winners_sub_grid_where_another_key_is_empty():
+    from experiments.report import edge_winners
+
+    rows = pd.DataFrame({"lr": [0.01, 0.1, 1.0, 0.01, 0.1], "step_size": [None, None, None, 2.0, 3.0]})
+    assert edge_winners(rows, rows.iloc[2], ["lr", "step_size"]) == ["lr=1 is the highest tried; add 10"]
