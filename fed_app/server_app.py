@@ -24,7 +24,7 @@ from fed_app.plots import plot_curves
 from fed_app.rundir import RunDir
 from fed_app.run_loop import claimed_run, run_steps
 from fed_app.scaffold import ControlStore
-from fed_app.session import SessionFolder
+from fed_app.session import SESSION_RUN_ENDED, SessionFolder
 from fed_app.task import client_lr
 from fed_app.transport import SharedFiles
 from fed_app.wire import Form, Key, flat_state, split_flat
@@ -61,6 +61,7 @@ def serve(grid: Grid, session: SessionFolder, marks: Marks) -> None:
         except BaseException as err:
             session.finish(n, str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")
             raise
+        log.info("%s %d", SESSION_RUN_ENDED, n)  # the command waits for this line: the run's log is all there
         session.finish(n, None)
         n, marks = n + 1, Marks(started=time.time())
 

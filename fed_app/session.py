@@ -23,6 +23,8 @@ from fed_app.config import RunConfig
 from fed_app.local_federation import FlowerRunError, LocalFederation
 
 POLL_S = 0.1
+SESSION_RUN_ENDED = "session run ended:"  # the ServerApp's last log line of a run; Flower streams logs with a lag
+LOG_WAIT_S = 10.0
 
 
 class SessionFolder:
@@ -101,6 +103,11 @@ class Session:
                 raise FlowerRunError(f"the Flower session ended during run {cfg.run_id()}: "
                                      f"{''.join(self.lines[first:])[-2000:]}")
             time.sleep(POLL_S)
+        if result["error"] is None:  # the log reaches us after the result: wait (a while) for the run's last line
+            deadline = time.monotonic() + LOG_WAIT_S
+            while (not any(f"{SESSION_RUN_ENDED} {self.count}" in line for line in self.lines[first:])
+                   and time.monotonic() < deadline and self.proc.poll() is None):
+                time.sleep(POLL_S)
         log = "".join(self.lines[first:])
         if result["error"] is not None:
             self.close()  # the ServerApp ends the session after a failed run; no need to wait for Ray's shut-down
