@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from experiments.selection import edge_winners, select_best
 from fed_app.applicability import key_applies
 from fed_app.config import ConfigError, RunConfig
 from fed_app.errors import UserError
@@ -201,7 +202,7 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
     if done < len(tuning.runs):
         raise ManifestError(f"{where}: tuned-from takes {', '.join(keys)} from manifest {name}, which has not "
                             f"finished ({done} of {len(tuning.runs)} runs done); {command}.")
-    from experiments.report import edge_winners, load_results, over_seeds, select_best, summarize
+    from experiments.report import load_results, over_seeds, summarize
 
     axes = [a.replace("-", "_") for a in tuning.axes]
     table = over_seeds(summarize(load_results(results / name), axes, "final"), axes)

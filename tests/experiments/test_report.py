@@ -205,7 +205,7 @@ def test_a_winner_at_the_edge_of_its_grid_is_flagged_with_the_value_to_add(tmp_p
 
 
 def test_edge_winners_compare_within_the_winners_sub_grid_where_another_key_is_empty():
-    from experiments.report import edge_winners
+    from experiments.selection import edge_winners
 
     rows = pd.DataFrame({"lr": [0.01, 0.1, 1.0, 0.01, 0.1], "step_size": [None, None, None, 2.0, 3.0]})
     assert edge_winners(rows, rows.iloc[2], ["lr", "step_size"]) == ["lr=1 is the highest tried; add 10"]
