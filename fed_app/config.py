@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "aggregation": ("fedavg",),
     "tracker": ("none", "tensorboard", "wandb"),
     "server_optimizer": ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
-    "mask_aggregation": ("scores", "vote", "intersection", "union"),
+    "mask_aggregation": ("scores", "vote", "intersection", "union", "vote-rank"),
     "client_algorithm": ("fedavg", "scaffold"),
 }
 # Keys whose values may also be names that a module in `plugins` registered (fed_app/registry.py).

@@ -241,7 +241,7 @@ def _step_zero(cfg: RunConfig, strategy: SeededFedAvg, task, run_dir: RunDir):
         return state, None, found
     if cfg.mask_scope == "global" and cfg.mask_aggregation != "scores":  # the clients' own masks, combined
         local = federated_local_masks(cfg, strategy, task, state)
-        combined = combine_masks([local[p] for p in sorted(local)], cfg.mask_aggregation, cfg.mask_quorum)
+        combined = combine_masks([local[p] for p in sorted(local)], cfg.mask_aggregation, cfg.mask_quorum, cfg.seed)
         plan = MaskPlan.global_mask(combined, cfg.num_clients)
     elif cfg.mask_scope == "global":
         plan = MaskPlan.global_mask(federated_masks(cfg, strategy, task, state), cfg.num_clients)
