@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from experiments.methods import level_and_method_order  # noqa: E402
+
 
 def _label(row: pd.Series, axes: list[str]) -> str:
     """'partition=noniid, classes-per-client=5' from the axes that apply to the row (empty ones left out)."""
@@ -151,9 +153,8 @@ def make_figures(df: pd.DataFrame, summary: pd.DataFrame, axes: list[str], out: 
 
 
 def methods_figure(stats: pd.DataFrame, out: Path) -> Path:
-    """Grouped bars of experiments.report.methods_by_level: test accuracy per heterogeneity level (most skewed
+    """Grouped bars of experiments.methods.methods_by_level: test accuracy per heterogeneity level (most skewed
     left), one bar per remedy (FedAvg first), mean ± std over seeds."""
-    from experiments.report import level_and_method_order
 
     levels, methods = level_and_method_order(stats)
     width = 0.8 / len(methods)

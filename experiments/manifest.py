@@ -29,7 +29,8 @@ from typing import Any
 
 import yaml
 
-from experiments.selection import edge_winners, select_best
+from experiments.selection import edge_winners, equals, select_best
+from experiments.tables import load_results, over_seeds, summarize
 from fed_app.applicability import key_applies
 from fed_app.config import ConfigError, RunConfig
 from fed_app.errors import UserError
@@ -202,8 +203,6 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
     if done < len(tuning.runs):
         raise ManifestError(f"{where}: tuned-from takes {', '.join(keys)} from manifest {name}, which has not "
                             f"finished ({done} of {len(tuning.runs)} runs done); {command}.")
-    from experiments.report import load_results, over_seeds, summarize
-
     axes = [a.replace("-", "_") for a in tuning.axes]
     table = over_seeds(summarize(load_results(results / name), axes, "final"), axes)
     absent = [k for k in keys + match if k.replace("-", "_") not in table]
@@ -218,7 +217,7 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
         for key in match:
             column = rows[key.replace("-", "_")]
             if key_applies(key.replace("-", "_"), kind, snake):
-                rows = rows[column.astype(str) == str(values.get(key, defaults[key]))]
+                rows = rows[equals(column, values.get(key, defaults[key]))]
             else:
                 rows = rows[column.isna()]
         best = select_best(rows)

@@ -16,6 +16,14 @@ def select_best(table: pd.DataFrame, kind: str | None = None) -> pd.Series | Non
     return None if rows.empty else rows.loc[rows["val_accuracy_mean"].idxmax()]
 
 
+def equals(column: pd.Series, value) -> pd.Series:
+    """Where a results column holds `value`: numerically for a number (a column with gaps is float, so
+    classes-per-client 5 reads back as 5.0), as text otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return pd.to_numeric(column, errors="coerce") == float(value)
+    return column.astype(str) == str(value)
+
+
 # Hyperparameters a search tunes (not arms of a comparison, like sparsity): where a winner at an edge means a
 # grid to extend.
 TUNABLE = {"lr", "weight_decay", "momentum", "epochs", "step_size", "gamma", "server_lr", "server_momentum",

@@ -5,7 +5,9 @@ import json
 import pandas as pd
 import pytest
 
-from experiments.report import load_results, summarize, write_report
+from experiments.methods import method_name
+from experiments.report import write_report
+from experiments.tables import load_results, summarize
 from fed_app.config import RunConfig
 
 
@@ -148,7 +150,6 @@ def test_mask_densities_per_block_one_line_per_configuration(tmp_path):
 
 
 def test_remedies_get_a_method_by_heterogeneity_table_and_figure(tmp_path):
-    from experiments.report import method_name
 
     methods = {"fedavg": {}, "prox": {"prox_mu": 0.01}, "adam": {"server_optimizer": "fedadam", "server_lr": 0.01},
                "scaffold": {"client_algorithm": "scaffold"}}
