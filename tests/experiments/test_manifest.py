@@ -53,9 +53,11 @@ def test_the_shipped_studies_have_the_sizes_seeds_and_controls_the_protocol_stat
     assert counts["sparse_grid"] == 16 * 3 and counts["fedavg_lr"] == 18 and counts["centralized_search"] == 28
     assert counts["heterogeneity_remedies"] == 4 * 5 * 3 and counts["remedies_tuning"] == 9  # 4 levels x 5 methods
     assert counts["sparse_lr"] == 5 * 5 + 4 * 5 + 5 and counts["head_control"] == 4 * 3
+    assert counts["noniid_lr"] == 6 * 6 and counts["mask_aggregation"] == (5 * 3 + 3) * 3  # 5 rules, 3 levels
+    assert counts["sparse_centralized_lr"] == 2 * 5 and counts["sparse_centralized"] == 2 * 3
     for name in ("noniid_grid", "sparse_grid", "mask_rules", "fisher_modes", "schedulers", "fedavg_iid", "head_control"):
         assert len({r.cfg.seed for r in loaded[name].runs}) == 3, name
-    for name in ("sparse_grid", "mask_rules", "mask_scope", "mask_aggregation"):  # dense control, same frozen head
+    for name in ("sparse_grid", "mask_rules", "mask_scope", "mask_aggregation", "sparse_centralized"):  # same frozen head
         controls = [r.cfg for r in loaded[name].runs if r.cfg.optimizer == "sgdm"]
         assert controls and all(c.head == "logistic" and c.freeze_head for c in controls), name
         assert loaded[name].control == {"optimizer": "sgdm"}
@@ -64,7 +66,9 @@ def test_the_shipped_studies_have_the_sizes_seeds_and_controls_the_protocol_stat
     assert all((c.head, c.freeze_head) == ("logistic", False) for c in baselines)  # one protocol for the baselines
     assert min(r.cfg.lr for r in loaded["centralized_search"].runs) == 0.0001
     # every tuning manifest tunes at the horizon of the studies that take its values
-    assert {r.cfg.num_rounds for n in ("fedavg_lr", "sparse_lr", "remedies_tuning") for r in loaded[n].runs} == {200}
+    assert {r.cfg.num_rounds for n in ("fedavg_lr", "sparse_lr", "remedies_tuning", "noniid_lr")
+            for r in loaded[n].runs} == {200}
+    assert {r.cfg.epochs for n in ("sparse_centralized_lr", "sparse_centralized") for r in loaded[n].runs} == {10}
 
 
 def _finish(results, manifest, val_and_test):
@@ -197,3 +201,25 @@ def test_a_bad_manifest_is_one_sentence_naming_the_manifest_and_key(tmp_path, te
     assert message.startswith("manifest m.yaml: ") and "\n" not in message
     for word in words:
         assert word in message
+
+
+def test_tuned_from_matches_an_integer_key_that_reads_back_as_float(tmp_path):
+    """noniid_lr's classes-per-client column has gaps (its Dirichlet rows), so Nc=5 reads back as 5.0; a study
+    at Nc=5 must still find its level's lr (the miniature's remedies_tuning did not)."""
+    results = tmp_path / "results"
+    tune = load_manifest(_write(tmp_path, """
+name: tune
+kind: federated
+grid:
+  - {partition: [noniid], classes-per-client: [1, 5], lr: [0.001, 0.01]}
+  - {partition: [dirichlet], lr: [0.001, 0.01]}
+seeds: [1]
+""", "tune.yaml"), results)
+    best = {1: 0.001, 5: 0.01, None: 0.001}
+    _finish(results, tune, lambda c: (0.9 if c.lr == best[c.classes_per_client if c.partition == "noniid" else None]
+                                      else 0.5, 0.5))
+    text = ("name: study\nkind: federated\ntuned-from: {manifest: tune, keys: [lr], match: [partition, "
+            "classes-per-client]}\ngrid:\n  - {partition: [noniid], classes-per-client: [1, 5]}\n"
+            "  - {partition: [dirichlet]}\n")
+    study = load_manifest(_write(tmp_path, text, "study.yaml"), results)
+    assert {(r.cfg.classes_per_client if r.cfg.partition == "noniid" else None): r.cfg.lr for r in study.runs} == best
