@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fed_app.config import CHOICES, RunConfig
+from fed_app.registry import MASK_RULES
 
 # Keys that shape only one kind of run, and keys that shape a run only when another key says so.
 ONLY_FOR_KIND: dict[str, frozenset[str]] = {
@@ -64,14 +65,18 @@ def _uses_fisher(rule: str) -> bool:
     """Whether mask rule `rule` scores Fisher sensitivity (a registered rule says so; unknown ones may)."""
     if rule in SENSITIVITY_RULES:
         return True
-    from fed_app.registry import MASK_RULES
-
     found = MASK_RULES.find(rule)
     return rule not in CHOICES["mask_rule"] and (found is None or found.needs_fisher)
 
 
+def applies(cfg: RunConfig, name: str, kind: str) -> bool:
+    """Whether key `name` (snake_case) shapes a run of this `kind` (centralized or federated) with this
+    config: e.g. sparsity only under optimizer='sparse-sgdm', epochs only in centralized runs."""
+    return key_applies(name, kind, cfg.to_dict())
+
+
 def key_applies(name: str, kind: str, values: Mapping[str, Any]) -> bool:
-    """RunConfig.applies for a mapping of snake_case values (missing keys take their defaults)."""
+    """`applies` for a mapping of snake_case values (a saved config.json; missing keys take their defaults)."""
     other = "federated" if kind == "centralized" else "centralized"
     if name in ONLY_FOR_KIND[other]:
         return False

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fed_app import registry
 from fed_app.errors import UserError
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -232,8 +233,6 @@ class RunConfig:
     def _registered(self, name: str, value: str) -> bool:
         """Whether a module named in `plugins` (imported here, in every process that reads a config) registered
         `value` for key `name`."""
-        from fed_app import registry
-
         try:
             registry.load_plugins(self.plugins)
         except ImportError as err:
@@ -296,13 +295,6 @@ class RunConfig:
     @property
     def evaluate_clients(self) -> int:
         return share_of(self.fraction_evaluate, self.num_clients)
-
-    def applies(self, name: str, kind: str) -> bool:
-        """Whether key `name` (snake_case) shapes a run of this `kind` (centralized or federated) with this
-        config: e.g. sparsity only under optimizer='sparse-sgdm', epochs only in centralized runs."""
-        from fed_app.applicability import key_applies
-
-        return key_applies(name, kind, self.to_dict())
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

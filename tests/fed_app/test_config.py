@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from fed_app.applicability import applies
 from fed_app.config import ConfigError, RunConfig, parse_overrides
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
@@ -51,17 +52,17 @@ def test_run_id_is_stable_and_ignores_run_dir():
 def test_a_key_applies_only_to_the_runs_it_shapes():
     dense = RunConfig(head="ridge")
     sparse = RunConfig(optimizer="sparse-sgdm", head="ridge", mask_rule="random")
-    assert not dense.applies("sparsity", "federated") and sparse.applies("sparsity", "federated")
-    assert not sparse.applies("calibration_rounds", "centralized") and not sparse.applies("fisher_mode", "federated")
-    assert sparse.applies("mask_threshold", "federated")  # the random rule: one round, thresholded per layer
+    assert not applies(dense, "sparsity", "federated") and applies(sparse, "sparsity", "federated")
+    assert not applies(sparse, "calibration_rounds", "centralized") and not applies(sparse, "fisher_mode", "federated")
+    assert applies(sparse, "mask_threshold", "federated")  # the random rule: one round, thresholded per layer
     fisher = sparse.replace(mask_rule="least-sensitive")
-    assert fisher.applies("calibration_rounds", "centralized") and not fisher.applies("mask_threshold", "federated")
-    assert dense.applies("epochs", "centralized") and not dense.applies("epochs", "federated")
-    assert not dense.applies("local_steps", "centralized") and dense.applies("local_steps", "federated")
-    assert not dense.applies("classes_per_client", "federated")
-    assert RunConfig(partition="noniid").applies("classes_per_client", "federated")
-    assert dense.applies("freeze_head", "federated") and not RunConfig().applies("freeze_head", "federated")
-    assert not dense.applies("warmup_epochs", "centralized") and dense.applies("lr", "centralized")
+    assert applies(fisher, "calibration_rounds", "centralized") and not applies(fisher, "mask_threshold", "federated")
+    assert applies(dense, "epochs", "centralized") and not applies(dense, "epochs", "federated")
+    assert not applies(dense, "local_steps", "centralized") and applies(dense, "local_steps", "federated")
+    assert not applies(dense, "classes_per_client", "federated")
+    assert applies(RunConfig(partition="noniid"), "classes_per_client", "federated")
+    assert applies(dense, "freeze_head", "federated") and not applies(RunConfig(), "freeze_head", "federated")
+    assert not applies(dense, "warmup_epochs", "centralized") and applies(dense, "lr", "centralized")
 
 
 def test_bad_fl_values_fail_before_any_round():

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fed_app.applicability import applies
 from fed_app.config import ConfigError, RunConfig
 from fed_app.model import build_model
 from fed_app.registry import AGGREGATIONS, OBJECTIVES
@@ -23,7 +24,7 @@ def test_a_registered_name_is_refused_until_its_module_is_named_in_plugins():
         RunConfig(mask_rule="by-position", optimizer="sparse-sgdm", head="ridge")
     cfg = RunConfig(mask_rule="by-position", optimizer="sparse-sgdm", head="ridge", client_objective="proximal",
                     aggregation="half-step", plugins=PLUGIN["plugins"])
-    assert not cfg.applies("fisher_mode", "federated")  # the rule says it needs no Fisher
+    assert not applies(cfg, "fisher_mode", "federated")  # the rule says it needs no Fisher
     with pytest.raises(ConfigError, match=r"plugins='no_such_module' cannot be imported"):
         RunConfig(aggregation="nope", plugins="no_such_module")
 
