@@ -108,7 +108,7 @@ def test_calibrated_ridge_head_is_close_to_a_cross_entropy_head_and_far_from_uni
 
 
 def test_dense_fine_tuning_from_the_default_logistic_head_learns_wherever_a_random_head_does(pretrained, tmp_path):
-    """The evidence behind the default step-0 head (README, Study protocol): full fine-tuning, 6 epochs, from the
+    """The evidence behind the default step-0 head (docs/study-protocol.md): full fine-tuning, 6 epochs, from the
     pretrained-like backbone. The calibrated ridge head (weight norm 52 here, against 4.7 for the logistic head)
     diverges at lr 0.1, where the random and the logistic head both learn."""
     def run(lr: float, **head) -> list[dict]:
