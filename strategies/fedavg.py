@@ -1,4 +1,4 @@
-"""SeededFedAvg: Flower's FedAvg with (seed, round)-keyed sampling over partition ids and example-weighted
+"""SeededFedAvg: FedAvg with (seed, round)-keyed sampling over partition ids and example-weighted
 averaging of client deltas in torch, summed one client at a time in partition order. Reaching the clients
 (messages, retries, bytes) is fed_app.federation's."""
 
@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
 from torch import Tensor
 
 from fed_app.federation import Federation, RoundFailedError
@@ -127,17 +126,19 @@ class RoundSum:
                                                                "task_builds": builds, **phases})
 
 
-class SeededFedAvg(FedAvg):
-    """FedAvg whose sampling and aggregation are reproducible across resume. It keeps FedAvg's
-    configure_train role (its aggregation is RoundSum, fed reply by reply) but takes the model as a dict of tensors, not an ArrayRecord (building
-    one copies the whole model into bytes, which transport='files' exists to avoid), and fed_app.server_app
-    runs its rounds (with step 0, calibration and checkpoints) instead of the inherited start()."""
+class SeededFedAvg:
+    """FedAvg whose sampling and aggregation are reproducible across resume: configure_train samples and builds
+    each client's record, RoundSum aggregates reply by reply, advance runs one round.
+
+    Not a subclass of Flower's Strategy, on purpose: Strategy.start owns the whole loop and takes the model as one
+    ArrayRecord, while fedit's run loop (fed_app/run_loop.py) owns step 0, calibration, checkpoints and resume,
+    and sends the model as a file or as views of one buffer (an ArrayRecord copies it into bytes). Flower's
+    strategy wrappers therefore cannot wrap it; its messages keep Flower's FedAvg record names ("arrays",
+    "config"), so a Flower ClientApp reads them as it would FedAvg's."""
 
     def __init__(self, seed: int, num_clients: int, per_round: int, federation: Federation,
                  files: SharedFiles | None = None, aggregation: str = "fedavg",
                  server_optimizer: ServerOptimizer | None = None):
-        super().__init__(fraction_train=per_round / num_clients, fraction_evaluate=0.0,
-                         min_available_nodes=num_clients)
         self.seed, self.num_clients, self.per_round = seed, num_clients, per_round
         self.federation = federation
         self.aggregator = AGGREGATIONS.get(aggregation)  # (total weight, masked) -> .add(delta, w, mask), .result()
@@ -194,8 +195,7 @@ class SeededFedAvg(FedAvg):
         phase = PHASES[str(config.get(Key.PHASE, ""))]
         pids = sample_partitions(self.seed, server_round, self.num_clients, self.per_round, phase)
         config[Key.SERVER_ROUND] = server_round
-        base = {**carry(self.arrayrecord_key, arrays, self.files.root if self.files else None),
-                self.configrecord_key: config}
+        base = {**carry(Key.ARRAYS, arrays, self.files.root if self.files else None), Key.CONFIG: config}
         if phase != Phase.TRAIN or not self.mask_records:
             return {p: RecordDict(base) for p in pids}
         return {p: RecordDict({**base, Key.MASK: self.mask_records[p]}) for p in pids}
@@ -205,7 +205,7 @@ class SeededFedAvg(FedAvg):
         client evaluation): it goes the way train payloads go, so with transport='files' it is written once for
         all of them, not copied into every message (step 0 of a ridge head asks all K clients twice)."""
         folder = self.files.root if self.files else None
-        content = carry(self.arrayrecord_key, model_payload(state, folder is not None), folder)
+        content = carry(Key.ARRAYS, model_payload(state, folder is not None), folder)
         try:
             return self.federation.exchange(server_round, message_type, {p: RecordDict(content) for p in pids})
         except RoundFailedError as err:
