@@ -14,9 +14,23 @@ from experiments.manifest import load_manifest
 from experiments.methods import level_and_method_order, methods_by_level
 from experiments.paired import paired_differences, paired_table
 from experiments.selection import edge_winners, select_best
-from experiments.tables import load_results, over_seeds, summarize, varying
+from experiments.tables import NoResultsError, load_results, over_seeds, summarize, varying
+from fed_app.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def manifest_run_ids(results_dir: Path) -> set[str] | None:
+    """The run ids of the manifest the runner saved, with its tuned values as they stand; None without a
+    saved manifest or when its tuned values cannot be read (its tuning results are elsewhere)."""
+    saved = Path(results_dir) / "manifest.yaml"
+    if not saved.exists():
+        return None
+    try:
+        return {r.run_id for r in load_manifest(saved, Path(results_dir).parent).runs}
+    except UserError:
+        return None
+
 
 def grid_axes(results_dir: Path, df: pd.DataFrame) -> tuple[list[str], dict]:
     """The grid's axes (snake_case) and its control arm, from the manifest the runner saved; else the columns
@@ -84,6 +98,14 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
     selected and reported at the same checkpoint `rule` ('final' or 'best-val')."""
     results_dir = Path(results_dir)
     df = load_results(results_dir)
+    # Run folders of an earlier grid or earlier tuned values stay on disk (never deleted for the user) but are
+    # not this manifest's runs: they must not enter its tables, selections or pairs.
+    ids = manifest_run_ids(results_dir)
+    stale = [] if ids is None else sorted(set(df["run_id"]) - ids)
+    df = df[~df["run_id"].isin(stale)]
+    if df.empty:
+        raise NoResultsError(f"none of the runs under {results_dir} is a run of its manifest as it stands; run "
+                             f"the manifest first.")
     axes, control = grid_axes(results_dir, df)
     summary = summarize(df, axes, rule)
     table = over_seeds(summary, axes)
@@ -117,6 +139,9 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
         lines += [f"**Best {kind} configuration by validation accuracy:** {chosen}: validation "
                   f"{_pm(best['val_accuracy_mean'], best['val_accuracy_std'], best['n'])}, test "
                   f"{_pm(best['test_accuracy_mean'], best['test_accuracy_std'], best['n'])}.{flag}", ""]
+    if stale:
+        lines += [f"{len(stale)} run folders here are not runs of the manifest as it stands (an earlier grid or "
+                  f"earlier tuned values) and are left out: {', '.join(stale)}.", ""]
     if len(diverged):
         lines += [f"## Diverged runs ({len(diverged)})", "", "Stopped by the divergence guard (marked DIVERGED, not "
                   "DONE): they lose every selection and are drawn in no figure.", "",

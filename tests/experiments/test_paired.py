@@ -49,3 +49,22 @@ def test_each_arm_gets_its_paired_difference_with_a_95_percent_t_interval(tmp_pa
     assert nc1["verdict"] == "no difference shown"
     assert "| partition=noniid classes-per-client=5 | partition=iid | 3 | -10.00 | [-14.97, -5.03] | lower |" in text
     assert "## Each arm against its control, paired by seed" in text
+
+
+def test_run_folders_that_are_not_the_manifests_runs_stay_out_of_the_report(tmp_path):
+    """A run folder left by an earlier grid (here: the same arm at another lr) is on disk but not in the manifest
+    as it stands: the report leaves it out of every table and pair, and says so."""
+    test_each_arm_gets_its_paired_difference_with_a_95_percent_t_interval(tmp_path)
+    results = tmp_path / "results"
+    before = pd.read_csv(results / "study" / "paired.csv")
+    old = load_manifest(results / "study" / "manifest.yaml", results).runs[0]
+    stale = Path(old.cfg.run_dir).with_name("federated-0123456789")
+    stale.mkdir()
+    (stale / "config.json").write_text(json.dumps(old.cfg.replace(lr=0.5).to_dict()))
+    rows = [{"round": 0, "val_accuracy": 0.1, "test_accuracy": 0.1, "test_loss": 2.3},
+            {"round": 2, "val_accuracy": 0.99, "test_accuracy": 0.01, "test_loss": 9.0}]
+    (stale / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(results / "study").read_text()
+    pd.testing.assert_frame_equal(pd.read_csv(results / "study" / "paired.csv"), before)
+    assert "federated-0123456789" not in pd.read_csv(results / "study" / "summary.csv")["run_id"].tolist()
+    assert "1 run folders here are not runs of the manifest as it stands" in text and "federated-0123456789" in text
