@@ -82,7 +82,7 @@ def _run(args) -> int:
     from experiments.manifest import load_manifest
     from experiments.run import print_plan, run_manifest, select
     from experiments.slots import parse_devices
-    from fed_app.local_federation import client_gpus
+    from fed_app.local.local_federation import client_gpus
 
     manifest = load_manifest(args.manifest, args.results)
     runs = select(manifest, args.only)
@@ -114,10 +114,13 @@ def _report(args) -> int:
 def _bench(args) -> int:
     import tempfile
 
-    from experiments.bench import (bench_data, bench_fisher, bench_grid, bench_round, print_data, print_fisher,
-                                   print_grid, print_round)
+    from experiments.bench.data import bench_data, print_data
+    from experiments.bench.fisher import bench_fisher, print_fisher
+    from experiments.bench.grid import bench_grid, print_grid
+    from experiments.bench.round import bench_profile, bench_round, print_profile, print_round
+    from experiments.bench.stock import bench_against_stock, print_against_stock
     from fed_app.config import RunConfig, parse_overrides
-    from fed_app.local_federation import client_gpus
+    from fed_app.local.local_federation import client_gpus
 
     logging.basicConfig(level=logging.WARNING)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,8 +156,6 @@ def _bench(args) -> int:
         steps = [int(j) for j in args.local_steps.split(",")]
         slots = int(1 / gpus) if gpus else max(1, (os.cpu_count() or 1) // args.cpus)  # clients training at once
         if args.profile:
-            from experiments.bench import bench_profile, print_profile
-
             with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
                 rows = bench_profile(cfg, steps, args.rounds, args.warmup, Path(tmp), args.cpus, gpus)
             print_profile(rows, f"bench round --profile: {cfg.model}, K={cfg.num_clients}, C={cfg.fraction_train}, "
@@ -162,8 +163,6 @@ def _bench(args) -> int:
                                 f"{args.warmup + 1}..{args.rounds - 1}", slots)
             return 0
         if args.against == "stock":
-            from experiments.bench import bench_against_stock, print_against_stock, print_profile
-
             with tempfile.TemporaryDirectory(prefix="fedit-bench-") as tmp:
                 rows = bench_against_stock(cfg, steps, args.rounds, args.warmup, Path(tmp), args.cpus, gpus,
                                            args.repeats)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from experiments.bench import group_by_cost, projected_seconds
+from experiments.bench.grid import group_by_cost, projected_seconds
 from fed_app.config import RunConfig
 
 
