@@ -9,8 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from fed_app import procfs
-from fed_app.local_federation import processes_under
+from fed_app.runs import procfs
+from fed_app.local.local_federation import processes_under
 
 CLIENTS, ENGINE, SUPERLINK, OTHER = ("client actors", "simulation engine (ServerApp)", "SuperLink",
                                      "Ray, SuperExec, flwr CLI")

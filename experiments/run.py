@@ -1,5 +1,5 @@
 """The runner: every run of a manifest, one per device slot at a time (`--devices 0,1,cpu`); each run claimed
-first (fed_app/claims.py), so runners on one machine or on machines sharing the results split the manifest
+first (fed_app/runs/claims.py), so runners on one machine or on machines sharing the results split the manifest
 between them and never train a run twice; done runs skipped, partial ones resumed, failures listed."""
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from rich.table import Table
 
 from experiments.manifest import Manifest, Run
 from experiments.slots import Slot
-from fed_app import claims
+from fed_app.runs import claims
 from fed_app.errors import UserError
 from fed_app.launch import preflight
-from fed_app.local_federation import LocalFederation, run_config_arg
-from fed_app.session import Session
-from fed_app.run_loop import progress_line
+from fed_app.local.local_federation import LocalFederation, run_config_arg
+from fed_app.local.session import Session
+from fed_app.runs.run_loop import progress_line
 
 log = logging.getLogger(__name__)
 

@@ -10,16 +10,16 @@ from pathlib import Path
 import torch
 
 from fed_app.config import RunConfig, parse_overrides
-from fed_app.batches import BatchTransform, batch_stream
-from fed_app.data import load_dataset
-from fed_app.editing import calibrate_masks, fit_head
-from fed_app.head import freeze_head
-from fed_app.model import build_model
-from fed_app.plots import plot_curves
-from fed_app.rundir import RunDir
-from fed_app.run_loop import DivergedError, claimed_run, diverged_message, run_steps
-from fed_app.seeds import epoch_generator
-from fed_app.task import (autocast, evaluate, make_optimizer, make_scheduler, resolve_device, set_masks_by_name,
+from fed_app.task.batches import BatchTransform, batch_stream
+from fed_app.task.data import load_dataset
+from fed_app.task.editing import calibrate_masks, fit_head
+from fed_app.task.head import freeze_head
+from fed_app.task.model import build_model
+from fed_app.runs.plots import plot_curves
+from fed_app.runs.rundir import RunDir
+from fed_app.runs.run_loop import DivergedError, claimed_run, diverged_message, run_steps
+from fed_app.task.seeds import epoch_generator
+from fed_app.task.train import (autocast, evaluate, make_optimizer, make_scheduler, resolve_device, set_masks_by_name,
                           train_steps, training_module)
 from masking.calibrate import density_of
 

@@ -1,4 +1,4 @@
-"""ClientApp: thin adapters between Flower messages and the task loaded once per process (fed_app/loaded_task.py)."""
+"""ClientApp: thin adapters between Flower messages and the task loaded once per process (fed_app/flower/loaded_task.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
-from fed_app.scaffold import ControlStore, scaffold_update
-from fed_app.transport import carry, encode, folder_of, holds, take
-from fed_app.wire import Form, Key, gather_trainable, model_payload, model_state, pack_masks
-from fed_app.loaded_task import LoadedTask, load_task
+from fed_app.flower.scaffold import ControlStore, scaffold_update
+from fed_app.flower.transport import carry, encode, folder_of, holds, take
+from fed_app.flower.wire import Form, Key, gather_trainable, model_payload, model_state, pack_masks
+from fed_app.flower.loaded_task import LoadedTask, load_task
 
 app = ClientApp()
 
@@ -30,7 +30,7 @@ def _partition_id(context: Context, cfg: RunConfig) -> int:
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, int, LoadedTask]:
     """The run this message is about (the config it carries; else the context's), this node's partition, and the
     task loaded for that run."""
-    if Key.RUN in msg.content:  # a session's simulation serves run after run (fed_app/session.py)
+    if Key.RUN in msg.content:  # a session's simulation serves run after run (fed_app/local/session.py)
         cfg = _parsed(str(msg.content[Key.RUN][Key.CONFIG_JSON]))
     else:
         cfg = RunConfig.from_run_config(context.run_config)

@@ -187,7 +187,7 @@ class RunConfig:
     client_objective: str = "cross-entropy"
     aggregation: str = "fedavg"
     prox_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to the client objective
-    client_algorithm: str = "fedavg"  # 'scaffold': control variates correct each client's gradients (fed_app/scaffold.py)
+    client_algorithm: str = "fedavg"  # 'scaffold': control variates correct each client's gradients (fed_app/flower/scaffold.py)
     # server optimizer (strategies/server_opt.py): the mean client delta as a negative pseudo-gradient
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
@@ -198,9 +198,9 @@ class RunConfig:
     plugins: str = ""
     # outputs
     run_dir: str = ""
-    tracker: str = "none"  # live tracking beside rows.jsonl: none | tensorboard | wandb (fed_app/trackers.py)
-    claim_token: str = ""  # set by the command that claimed the run (fed_app/claims.py), not by users
-    session: str = ""  # set by the runner: the folder through which one simulation gets its runs (fed_app/session.py)
+    tracker: str = "none"  # live tracking beside rows.jsonl: none | tensorboard | wandb (fed_app/runs/trackers.py)
+    claim_token: str = ""  # set by the command that claimed the run (fed_app/runs/claims.py), not by users
+    session: str = ""  # set by the runner: the folder through which one simulation gets its runs (fed_app/local/session.py)
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():

@@ -9,11 +9,11 @@ import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
 from fed_app.config import RunConfig
-from fed_app.head import fit_logistic, fit_temperature, head_name, solve_ridge
-from fed_app.seeds import Phase, sample_partitions
-from fed_app.transport import encode, take
-from fed_app.wire import Form, Key, split_flat, unpack_masks
-from fed_app.loaded_task import State, LoadedTask
+from fed_app.task.head import fit_logistic, fit_temperature, head_name, solve_ridge
+from fed_app.task.seeds import Phase, sample_partitions
+from fed_app.flower.transport import encode, take
+from fed_app.flower.wire import Form, Key, split_flat, unpack_masks
+from fed_app.flower.loaded_task import State, LoadedTask
 from masking.calibrate import Masks, calibrate
 from strategies.fedavg import SeededFedAvg
 

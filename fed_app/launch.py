@@ -3,7 +3,7 @@
 `python -m fed_app.launch --run-config "..."` checks the config, loads the data and builds the model once
 (the preflight: a missing dataset or weights file is one sentence, not a traceback inside the ServerApp),
 starts the simulation, streams its log and stops every process it started, also when SIGTERM or SIGHUP
-stops it. The run is claimed first (fed_app/claims.py), so a second command on a live run is refused."""
+stops it. The run is claimed first (fed_app/runs/claims.py), so a second command on a live run is refused."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
-from fed_app import claims
+from fed_app.runs import claims
 from fed_app.config import RunConfig
-from fed_app.local_federation import FlowerRunError, LocalFederation, client_gpus
+from fed_app.local.local_federation import FlowerRunError, LocalFederation, client_gpus
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 def preflight(cfg: RunConfig) -> None:
     """Load the data and build the model once here, so a missing dataset or weights file is one sentence
     before Flower starts, not a traceback inside the ServerApp."""
-    from fed_app.data import CIFAR, check_image_folder, read_cifar
-    from fed_app.model import build_model
+    from fed_app.task.data import CIFAR, check_image_folder, read_cifar
+    from fed_app.task.model import build_model
 
     if cfg.dataset in CIFAR:  # read and dropped: this process keeps no copy of the data
         read_cifar(cfg.dataset, cfg.data_root, cfg.download)
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from fed_app.config import parse_overrides
-    from fed_app.rundir import RunDir
-    from fed_app.run_loop import DivergedError, diverged_message
+    from fed_app.runs.rundir import RunDir
+    from fed_app.runs.run_loop import DivergedError, diverged_message
 
     parser = argparse.ArgumentParser(
         prog="python -m fed_app.launch",

@@ -4,7 +4,7 @@
     @MASK_RULES.register("my-rule")
     def my_rule(): ...
 
-The built-ins register themselves where they are defined (masking/calibrate.py, fed_app/task.py,
+The built-ins register themselves where they are defined (masking/calibrate.py, fed_app/task/train.py,
 strategies/fedavg.py); a user's module registers its own and is named in run-config `plugins`
 ("my_lab.rules"), which every process (runner, server, clients) imports before it checks a config.
 """
@@ -59,5 +59,5 @@ def load_plugins(modules: str) -> None:
 
 def load_builtins() -> None:
     """Import the modules whose built-in entries register themselves."""
-    for name in ("masking.calibrate", "fed_app.task", "strategies.fedavg"):
+    for name in ("masking.calibrate", "fed_app.task.train", "strategies.fedavg"):
         importlib.import_module(name)

@@ -1,4 +1,4 @@
-"""ServerApp: RunConfig -> the run loop (fed_app/run_loop.py) over `Rounds`: restore or step 0, then SeededFedAvg
+"""ServerApp: RunConfig -> the run loop (fed_app/runs/run_loop.py) over `Rounds`: restore or step 0, then SeededFedAvg
 rounds -> rows, checkpoints, DONE."""
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ from flwr.serverapp import Grid, ServerApp
 from fed_app.config import RunConfig
 from fed_app.errors import UserError
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
-from fed_app.federation import Federation
-from fed_app.mask_plan import MaskPlan
-from fed_app.partition import class_counts
-from fed_app.plots import plot_curves
-from fed_app.rundir import RunDir
-from fed_app.run_loop import claimed_run, run_steps
-from fed_app.scaffold import ControlStore
-from fed_app.session import SESSION_RUN_ENDED, SessionFolder
-from fed_app.task import client_lr
-from fed_app.transport import SharedFiles
-from fed_app.wire import Form, Key, flat_state, split_flat
-from fed_app.loaded_task import LoadedTask, State, load_task
+from fed_app.flower.federation import Federation
+from fed_app.flower.mask_plan import MaskPlan
+from fed_app.task.partition import class_counts
+from fed_app.runs.plots import plot_curves
+from fed_app.runs.rundir import RunDir
+from fed_app.runs.run_loop import claimed_run, run_steps
+from fed_app.flower.scaffold import ControlStore
+from fed_app.local.session import SESSION_RUN_ENDED, SessionFolder
+from fed_app.task.train import client_lr
+from fed_app.flower.transport import SharedFiles
+from fed_app.flower.wire import Form, Key, flat_state, split_flat
+from fed_app.flower.loaded_task import LoadedTask, State, load_task
 from masking.combine import combine_masks
 from strategies.fedavg import SeededFedAvg
 from strategies.scaffold import SeededScaffold

@@ -1,6 +1,6 @@
 """SeededFedAvg: FedAvg with (seed, round)-keyed sampling over partition ids and example-weighted
 averaging of client deltas in torch, summed one client at a time in partition order. Reaching the clients
-(messages, retries, bytes) is fed_app.federation's."""
+(messages, retries, bytes) is fed_app.flower.federation's."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from torch import Tensor
 
-from fed_app.federation import Federation, RoundFailedError
-from fed_app.seeds import Phase, sample_partitions
-from fed_app.transport import SharedFiles, TransportError, carry, discard, take
-from fed_app.mask_plan import MaskPlan
+from fed_app.flower.federation import Federation, RoundFailedError
+from fed_app.task.seeds import Phase, sample_partitions
+from fed_app.flower.transport import SharedFiles, TransportError, carry, discard, take
+from fed_app.flower.mask_plan import MaskPlan
 from fed_app.registry import AGGREGATIONS
-from fed_app.wire import (Form, Key, add_trainable_, apply_update, flat_state, masked_state, model_payload,
+from fed_app.flower.wire import (Form, Key, add_trainable_, apply_update, flat_state, masked_state, model_payload,
                           pack_masks, split_flat)
 from strategies.server_opt import ServerOptimizer
 
@@ -131,7 +131,7 @@ class SeededFedAvg:
     each client's record, RoundSum aggregates reply by reply, advance runs one round.
 
     Not a subclass of Flower's Strategy, on purpose: Strategy.start owns the whole loop and takes the model as one
-    ArrayRecord, while fedit's run loop (fed_app/run_loop.py) owns step 0, calibration, checkpoints and resume,
+    ArrayRecord, while fedit's run loop (fed_app/runs/run_loop.py) owns step 0, calibration, checkpoints and resume,
     and sends the model as a file or as views of one buffer (an ArrayRecord copies it into bytes). Flower's
     strategy wrappers therefore cannot wrap it; its messages keep Flower's FedAvg record names ("arrays",
     "config"), so a Flower ClientApp reads them as it would FedAvg's."""

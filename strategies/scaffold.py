@@ -1,7 +1,7 @@
 """SCAFFOLD (Karimireddy et al. 2020), the server's side: the control variate c, sent to every sampled client
 with the global model, and its update c <- c + (1/N) sum_{i in S} (c_i+ - c_i) over the sampled clients S of
 N (which keeps c the mean of all N clients' c_i). The model update is SeededFedAvg's: the example-weighted mean
-of y_i - x, through the server optimizer if one is set. The clients' side is fed_app/scaffold.py."""
+of y_i - x, through the server optimizer if one is set. The clients' side is fed_app/flower/scaffold.py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from torch import Tensor
 
-from fed_app.seeds import Phase
-from fed_app.transport import carry, holds, take
-from fed_app.wire import Form, Key
+from fed_app.task.seeds import Phase
+from fed_app.flower.transport import carry, holds, take
+from fed_app.flower.wire import Form, Key
 from strategies.fedavg import PHASES, RoundSum, SeededFedAvg
 
 

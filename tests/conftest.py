@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fed_app.config import RunConfig
-from fed_app.local_federation import LocalFederation, processes_under
-from fed_app.session import Session
+from fed_app.local.local_federation import LocalFederation, processes_under
+from fed_app.local.session import Session
 from fed_app.in_process import InProcessGrid, PushPullGrid, play_server_app, run_in_process  # noqa: F401
 
 TINY = {
@@ -35,7 +35,7 @@ def tiny_cfg(tmp_path) -> RunConfig:
 
 @pytest.fixture(scope="session")
 def flower_session(tmp_path_factory):
-    """One Flower simulation of 10 nodes (fed_app/session.py) that runs the tests' runs in turn, as the runner
+    """One Flower simulation of 10 nodes (fed_app/local/session.py) that runs the tests' runs in turn, as the runner
     runs a slot's: Flower's start-up paid once. `flower_session.run(cfg)`; a failed run starts a new one."""
     with LocalFederation(tmp_path_factory.mktemp("flwr")) as sim:
         session = Session(sim)

@@ -11,13 +11,16 @@ import torch.nn.functional as F
 
 from fed_app import centralized
 from fed_app.config import RunConfig
-from fed_app.editing import calibrate_masks, fit_head
-from fed_app.head import features
-from fed_app.task import autocast
-from fed_app.wire import apply_update
-from fed_app.loaded_task import load_task
+from fed_app.task.editing import calibrate_masks, fit_head
+from fed_app.task.head import features
+from fed_app.task.train import autocast
+from fed_app.flower.wire import apply_update
+from fed_app.flower.loaded_task import load_task
 from masking.fisher import sample_labels
 from strategies.fedavg import sample_partitions, weighted_average
+
+pytestmark = pytest.mark.slow  # every test here trains on real digits until it learns: seconds to minutes
+
 
 DIGITS = dict(dataset="digits", model="vit-tiny-test", val_size=200, device="cpu", augment=False, batch_size=32)
 FL = dict(DIGITS, num_clients=10, fraction_train=0.5, local_steps=8)

@@ -12,7 +12,7 @@ import torch
 
 from fed_app import centralized
 from fed_app.config import ConfigError, RunConfig
-from fed_app.task import make_scheduler
+from fed_app.task.train import make_scheduler
 
 from ..conftest import TINY
 

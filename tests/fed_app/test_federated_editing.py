@@ -5,10 +5,10 @@ import json
 
 import torch
 
-from fed_app.batches import BatchTransform
-from fed_app.data import load_dataset
-from fed_app.editing import fit_head
-from fed_app.model import build_model
+from fed_app.task.batches import BatchTransform
+from fed_app.task.data import load_dataset
+from fed_app.task.editing import fit_head
+from fed_app.task.model import build_model
 
 from ..conftest import fl_cfg, run_in_process
 

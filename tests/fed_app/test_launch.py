@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fed_app.local_federation import run_config_arg
+from fed_app.local.local_federation import run_config_arg
 
 from ..conftest import fl_cfg, flower_processes_under, run_in_process
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fed_app.applicability import applies
 from fed_app.config import ConfigError, RunConfig
-from fed_app.model import build_model
+from fed_app.task.model import build_model
 from fed_app.registry import AGGREGATIONS, OBJECTIVES
 from masking.calibrate import calibrate, load_masks
 from strategies.fedavg import weighted_average

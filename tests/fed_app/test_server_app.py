@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fed_app.local_federation import LocalFederation, FlowerRunError
-from fed_app.transport import SharedFiles
+from fed_app.local.local_federation import LocalFederation, FlowerRunError
+from fed_app.flower.transport import SharedFiles
 
 from ..conftest import fl_cfg as _cfg, run_in_process
 
@@ -116,7 +116,7 @@ def test_when_discovery_and_the_servers_own_task_both_fail_the_servers_error_com
     from flwr.app import Error, Message
 
     from fed_app import server_app
-    from fed_app.data import DataError
+    from fed_app.task.data import DataError
 
     from ..conftest import PushPullGrid
 

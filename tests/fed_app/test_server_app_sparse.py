@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from fed_app.config import RunConfig
-from fed_app.batches import BatchTransform
-from fed_app.data import load_dataset
-from fed_app.editing import calibrate_masks, fit_head
-from fed_app.head import freeze_head, set_head
-from fed_app.model import build_model
+from fed_app.task.batches import BatchTransform
+from fed_app.task.data import load_dataset
+from fed_app.task.editing import calibrate_masks, fit_head
+from fed_app.task.head import freeze_head, set_head
+from fed_app.task.model import build_model
 from masking.calibrate import load_masks
-from fed_app.wire import unpack_masks
+from fed_app.flower.wire import unpack_masks
 from masking.combine import combine_masks
 
 from ..conftest import TINY

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fed_app.config import RunConfig
-from fed_app.model import build_model
+from fed_app.task.model import build_model
 from masking.calibrate import (RULES, calibrate, damped, density_of, density_schedule, load_masks, mask_stats,
                                save_masks, shrink_masks)
 from masking.fisher import fisher_diagonal

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fed_app.config import RunConfig
-from fed_app.model import build_model
+from fed_app.task.model import build_model
 from masking.fisher import fisher_diagonal, sample_labels
 
 

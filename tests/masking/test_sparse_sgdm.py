@@ -109,8 +109,8 @@ def test_param_groups_with_their_own_weight_decay_stay_exact(foreach):
 
 def test_make_optimizer_follows_timm_weight_decay_groups_and_masks_by_name():
     from fed_app.config import RunConfig
-    from fed_app.model import build_model
-    from fed_app.task import make_optimizer
+    from fed_app.task.model import build_model
+    from fed_app.task.train import make_optimizer
 
     cfg = RunConfig(model="vit-tiny-test", optimizer="sparse-sgdm", head="ridge", weight_decay=0.01)
     model, _ = build_model(cfg, 10)

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flower
 
 from fed_app.config import ConfigError, RunConfig
-from fed_app.federation import Federation
+from fed_app.flower.federation import Federation
 from strategies.fedavg import SeededFedAvg
 from strategies.server_opt import SERVER_OPTIMIZERS, make_server_optimizer
 

@@ -10,11 +10,11 @@ import json
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fed_app.batches import batch_stream
+from fed_app.task.batches import batch_stream
 from fed_app.config import RunConfig
-from fed_app.loaded_task import load_task
-from fed_app.seeds import client_generator
-from fed_app.task import autocast, make_optimizer, train_steps
+from fed_app.flower.loaded_task import load_task
+from fed_app.task.seeds import client_generator
+from fed_app.task.train import autocast, make_optimizer, train_steps
 
 app = ClientApp()
 

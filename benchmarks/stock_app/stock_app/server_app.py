@@ -14,8 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fed_app.config import RunConfig
-from fed_app.data import NUM_CLASSES
-from fed_app.model import build_model
+from fed_app.task.data import NUM_CLASSES
+from fed_app.task.model import build_model
 
 app = ServerApp()
 

@@ -1,0 +1,52 @@
+"""MaskPlan: which entries each client trains in a sparse federated run, in one shape: a mask per partition id,
+where mask-scope 'global' gives every partition the same object. Saved once, before the round-0 checkpoint,
+and loaded on resume, so calibration is never redone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fed_app.config import RunConfig
+from fed_app.runs.rundir import RunDir
+from masking.calibrate import Masks, density_of, load_masks
+from fed_app.flower.wire import pack_masks, unpack_masks
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    per_partition: dict[int, Masks]
+    shared: Masks | None  # the global mask, when every partition holds this same one
+
+    @classmethod
+    def global_mask(cls, masks: Masks, num_clients: int) -> MaskPlan:
+        return cls({p: masks for p in range(num_clients)}, masks)
+
+    @classmethod
+    def local_masks(cls, per_partition: dict[int, Masks]) -> MaskPlan:
+        return cls(dict(per_partition), None)
+
+    @property
+    def density(self) -> float:
+        """The trainable fraction: of the global mask, or the mean over the clients' own masks."""
+        if self.shared is not None:
+            return density_of(self.shared)
+        return sum(map(density_of, self.per_partition.values())) / len(self.per_partition)
+
+    def save(self, run_dir: RunDir) -> None:
+        """mask.pt (+ mask_stats.json) for a global mask; client_masks.pt (packed bits per partition) else."""
+        if self.shared is not None:
+            run_dir.save_mask(self.shared)
+        else:
+            run_dir.save_client_masks({p: pack_masks(m) for p, m in self.per_partition.items()})
+
+    @classmethod
+    def load(cls, run_dir: RunDir, shapes: dict[str, torch.Size], cfg: RunConfig) -> MaskPlan | None:
+        """The plan calibration saved, or None for a dense run."""
+        if cfg.optimizer != "sparse-sgdm":
+            return None
+        if cfg.mask_scope == "global":
+            return cls.global_mask(load_masks(run_dir.path / "mask.pt"), cfg.num_clients)
+        bits = torch.load(run_dir.path / "client_masks.pt", weights_only=False)
+        return cls.local_masks({p: unpack_masks(b, shapes) for p, b in bits.items()})

@@ -1,0 +1,6 @@
+"""A run on disk and its one loop: whatever trains it (centralized or federated).
+
+rundir (config, rows, checkpoint, masks, DONE), run_loop (restore or step 0, each step a row and a checkpoint),
+divergence (the guard's rule), claims (one owner per run), procfs (what /proc says of a process: whether an
+owner lives), trackers (TensorBoard, W&B), plots (curves.png).
+"""

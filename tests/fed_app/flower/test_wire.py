@@ -1,0 +1,77 @@
+"""The wire forms: mask bits, sparse updates, the flat, by-name and masked model forms, applied updates."""
+
+import torch
+
+import pytest
+
+from fed_app.flower.wire import (add_trainable_, apply_update, flat_state, gather_trainable, masked_state, model_payload,
+                          model_state, pack_masks, split_flat, unpack_masked_state, unpack_masks)
+
+
+def test_masks_and_sparse_updates_round_trip_on_the_wire():
+    g = torch.Generator().manual_seed(0)
+    masks = {"a": torch.rand(3, 5, generator=g) < 0.3, "b": torch.rand(7, generator=g) < 0.6}
+    shapes = {n: m.shape for n, m in masks.items()}
+    back = unpack_masks(pack_masks(masks), shapes)
+    assert all(torch.equal(masks[n], back[n]) for n in masks)
+    delta = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g)}
+    values = gather_trainable(delta, masks)
+    assert len(values) == sum(int(m.sum()) for m in masks.values())
+    state = {"a": torch.ones(3, 5), "b": torch.zeros(7)}
+    add_trainable_(state, values, masks)
+    for n, m in masks.items():
+        base = torch.ones(3, 5) if n == "a" else torch.zeros(7)
+        assert torch.equal(state[n][~m], base[~m]) and torch.allclose(state[n][m], base[m] + delta[n][m])
+
+
+def test_a_masked_model_travels_as_its_trainable_entries_and_comes_back_exact():
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g), "head": torch.randn(2, generator=g)}
+    masks = {"w": torch.rand(4, 3, generator=g) < 0.4, "b": torch.rand(3, generator=g) < 0.4}
+    state = {n: t.clone() for n, t in base.items()}
+    state["w"][masks["w"]] += 1.0  # training moved trainable entries; frozen ones stay as in the base
+    state["head"] = torch.tensor([7.0, 8.0])  # step 0 set the head, outside the mask
+    sent = masked_state(state, masks)
+    assert sent["values"].numel() == int(masks["w"].sum() + masks["b"].sum())
+    back = unpack_masked_state(sent, base, masks)
+    assert all(torch.equal(back[n], state[n]) for n in state)
+
+
+def test_apply_update_reads_each_wire_form_and_leaves_what_it_does_not_name():
+    def fresh():
+        return {"w": torch.ones(2, 2), "head": torch.full((2,), 5.0)}
+
+    dense = apply_update(fresh(), flat_state({"w": torch.full((2, 2), 0.5), "head": torch.ones(2)}), None)
+    assert torch.equal(dense["w"], torch.full((2, 2), 1.5)) and torch.equal(dense["head"], torch.full((2,), 6.0))
+    masks = {"w": torch.tensor([[True, False], [False, True]])}
+    masked = apply_update(fresh(), {"values": torch.tensor([2.0, 3.0])}, masks)
+    assert masked["w"].tolist() == [[3.0, 1.0], [1.0, 4.0]] and torch.equal(masked["head"], torch.full((2,), 5.0))
+    local = apply_update(fresh(), {"w": torch.ones(2, 2)}, None)  # per-name: the head is not named
+    assert torch.equal(local["w"], torch.full((2, 2), 2.0)) and torch.equal(local["head"], torch.full((2,), 5.0))
+
+
+def test_a_state_of_views_into_one_vector_goes_on_the_wire_without_a_copy():
+    flat = torch.arange(10.0)
+    shapes = {"a": torch.Size([2, 3]), "b": torch.Size([4])}
+    views = split_flat(flat, shapes)
+    assert flat_state(views)["flat"] is flat
+    swapped = {"b": views["b"], "a": views["a"]}  # same buffer, other order: copied, in the dict's order
+    assert torch.equal(flat_state(swapped)["flat"], torch.cat([flat[6:], flat[:6]]))
+    part = split_flat(flat[:6], {"a": shapes["a"]})  # a view of part of a bigger vector: copied
+    assert flat_state(part)["flat"] is not flat and torch.equal(flat_state(part)["flat"], flat[:6])
+
+
+def test_a_model_travels_flat_or_by_name_and_comes_back_as_the_same_views():
+    flat = torch.arange(10.0)
+    shapes = {"a": torch.Size([2, 3]), "b": torch.Size([4])}
+    state = split_flat(flat, shapes)
+    assert model_payload(state, flat=True)["flat"] is flat  # one file: the buffer itself
+    by_name = model_payload(state, flat=False)  # inside messages: the tensors, as Flower's examples send them
+    assert list(by_name) == ["a", "b"] and all(by_name[n] is state[n] for n in shapes)
+    for payload in (model_payload(state, True), by_name):
+        back = model_state(payload, shapes)
+        assert list(back) == ["a", "b"] and all(torch.equal(back[n], state[n]) for n in shapes)
+    with pytest.raises(ValueError, match="a model of 1 tensors does not fit 2; the two sides differ"):
+        model_state({"a": state["a"]}, shapes)
+    with pytest.raises(ValueError, match="does not fit"):
+        model_state({"a": state["a"], "b": torch.zeros(5)}, shapes)

@@ -1,0 +1,39 @@
+"""The same app on Flower's deployment engine: a real flower-superlink and flower-supernodes on localhost."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fed_app.config import RunConfig
+from fed_app.local.local_federation import LocalFederation, free_port
+
+from ...conftest import TINY
+
+
+@pytest.mark.slow
+def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path):
+    cfg = RunConfig.from_run_config({**TINY, "synthetic-train-size": 700, "val-size": 100, "num-clients": 2,
+                                     "fraction-train": 1.0, "num-rounds": 2, "eval-every": 1,
+                                     "run-dir": str(tmp_path / "run")})
+    port = free_port()
+    with LocalFederation(tmp_path / "flwr") as fed:
+        fed.home.mkdir(parents=True)
+        (fed.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        bin_dir = Path(fed.command(cfg, 1)[0]).parent
+        logs = open(tmp_path / "processes.log", "w")
+        subprocess.Popen([bin_dir / "flower-superlink", "--insecure", "--port", str(port)], env=fed.env,
+                         stdout=logs, stderr=logs)
+        time.sleep(2)
+        for pid in range(2):
+            subprocess.Popen([bin_dir / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                              "--host", "127.0.0.1", "--port", str(free_port()),
+                              "--node-config", f"partition-id={pid} num-partitions=2"],
+                             env=fed.env, stdout=logs, stderr=logs)
+        fed.run(cfg, superlink="deploy", timeout=300)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["clients"] == 2 for r in rows[1:])
+    assert "test_accuracy" in rows[-1] and (tmp_path / "run" / "DONE").exists()

@@ -1,0 +1,69 @@
+"""Sessions: one Flower simulation runs a command's runs in turn, each ending as it would alone; a failed run
+ends the session with its sentence and the next run starts a new one; the ServerApp stops waiting when told
+to or when the command is gone."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fed_app.config import RunConfig
+from fed_app.local.local_federation import FlowerRunError, LocalFederation
+from fed_app.local.session import Session, SessionFolder
+
+from ...conftest import fl_cfg as _cfg, run_in_process
+
+TIMING = {"wall_time", "round_time"}
+
+
+def _rows(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+
+
+def test_the_session_folder_hands_over_runs_and_ends_on_stop_or_when_the_command_is_gone(tmp_path):
+    folder = SessionFolder.create(tmp_path / "session")
+    cfg = RunConfig(seed=7, run_dir=str(tmp_path / "run"), claim_token="abc")
+    folder.submit(1, cfg)
+    assert folder.next_run(1) == cfg and folder.result(1) is None
+    folder.finish(1, "run-config lr=-1 must be positive; give a learning rate above 0.")
+    assert folder.result(1) == {"error": "run-config lr=-1 must be positive; give a learning rate above 0."}
+    folder.stop()
+    assert folder.next_run(2) is None  # told to stop while it waits
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = SessionFolder.create(tmp_path / "orphan")
+    (orphan.folder / "owner.json").write_text(json.dumps({"pid": int(gone.stdout), "started": "1"}))
+    assert not orphan.owner_alive() and orphan.next_run(1) is None  # the command died: nobody will submit
+    orphan.submit(1, cfg)
+    fresh = SessionFolder.create(tmp_path / "orphan")  # a new session in the same place starts empty, owned here
+    assert fresh.owner_alive() and not (fresh.folder / "run-1.json").exists()
+
+
+@pytest.mark.slow
+def test_runs_in_one_session_end_as_alone_and_a_failed_run_ends_the_session(tmp_path):
+    first = _cfg(tmp_path, "first", seed=1)
+    second = _cfg(tmp_path, "second", seed=2, partition="noniid", **{"classes-per-client": 20})
+    refused = _cfg(tmp_path, "refused", seed=3, **{"claim-token": "not-a-claim"})
+    after = _cfg(tmp_path, "after", seed=4)
+    alone = second.replace(run_dir=str(tmp_path / "alone"))
+    with LocalFederation(tmp_path / "flwr") as sim:
+        session = Session(sim)
+        session.run(first)
+        log = session.run(second)
+        assert session.starts == 1 and "round 4/4" in log  # one `flwr run` for both, each run's own log
+        with pytest.raises(FlowerRunError, match="claim-token='not-a-claim' does not name the claim"):
+            session.run(refused)  # the ServerApp's sentence; the session ends with it
+        session.run(after)
+        assert session.starts == 2
+        session.close()
+    run_in_process(alone)
+    for name in ("first", "second", "after"):
+        assert (tmp_path / name / "DONE").exists()
+        assert all(r["task_builds"] == 1 for r in _rows(tmp_path / name)[1:])  # each run's task built once
+    assert _rows(tmp_path / "second") == _rows(tmp_path / "alone")  # as if the run had been alone
+    a = torch.load(tmp_path / "second" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "alone" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "refused" / "rows.jsonl").exists()
