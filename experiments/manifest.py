@@ -75,10 +75,17 @@ def load_manifest(path: str | Path, results: str | Path = "results", resolve_tun
     are read from the tuning manifest's results (resolve_tuned=False keeps the base values: for wall-time
     projections and reports, which do not depend on them)."""
     path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        listing = f"; the manifests in {path.parent} are {', '.join(shipped)}" if shipped else ""
+        raise ManifestError(f"manifest {path} not found{listing}.")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ManifestError(f"manifest {path}: cannot be read as YAML ({err}); fix the file.") from err
+        with path.open() as stream:  # read from the file, so that a YAML error names it with line and column
+            raw = yaml.safe_load(stream)
+    except yaml.YAMLError as err:
+        raise ManifestError(f"manifest {path} is not valid YAML: {err}; fix the file there.") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(f"manifest {path} cannot be read ({err}).") from err
     where = f"manifest {path.name}"
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: the top level must be a mapping with name, kind, base, grid and seeds.")

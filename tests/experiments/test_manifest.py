@@ -223,3 +223,15 @@ seeds: [1]
             "  - {partition: [dirichlet]}\n")
     study = load_manifest(_write(tmp_path, text, "study.yaml"), results)
     assert {(r.cfg.classes_per_client if r.cfg.partition == "noniid" else None): r.cfg.lr for r in study.runs} == best
+
+
+def test_a_missing_manifest_is_not_found_with_the_list_and_bad_yaml_names_the_file_and_line(tmp_path):
+    (tmp_path / "noniid_grid.yaml").write_text("name: noniid_grid\nkind: federated\n")
+    (tmp_path / "broken.yaml").write_text("name: broken\ngrid: {lr: [0.1\n")
+    with pytest.raises(ManifestError, match=r"noniid_gird\.yaml not found; the manifests in .* are broken, "
+                                            r"noniid_grid\."):
+        load_manifest(tmp_path / "noniid_gird.yaml")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(tmp_path / "broken.yaml")
+    assert "broken.yaml is not valid YAML" in str(err.value) and 'in "' + str(tmp_path / "broken.yaml") in str(err.value)
+    assert "line 2" in str(err.value)
