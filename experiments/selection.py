@@ -39,7 +39,7 @@ def edge_winners(rows: pd.DataFrame, best: pd.Series, keys: list[str]) -> list[s
         same = rows
         for other in [k for k in keys if k != key and k in rows]:  # a key that does not apply: empty in both
             value = best.get(other)
-            same = same[same[other].isna()] if pd.isna(value) else same[same[other].astype(str) == str(value)]
+            same = same[same[other].isna()] if pd.isna(value) else same[equals(same[other], value)]
         tried = sorted({float(v) for v in same[key].dropna() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if len(tried) < 3 or pd.isna(best.get(key)) or float(best[key]) not in (tried[0], tried[-1]):
             continue

@@ -17,7 +17,6 @@ IGNORED = {"run_dir", "seed", "claim_token", "session", "tracker"}  # config col
 RULES = ("final", "best-val")  # which step of a run is selected on and reported: the last, or best validation
 
 
-
 class NoResultsError(UserError, FileNotFoundError):
     """A results folder without any run's rows."""
 
