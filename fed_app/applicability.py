@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fed_app.config import CHOICES, RunConfig
-from fed_app.registry import MASK_RULES
+from fed_app.registry import MASK_RULES, METHODS, SERVER_OPTIMIZERS
 
 # Keys that shape only one kind of run, and keys that shape a run only when another key says so.
 ONLY_FOR_KIND: dict[str, frozenset[str]] = {
@@ -53,12 +53,12 @@ ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping
     "dirichlet_alpha": lambda c: c["partition"] == "dirichlet",
     "mask_aggregation": lambda c: c["optimizer"] == "sparse-sgdm" and c.get("mask_scope", "global") == "global",
     "mask_quorum": lambda c: c["optimizer"] == "sparse-sgdm" and c.get("mask_aggregation", "scores") == "vote",
-    "server_lr": lambda c: c.get("server_optimizer", "fedavg") != "fedavg",
-    "server_momentum": lambda c: c.get("server_optimizer", "fedavg") == "fedavgm",
-    "server_beta1": lambda c: c.get("server_optimizer", "fedavg") in ("fedadam", "fedyogi"),
-    "server_beta2": lambda c: c.get("server_optimizer", "fedavg") in ("fedadam", "fedyogi"),
-    "server_tau": lambda c: c.get("server_optimizer", "fedavg") in ("fedadam", "fedyogi", "fedadagrad"),
 }
+
+# Keys a registered entry declares it reads (its `settings`), by the run-config key that picks the entry: they
+# shape a run only when that key names an entry declaring them (prox-mu under a FedAvg-family method,
+# server-tau under FedAdam, FedYogi or FedAdagrad).
+DECLARED_BY = {"client_algorithm": METHODS, "server_optimizer": SERVER_OPTIMIZERS}
 
 
 def _uses_fisher(rule: str) -> bool:
@@ -80,8 +80,13 @@ def key_applies(name: str, kind: str, values: Mapping[str, Any]) -> bool:
     other = "federated" if kind == "centralized" else "centralized"
     if name in ONLY_FOR_KIND[other]:
         return False
+    values = {**_DEFAULTS, **values}
+    for picker, entries in DECLARED_BY.items():
+        if any(name in entries.get(entry).settings for entry in entries):
+            chosen = entries.find(values[picker])  # a plugin's entry not imported here: assume it reads the key
+            return chosen is None or name in chosen.settings
     condition = ONLY_WHEN.get(name)
-    return condition is None or condition({**_DEFAULTS, **values})
+    return condition is None or condition(values)
 
 
-_DEFAULTS = RunConfig().to_dict()
+_DEFAULTS = RunConfig().to_dict()  # (building it registers the built-in methods and server optimizers)

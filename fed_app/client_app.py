@@ -11,10 +11,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
-from fed_app.flower.scaffold import ControlStore, scaffold_update
-from fed_app.flower.transport import carry, encode, folder_of, holds, take
+from fed_app.flower.transport import carry, encode, folder_of, take
 from fed_app.flower.wire import Form, Key, gather_trainable, model_payload, model_state, pack_masks
 from fed_app.flower.loaded_task import LoadedTask, load_task
+from fed_app.registry import METHODS
+from strategies.method import TrainRequest
 
 app = ClientApp()
 
@@ -57,10 +58,10 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """J local steps from the received global model; reply with the delta and the example count.
-    Under a mask (content Key.MASK) only the trainable entries travel back, as one flat vector. With the
-    server's control variate (Key.CONTROL, SCAFFOLD) the steps are corrected and the control change goes back
-    too. A model that came as a file (transport='files') is answered with a file in the same folder."""
+    """The method's client hook (strategies/method.py; FedAvg: J local steps from the received global model);
+    reply with the delta, the example count and the method's extra records (SCAFFOLD: the control change).
+    Under a mask (content Key.MASK) only the trainable entries travel back, as one flat vector. A model that
+    came as a file (transport='files') is answered with a file in the same folder."""
     cfg, pid, task = _setup(msg, context)
     config = msg.content[Key.CONFIG]
     masks = None
@@ -68,21 +69,15 @@ def train(msg: Message, context: Context) -> Message:
     if Key.MASK in msg.content:
         masks = task.masks_from_bits(msg.content[Key.MASK][Key.BITS].numpy())
     state = task.global_state(take(msg.content, Key.ARRAYS), masks)
-    server_round, folder, content = int(config[Key.SERVER_ROUND]), folder_of(msg.content), {}
+    folder = folder_of(msg.content)
     read = time.perf_counter()
-    if holds(msg.content, Key.CONTROL):  # client-algorithm='scaffold'
-        delta, change, loss, examples = scaffold_update(task, state, pid, server_round,
-                                                        take(msg.content, Key.CONTROL)[Form.FLAT],
-                                                        ControlStore.for_config(cfg), int(config[Key.CHECKPOINTED]))
-        content = carry(Key.CONTROL_DELTA, {Form.FLAT: change}, folder)
-    else:
-        delta, loss, examples = task.local_update(state, pid, server_round, masks,
-                                                  head_only=config.get(Key.PHASE, "") == "head",
-                                                  out=task.reply_buffer())
+    reply = METHODS.get(cfg.client_algorithm).client_train(
+        task, TrainRequest(state, pid, int(config[Key.SERVER_ROUND]), msg.content, masks, folder))
+    delta, content = reply.delta, dict(reply.extra)
     trained = time.perf_counter()
     payload = {Form.VALUES: gather_trainable(delta, masks)} if masks else model_payload(delta, folder is not None)
     content.update(carry(Key.DELTA, payload, folder))
-    metrics = MetricRecord({Key.TRAIN_LOSS: loss, Key.NUM_EXAMPLES: examples, Key.PARTITION_ID: pid,
+    metrics = MetricRecord({Key.TRAIN_LOSS: reply.loss, Key.NUM_EXAMPLES: reply.examples, Key.PARTITION_ID: pid,
                             Key.TASK_BUILDS: task.builds, Key.TIME_READ: read - started,
                             Key.TIME_TRAIN: trained - read, Key.TIME_WRITE: time.perf_counter() - trained})
     content[Key.METRICS] = metrics

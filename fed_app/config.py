@@ -38,7 +38,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_algorithm": ("fedavg", "scaffold"),
 }
 # Keys whose values may also be names that a module in `plugins` registered (fed_app/registry.py).
-REGISTERED = {"mask_rule": "MASK_RULES", "client_objective": "OBJECTIVES", "aggregation": "AGGREGATIONS"}
+REGISTERED = {"mask_rule": "MASK_RULES", "client_objective": "OBJECTIVES", "aggregation": "AGGREGATIONS",
+              "client_algorithm": "METHODS", "server_optimizer": "SERVER_OPTIMIZERS"}
 
 # (lowest allowed, whether the lowest is excluded); checked for numeric fields named here.
 LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
@@ -186,8 +187,9 @@ class RunConfig:
     # extensions (fed_app/registry.py): a client objective, an aggregation rule, modules that register more
     client_objective: str = "cross-entropy"
     aggregation: str = "fedavg"
+    # federated method (strategies/method.py: its hooks, checks and the keys it reads): 'fedavg' or 'scaffold'
+    client_algorithm: str = "fedavg"
     prox_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to the client objective
-    client_algorithm: str = "fedavg"  # 'scaffold': control variates correct each client's gradients (fed_app/flower/scaffold.py)
     # server optimizer (strategies/server_opt.py): the mean client delta as a negative pseudo-gradient
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
@@ -233,6 +235,7 @@ class RunConfig:
     def _registered(self, name: str, value: str) -> bool:
         """Whether a module named in `plugins` (imported here, in every process that reads a config) registered
         `value` for key `name`."""
+        registry.load_builtins()
         try:
             registry.load_plugins(self.plugins)
         except ImportError as err:
@@ -251,13 +254,9 @@ class RunConfig:
         if self.mask_aggregation != "scores" and self.mask_scope != "global":
             raise ConfigError(f"run-config mask-aggregation={self.mask_aggregation!r} combines the clients' masks into "
                               f"one global mask, so mask-scope={self.mask_scope!r} does not fit; use mask-scope='global'.")
-        if self.server_optimizer != "fedavg" and self.optimizer != "sgdm":
-            raise ConfigError(f"run-config server-optimizer={self.server_optimizer!r} steps on the dense global model; "
-                              f"with optimizer={self.optimizer!r} use server-optimizer='fedavg' (or optimizer='sgdm').")
-        if self.client_algorithm == "scaffold" and self.optimizer != "sgdm":
-            raise ConfigError(f"run-config client-algorithm='scaffold' corrects dense gradients and keeps a dense "
-                              f"control variate per client; with optimizer={self.optimizer!r} use "
-                              f"client-algorithm='fedavg' (or optimizer='sgdm').")
+        registry.load_builtins()  # the method and the server optimizer check their own combinations
+        registry.METHODS.get(self.client_algorithm).check(self)
+        registry.SERVER_OPTIMIZERS.get(self.server_optimizer).check(self)
         if self.tracker != "none" and importlib.util.find_spec(self.tracker) is None:
             raise ConfigError(f"run-config tracker={self.tracker!r} needs the {self.tracker} package, which is not "
                               f"installed; pip install -e \".[track]\" (or tracker='none').")

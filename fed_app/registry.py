@@ -1,11 +1,12 @@
-"""Extension points: mask rules, client objectives and server aggregation rules, each registered by name.
+"""Extension points, each registered by name: federated methods (a client hook and a server hook,
+strategies/method.py), server optimizers, mask rules, client objectives and server aggregation rules.
 
     from fed_app.registry import MASK_RULES
     @MASK_RULES.register("my-rule")
     def my_rule(): ...
 
-The built-ins register themselves where they are defined (masking/calibrate.py, fed_app/task/train.py,
-strategies/fedavg.py); a user's module registers its own and is named in run-config `plugins`
+The built-ins register themselves where they are defined (strategies/method.py, strategies/scaffold.py,
+strategies/server_opt.py, masking/calibrate.py, fed_app/task/train.py, strategies/fedavg.py); a user's module registers its own and is named in run-config `plugins`
 ("my_lab.rules"), which every process (runner, server, clients) imports before it checks a config.
 """
 
@@ -19,13 +20,14 @@ from typing import Any
 class Registry:
     """Name -> object for one kind of extension."""
 
-    def __init__(self, kind: str, key: str):
+    def __init__(self, kind: str, key: str, instances: bool = False):
         self.kind, self.key = kind, key  # e.g. "mask rule", run-config key "mask-rule"
+        self.instances = instances  # a registered class is kept as one instance of it (methods: their hooks)
         self._entries: dict[str, Any] = {}
 
     def register(self, name: str) -> Callable[[Any], Any]:
         def add(obj: Any) -> Any:
-            self._entries[name] = obj
+            self._entries[name] = obj() if self.instances and isinstance(obj, type) else obj
             return obj
 
         return add
@@ -49,6 +51,10 @@ class Registry:
 MASK_RULES = Registry("mask rule", "mask-rule")
 OBJECTIVES = Registry("client objective", "client-objective")
 AGGREGATIONS = Registry("aggregation rule", "aggregation")
+METHODS = Registry("federated method", "client-algorithm", instances=True)
+SERVER_OPTIMIZERS = Registry("server optimizer", "server-optimizer")
+BUILTINS = ("strategies.method", "strategies.scaffold", "strategies.server_opt", "masking.calibrate",
+            "fed_app.task.train", "strategies.fedavg")
 
 
 def load_plugins(modules: str) -> None:
@@ -58,6 +64,7 @@ def load_plugins(modules: str) -> None:
 
 
 def load_builtins() -> None:
-    """Import the modules whose built-in entries register themselves."""
-    for name in ("masking.calibrate", "fed_app.task.train", "strategies.fedavg"):
+    """Import the modules whose built-in entries register themselves (by name, as plugins are: they sit above
+    this module, which every layer reads)."""
+    for name in BUILTINS:
         importlib.import_module(name)

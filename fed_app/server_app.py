@@ -23,16 +23,14 @@ from fed_app.task.partition import class_counts
 from fed_app.runs.plots import plot_curves
 from fed_app.runs.rundir import RunDir
 from fed_app.runs.run_loop import claimed_run, run_steps
-from fed_app.flower.scaffold import ControlStore
 from fed_app.local.session import SESSION_RUN_ENDED, SessionFolder
 from fed_app.task.train import client_lr
 from fed_app.flower.transport import SharedFiles
 from fed_app.flower.wire import Form, Key, flat_state, split_flat
 from fed_app.flower.loaded_task import LoadedTask, State, load_task
 from masking.combine import combine_masks
+from fed_app.registry import METHODS
 from strategies.fedavg import SeededFedAvg
-from strategies.scaffold import SeededScaffold
-from strategies.server_opt import make_server_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +109,7 @@ def _run(grid: Grid, cfg: RunConfig, run_dir: RunDir, claim, marks: Marks) -> Ru
         model_bytes = 4 * sum(t.numel() for t in task.model.state_dict().values())
         files = SharedFiles(cfg.run_id(), (cfg.clients_per_round + 2) * model_bytes)
     try:
-        args = (cfg.seed, cfg.num_clients, cfg.clients_per_round, federation, files, cfg.aggregation,
-                make_server_optimizer(cfg))
-        strategy = (SeededFedAvg(*args) if cfg.client_algorithm == "fedavg" else
-                    SeededScaffold(*args, trainable=sum(s.numel() for s in task.trainable_shapes().values())))
+        strategy = METHODS.get(cfg.client_algorithm).strategy(cfg, task, federation, files)  # the method's server hook
         run_steps(cfg, run_dir, Rounds(cfg, run_dir, task, strategy, marks), guard=claim.check)
         marks.mark("steps_done")
     finally:
@@ -218,8 +213,7 @@ class Rounds:
         return {"model": self.global_state, **self.strategy.state_dict()}
 
     def finish(self, run_dir: RunDir) -> None:
-        if self.cfg.client_algorithm == "scaffold":  # the clients' c_i: no resume will need them
-            ControlStore.for_config(self.cfg).remove()
+        METHODS.get(self.cfg.client_algorithm).finish(self.cfg)  # e.g. SCAFFOLD's clients' c_i: no resume needs them
         plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {self.cfg.run_id()}")
 
 

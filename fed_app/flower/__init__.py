@@ -2,5 +2,5 @@
 
 federation (messages out to the nodes, replies back, retries, bytes), wire (what travels, named once),
 transport (inside the message or as a /dev/shm file), mask_plan (each partition's mask), loaded_task (a run's
-task loaded once per process, used by both apps), scaffold (SCAFFOLD's client side and its control variates).
+task loaded once per process, used by both apps).
 """

@@ -1,5 +1,6 @@
-"""Extension points: a mask rule, a client objective and an aggregation rule registered from outside the
-package (tests/plugins/example.py), checked against hand computations and run end to end through `flwr run`."""
+"""Extension points: a mask rule, a client objective, an aggregation rule and a federated method registered from
+outside the package (tests/plugins/example.py), checked against hand computations and FedAvg's own run, and run
+end to end through `flwr run`."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fed_app import server_app
 from fed_app.applicability import applies
 from fed_app.config import ConfigError, RunConfig
 from fed_app.task.model import build_model
@@ -14,7 +16,7 @@ from fed_app.registry import AGGREGATIONS, OBJECTIVES
 from masking.calibrate import calibrate, load_masks
 from strategies.fedavg import weighted_average
 
-from ..conftest import TINY
+from ..conftest import TINY, InProcessGrid, fl_cfg
 
 PLUGIN = {"plugins": "tests.plugins.example"}
 
@@ -60,10 +62,33 @@ def test_a_plugin_registered_from_outside_the_package_runs_end_to_end(tmp_path, 
                                      "eval-every": 1, "local-steps": 2, "optimizer": "sparse-sgdm", "head": "ridge",
                                      "lr": 0.01, "sparsity": 0.8, "calibration-rounds": 2,
                                      "mask-rule": "by-position", "client-objective": "proximal",
-                                     "aggregation": "half-step", "run-dir": str(tmp_path / "run")})
+                                     "aggregation": "half-step", "client-algorithm": "doubled-delta",
+                                     "run-dir": str(tmp_path / "run")})
     flower_session.run(cfg)  # a simulation whose workers started before the run named the plugin
     rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["train_loss"] > 0 for r in rows[1:])
     for m in load_masks(tmp_path / "run" / "mask.pt").values():  # the server calibrated with the plugin's rule
         flat = m.flatten().int()
         assert torch.equal(flat, flat.sort(descending=True).values)
+
+
+def _rows(run_dir):  # seconds and task builds differ from run to run
+    return [{k: v for k, v in json.loads(line).items() if not k.endswith("_time") and k != "task_builds"}
+            for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("server_app_identity")
+def test_a_method_registered_from_outside_runs_its_client_and_server_hooks(tmp_path):
+    """Both hooks of the plugin's method ran, in the real ServerApp and ClientApp: with only the client's doubling
+    the run would move twice as far, with only the server's halving half as far; with both it is FedAvg's run."""
+    plugin = fl_cfg(tmp_path, "plugin", **PLUGIN, **{"client-algorithm": "doubled-delta", "prox-mu": 0.01})
+    assert applies(plugin, "prox_mu", "federated")  # a FedAvg-family method reads FedAvg's settings
+    server_app.run(InProcessGrid(plugin), plugin)
+    fedavg = fl_cfg(tmp_path, "fedavg", **{"prox-mu": 0.01})
+    server_app.run(InProcessGrid(fedavg), fedavg)
+    assert _rows(tmp_path / "plugin") == _rows(tmp_path / "fedavg")
+    a = torch.load(tmp_path / "plugin" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "fedavg" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(ConfigError, match=r"client-algorithm='nope' is not one of fedavg, scaffold, or a name that"):
+        fl_cfg(tmp_path, "x", **{"client-algorithm": "nope"})

@@ -1,12 +1,14 @@
-"""A plugin from outside the fedit package, as a researcher would write one: a mask rule, a client objective
-and an aggregation rule, registered by name. Run with --run-config "plugins='tests.plugins.example' ..."."""
+"""A plugin from outside the fedit package, as a researcher would write one: a mask rule, a client objective,
+an aggregation rule and a federated method, registered by name. Run with
+--run-config "plugins='tests.plugins.example' ..."."""
 
 import torch
 import torch.nn.functional as F
 
-from fed_app.registry import AGGREGATIONS, MASK_RULES, OBJECTIVES
+from fed_app.registry import AGGREGATIONS, MASK_RULES, METHODS, OBJECTIVES
 from masking.calibrate import MaskRule
-from strategies.fedavg import WeightedSum
+from strategies.fedavg import SeededFedAvg, WeightedSum
+from strategies.method import FedAvg
 
 PROX_MU = 0.1
 
@@ -38,3 +40,27 @@ class HalfStep(WeightedSum):
 
     def result(self):
         return {n: 0.5 * t for n, t in super().result().items()}
+
+
+class HalvedMean(SeededFedAvg):
+    """SeededFedAvg that applies half of each round's mean update."""
+
+    def train_round(self, server_round, arrays, config):
+        update, metrics = super().train_round(server_round, arrays, config)
+        return {n: 0.5 * t for n, t in update.items()}, metrics
+
+
+@METHODS.register("doubled-delta")
+class DoubledDelta(FedAvg):
+    """A method with both hooks: clients reply with twice their delta, the server applies half the mean. Scaling
+    by powers of two is exact in floating point, so a run ends equal to FedAvg's bit for bit, and only if both
+    hooks ran."""
+
+    def strategy(self, cfg, task, federation, files):
+        return HalvedMean(*self.strategy_args(cfg, federation, files))
+
+    def client_train(self, task, request):
+        reply = super().client_train(task, request)
+        for t in reply.delta.values():
+            t.mul_(2.0)
+        return reply

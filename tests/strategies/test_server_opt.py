@@ -11,10 +11,13 @@ from flwr.serverapp import strategy as flower
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.flower.federation import Federation
+from fed_app.registry import SERVER_OPTIMIZERS
 from strategies.fedavg import SeededFedAvg
-from strategies.server_opt import SERVER_OPTIMIZERS, make_server_optimizer
+from strategies.server_opt import make_server_optimizer
 
 from ..conftest import PushPullGrid
+
+STEPPING = sorted(n for n in SERVER_OPTIMIZERS if n != "fedavg")  # 'fedavg' adds the mean delta as it is
 
 pytestmark = pytest.mark.usefixtures("server_app_identity")  # these tests build Flower messages
 
@@ -46,7 +49,7 @@ def _replies(x: np.ndarray, server_round: int) -> tuple[list[Message], np.ndarra
     return replies, mean.astype(np.float32)
 
 
-@pytest.mark.parametrize("name", sorted(SERVER_OPTIMIZERS))
+@pytest.mark.parametrize("name", STEPPING)
 def test_each_server_optimizer_equals_flowers_strategy_of_the_same_name_over_rounds(name):
     theirs = _flower(name)
     ours = make_server_optimizer(RunConfig.from_run_config({**SETTINGS, "server-optimizer": name}))
@@ -98,7 +101,7 @@ def test_fedavgm_with_momentum_0_and_server_lr_1_is_fedavg_bit_for_bit():
     assert not torch.equal(plain["w"], moved["w"])
 
 
-@pytest.mark.parametrize("name", sorted(SERVER_OPTIMIZERS))
+@pytest.mark.parametrize("name", STEPPING)
 def test_server_optimizer_state_through_a_checkpoint_resumes_exactly(name):
     cfg = RunConfig.from_run_config({**SETTINGS, "server-optimizer": name})
     g = torch.Generator().manual_seed(1)

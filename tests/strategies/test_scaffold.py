@@ -13,11 +13,11 @@ from fed_app import server_app
 from fed_app.task.batches import batch_stream
 from fed_app.config import ConfigError
 from fed_app.flower.loaded_task import load_task
-from fed_app.flower.scaffold import ControlStore
 from fed_app.task.seeds import client_generator
 from strategies.fedavg import sample_partitions
+from strategies.scaffold import ControlStore, effective_steps
 
-from ...conftest import InProcessGrid, fl_cfg
+from ..conftest import InProcessGrid, fl_cfg
 
 pytestmark = pytest.mark.usefixtures("server_app_identity")  # the server's side builds Flower messages
 
@@ -124,8 +124,6 @@ def test_scaffold_with_sparse_masks_is_one_sentence():
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
 def test_the_control_scale_is_how_far_torch_sgd_moves_a_constant_gradient(momentum):
-    from fed_app.flower.scaffold import effective_steps
-
     w = torch.zeros(3, requires_grad=True)
     g = torch.tensor([1.0, -2.0, 0.5])
     optimizer = torch.optim.SGD([w], lr=0.1, momentum=momentum)
