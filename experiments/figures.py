@@ -13,6 +13,10 @@ import pandas as pd  # noqa: E402
 
 from experiments.methods import level_and_method_order  # noqa: E402
 
+# config.json keys that are not a setting to tell configurations apart by (claim_token, session: runs made before
+# the commands' plumbing left RunConfig hold them)
+NOT_A_SETTING = ("seed", "run_dir", "claim_token", "session")
+
 
 def _label(row: pd.Series, axes: list[str]) -> str:
     """'partition=noniid, classes-per-client=5' from the axes that apply to the row (empty ones left out)."""
@@ -229,14 +233,13 @@ def mask_layers(results_dir: Path, out: Path) -> Path | None:
     runs = {}
     for stats in sorted(Path(results_dir).glob("*/mask_stats.json")):
         config = json.loads((stats.parent / "config.json").read_text())
-        key = json.dumps({k: v for k, v in config.items() if k not in ("seed", "run_dir", "claim_token", "session")},
-                         sort_keys=True)
+        key = json.dumps({k: v for k, v in config.items() if k not in NOT_A_SETTING}, sort_keys=True)
         kind = "centralized" if stats.parent.name.startswith("centralized") else "federated"
         runs.setdefault(key, (config, json.loads(stats.read_text()), kind))
     if not runs:
         return None
     configs = [c for c, _, _ in runs.values()]
-    differing = [k for k in configs[0] if k not in ("seed", "run_dir", "claim_token", "session")
+    differing = [k for k in configs[0] if k not in NOT_A_SETTING
                  and len({json.dumps(c.get(k)) for c in configs}) > 1]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for config, rows, kind in runs.values():

@@ -175,14 +175,14 @@ class SlotWorker:
             if self._finished(run):  # finished by another runner between the look and the claim
                 self.runner.bar.advance(self.runner.overall)
                 return
-            self._claimed(run, run.cfg.replace(claim_token=claim.token))
+            self._claimed(run, run.cfg, claim.token)
             if status(run) == "diverged":
                 log.warning("run %s diverged: %s", run.run_id, (Path(run.cfg.run_dir) / "DIVERGED").read_text())
                 with self.runner.lock:
                     self.runner.outcome.diverged.append(run.run_id)
         self.runner.bar.advance(self.runner.overall)
 
-    def _claimed(self, run: Run, cfg) -> None:
+    def _claimed(self, run: Run, cfg, claim_token: str) -> None:
         label = run.label(list(self.runner.manifest.axes))
         prefix = f"[{self.label}] " if self.label else ""
         steps = cfg.epochs if run.kind == "centralized" else cfg.total_rounds
@@ -192,9 +192,9 @@ class SlotWorker:
         watcher.start()
         try:
             if run.kind == "centralized":
-                self._centralized(cfg)
+                self._centralized(cfg, claim_token)
             else:
-                self._federated(cfg)
+                self._federated(cfg, claim_token)
         except (UserError, subprocess.SubprocessError) as err:
             if not self.runner.stop.is_set():
                 log.error("run %s failed: %s", run.run_id, str(err).splitlines()[0])
@@ -205,9 +205,10 @@ class SlotWorker:
             watcher.join()
             self.runner.bar.remove_task(task)
 
-    def _centralized(self, cfg) -> None:
-        """In its own process, pinned to the slot's device; its one-sentence error if it fails."""
-        cmd = [sys.executable, "-m", "fed_app.centralized", "--run-config", run_config_arg(cfg)]
+    def _centralized(self, cfg, claim_token: str) -> None:
+        """In its own process, pinned to the slot's device, adopting the runner's claim; its one-sentence error
+        if it fails."""
+        cmd = [sys.executable, "-m", "fed_app.centralized", "--run-config", run_config_arg(cfg, claim_token=claim_token)]
         env = {**os.environ, **self.slot.env, "FEDIT_PARENT_PID": str(os.getpid())}  # it dies with the runner
         self.child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
@@ -218,7 +219,7 @@ class SlotWorker:
             lines = [line for line in err.splitlines() if line.startswith("error: ")]
             raise RunFailedError(lines[-1][len("error: "):] if lines else f"exit {self.child.returncode}: {err[-500:]}")
 
-    def _federated(self, cfg) -> None:
+    def _federated(self, cfg, claim_token: str) -> None:
         source = (cfg.dataset, cfg.data_root, cfg.model, cfg.model_weights)
         if source not in self.runner.checked:
             preflight(cfg)  # data and model once per source, before Flower starts
@@ -229,7 +230,7 @@ class SlotWorker:
             cores = self.slot.threads or None  # a CPU slot's Ray gets its share of the cores, not all of them
             self.session = Session(self.federation, cpus=min(self.cpus, cores or self.cpus), gpus=self.gpus,
                                    total_cpus=cores)
-        output = self.session.run(cfg)  # one simulation runs the slot's runs in turn
+        output = self.session.run(cfg, claim_token)  # one simulation runs the slot's runs in turn
         (Path(cfg.run_dir) / "run.log").write_text(output)
 
 

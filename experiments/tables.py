@@ -13,7 +13,9 @@ from experiments.cost import run_cost
 from fed_app.applicability import key_applies
 from fed_app.errors import UserError
 
-IGNORED = {"run_dir", "seed", "claim_token", "session", "tracker"}  # config columns that never define a group
+# config columns that never define a group (claim_token, session: in the config.json of runs made before the
+# commands' plumbing left RunConfig)
+IGNORED = {"run_dir", "seed", "claim_token", "session", "tracker"}
 RULES = ("final", "best-val")  # which step of a run is selected on and reported: the last, or best validation
 
 

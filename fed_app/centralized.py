@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from fed_app.config import RunConfig, parse_overrides
+from fed_app.config import RunConfig, parse_overrides, plumbing
 from fed_app.task.batches import BatchTransform, batch_stream
 from fed_app.task.data import load_dataset
 from fed_app.task.editing import calibrate_masks, fit_head
 from fed_app.task.head import freeze_head
 from fed_app.task.model import build_model
-from fed_app.runs.plots import plot_curves
+from fed_app.runs.hooks import Curves
 from fed_app.runs.rundir import RunDir
 from fed_app.runs.run_loop import DivergedError, claimed_run, diverged_message, run_steps
 from fed_app.task.seeds import epoch_generator
@@ -26,13 +26,15 @@ from masking.calibrate import density_of
 log = logging.getLogger(__name__)
 
 
-def run(cfg: RunConfig) -> RunDir:
-    """Step 0 and calibration when asked, then cfg.epochs epochs, resuming from the run's checkpoint."""
-    with claimed_run(cfg, "centralized") as (run_dir, claim):
+def run(cfg: RunConfig, claim_token: str = "") -> RunDir:
+    """Step 0 and calibration when asked, then cfg.epochs epochs, resuming from the run's checkpoint.
+    `claim_token`: the claim of the command that started this process (the runner), adopted."""
+    with claimed_run(cfg, "centralized", claim_token) as (run_dir, claim):
         if run_dir.finished:
             log.info("run %s is already %s; nothing to do", run_dir.path, "done" if run_dir.done else "diverged")
             return run_dir
-        return run_steps(cfg, run_dir, Epochs(cfg, run_dir), guard=claim.check)
+        return run_steps(cfg, run_dir, Epochs(cfg, run_dir), guard=claim.check,
+                         hooks=[Curves("epoch", f"centralized {cfg.run_id()}")])
 
 
 class Epochs:
@@ -100,8 +102,6 @@ class Epochs:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict()}
 
-    def finish(self, run_dir: RunDir) -> None:
-        plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="epoch", title=f"centralized {self.cfg.run_id()}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-config", default="", help="e.g. \"lr=0.01 epochs=10 scheduler='step'\"")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = RunConfig.from_run_config(parse_overrides(args.run_config))
-    run_dir = run(cfg)
+    overrides = parse_overrides(args.run_config)
+    run_dir = run(RunConfig.from_run_config(overrides), plumbing(overrides)["claim-token"])
     if run_dir.diverged:
         raise DivergedError(diverged_message(run_dir))
     print(Path(run_dir.path))

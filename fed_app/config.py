@@ -104,8 +104,14 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
 }
 
 
-# Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes.
-NOT_RESULTS = frozenset({"run_dir", "transport", "claim_token", "tracker", "session"})
+# Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes
+# (claim_token and session were RunConfig keys once: run folders of then still hold them).
+NOT_RESULTS = frozenset({"run_dir", "transport", "tracker", "claim_token", "session"})
+
+# Keys that the commands set in Flower's run config for the ServerApp (the one way into it), not a run's
+# settings, so not RunConfig's: the claim the command holds on the run (fed_app/runs/claims.py), which the
+# ServerApp adopts, and the folder through which one simulation takes its runs (fed_app/local/session.py).
+PLUMBING = ("claim-token", "session")
 
 
 class ConfigError(UserError, ValueError):
@@ -201,8 +207,6 @@ class RunConfig:
     # outputs
     run_dir: str = ""
     tracker: str = "none"  # live tracking beside rows.jsonl: none | tensorboard | wandb (fed_app/runs/trackers.py)
-    claim_token: str = ""  # set by the command that claimed the run (fed_app/runs/claims.py), not by users
-    session: str = ""  # set by the runner: the folder through which one simulation gets its runs (fed_app/local/session.py)
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
@@ -263,10 +267,13 @@ class RunConfig:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
-        """Build from kebab-case keys (Flower's context.run_config or CLI overrides); unknown keys fail."""
+        """Build from kebab-case keys (Flower's context.run_config or CLI overrides); unknown keys fail, the
+        commands' PLUMBING keys are left to `plumbing`."""
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in run_config.items():
+            if key in PLUMBING:
+                continue
             name = to_snake(key)
             if name not in known:
                 raise ConfigError(_unknown_key_message(key, [to_kebab(n) for n in known]))
@@ -310,6 +317,11 @@ class RunConfig:
         payload = {k: v for k, v in self.to_dict().items() if k not in NOT_RESULTS}
         digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         return digest[:10]
+
+
+def plumbing(run_config: Mapping[str, Any]) -> dict[str, str]:
+    """The PLUMBING keys of a run config (Flower's, a session's or a command line's), '' where not set."""
+    return {key: str(run_config.get(key, "")) for key in PLUMBING}
 
 
 def _is_timm_model(name: str) -> bool:

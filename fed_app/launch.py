@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     with claim:
         preflight(cfg)
         gpus = client_gpus(args.gpus)
-        cfg = cfg.replace(claim_token=claim.token)  # the ServerApp adopts this claim and stops if it is lost
         with LocalFederation(Path("results") / ".flwr") as sim:  # SIGTERM/SIGHUP/Ctrl-C: stopped on the way out
-            proc = sim.popen(cfg, args.num_supernodes or cfg.num_clients, cpus=args.cpus, gpus=gpus)
+            proc = sim.popen(cfg, args.num_supernodes or cfg.num_clients, cpus=args.cpus, gpus=gpus,
+                             claim_token=claim.token)  # the ServerApp adopts this claim and stops if it is lost
             for line in proc.stdout:  # stream Flower's log as it comes
                 sys.stdout.write(line)
             proc.wait()

@@ -3,9 +3,7 @@ rounds -> rows, checkpoints, DONE."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,13 +12,14 @@ import torch
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fed_app.config import RunConfig
+from fed_app.config import RunConfig, plumbing
 from fed_app.errors import UserError
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
 from fed_app.flower.federation import Federation
 from fed_app.flower.mask_plan import MaskPlan
 from fed_app.task.partition import class_counts
-from fed_app.runs.plots import plot_curves
+from fed_app.runs.hooks import AtFinish, Curves
+from fed_app.runs.profile import Marks, RoundProfile, profiling
 from fed_app.runs.rundir import RunDir
 from fed_app.runs.run_loop import claimed_run, run_steps
 from fed_app.local.session import SESSION_RUN_ENDED, SessionFolder
@@ -35,46 +34,33 @@ from strategies.fedavg import SeededFedAvg
 log = logging.getLogger(__name__)
 
 app = ServerApp()
-PROFILE = "FEDIT_PROFILE"  # set (to 1) in the environment: rows get each round's seconds by phase
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     marks = Marks(started=time.time())
     _log_lines()
-    cfg = RunConfig.from_run_config(context.run_config)
-    if cfg.session:
-        serve(grid, SessionFolder(Path(cfg.session)), marks)
+    cfg, commands = RunConfig.from_run_config(context.run_config), plumbing(context.run_config)
+    if commands["session"]:
+        serve(grid, SessionFolder(Path(commands["session"])), marks)
     else:
-        run(grid, cfg, marks)
+        run(grid, cfg, marks, claim_token=commands["claim-token"])
 
 
 def serve(grid: Grid, session: SessionFolder, marks: Marks) -> None:
     """Session mode: each run the command submits, in turn, on this one federation, its outcome written back;
     until the command says stop or is gone. A failed run ends the session (the command starts a new one)."""
     n = 1
-    while (cfg := session.next_run(n)) is not None:
+    while (submitted := session.next_run(n)) is not None:
+        cfg, claim_token = submitted
         try:
-            run(grid, cfg, marks)
+            run(grid, cfg, marks, claim_token=claim_token)
         except BaseException as err:
             session.finish(n, str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}")
             raise
         log.info("%s %d", SESSION_RUN_ENDED, n)  # the command waits for this line: the run's log is all there
         session.finish(n, None)
         n, marks = n + 1, Marks(started=time.time())
-
-
-class Marks(dict):
-    """When the ServerApp reached each stage of a run, and each round ended ('round_ended', a list), in epoch
-    seconds, comparable across processes; written to the run's profile.json when FEDIT_PROFILE is set, for
-    `bench round --profile` and `bench grid`."""
-
-    def mark(self, stage: str) -> None:
-        self[stage] = time.time()
-
-    def save(self, run_dir: RunDir) -> None:
-        if os.environ.get(PROFILE):
-            (run_dir.path / "profile.json").write_text(json.dumps(self))
 
 
 def _log_lines() -> None:
@@ -88,10 +74,11 @@ def _log_lines() -> None:
         logger.propagate = False
 
 
-def run(grid: Grid, cfg: RunConfig, marks: Marks | None = None) -> RunDir:
-    """Step 0 and calibration when asked, then FedAvg for cfg.total_rounds rounds; resumes from checkpoints."""
+def run(grid: Grid, cfg: RunConfig, marks: Marks | None = None, claim_token: str = "") -> RunDir:
+    """Step 0 and calibration when asked, then FedAvg for cfg.total_rounds rounds; resumes from checkpoints.
+    `claim_token`: the claim of the command that launched the run, adopted (else the run is claimed here)."""
     marks = Marks() if marks is None else marks
-    with claimed_run(cfg, "federated") as (run_dir, claim):
+    with claimed_run(cfg, "federated", claim_token) as (run_dir, claim):
         if run_dir.finished:
             log.info("run %s is already %s; nothing to do", run_dir.path, "done" if run_dir.done else "diverged")
             return run_dir
@@ -109,8 +96,12 @@ def _run(grid: Grid, cfg: RunConfig, run_dir: RunDir, claim, marks: Marks) -> Ru
         model_bytes = 4 * sum(t.numel() for t in task.model.state_dict().values())
         files = SharedFiles(cfg.run_id(), (cfg.clients_per_round + 2) * model_bytes)
     try:
-        strategy = METHODS.get(cfg.client_algorithm).strategy(cfg, task, federation, files)  # the method's server hook
-        run_steps(cfg, run_dir, Rounds(cfg, run_dir, task, strategy, marks), guard=claim.check)
+        method = METHODS.get(cfg.client_algorithm)
+        rounds = Rounds(cfg, run_dir, task, method.strategy(cfg, task, federation, files))  # the method's server hook
+        hooks = [Curves("round", f"FedAvg {cfg.run_id()}"), AtFinish(lambda: method.finish(cfg))]
+        if profiling():
+            hooks.append(RoundProfile(rounds, marks))
+        run_steps(cfg, run_dir, rounds, guard=claim.check, hooks=hooks)
         marks.mark("steps_done")
     finally:
         if files is not None:
@@ -141,14 +132,13 @@ class Rounds:
 
     key = "round"
 
-    def __init__(self, cfg: RunConfig, run_dir: RunDir, task: LoadedTask, strategy: SeededFedAvg,
-                 marks: Marks | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, task: LoadedTask, strategy: SeededFedAvg):
         self.cfg, self.run_dir, self.task, self.strategy = cfg, run_dir, task, strategy
-        self.marks = Marks() if marks is None else marks
         self.total = cfg.total_rounds
         self.global_state: State = {}
         self.current = self.checkpointed = 0  # the last round taken, and the last one checkpointed
-        self.profile = bool(os.environ.get(PROFILE))  # rows get each phase's seconds (bench round --profile)
+        self.phases: dict[str, float] = {}  # the last round's seconds by phase, for a RoundProfile
+        self.evaluate_seconds: float | None = None  # and its evaluation's (None: the row holds none)
 
     def step_zero(self) -> dict:
         federation = self.strategy.federation
@@ -182,16 +172,13 @@ class Rounds:
         row = {"learning_rate": client_lr(self.cfg, server_round), "train_loss": metrics["train_loss"],
                "clients": metrics["clients"], "task_builds": metrics["task_builds"],
                "bytes_sent": metrics["bytes_sent"], "bytes_received": metrics["bytes_received"]}
-        if self.profile:
-            row.update({f"profile_{k[5:]}": float(v) for k, v in metrics.items() if k.startswith("time_")})
-            self.marks.setdefault("round_ended", []).append(time.time())  # the CPU sampler's round boundaries
+        self.phases = {k: float(v) for k, v in metrics.items() if k.startswith("time_")}
         return row
 
     def evaluate(self, server_round: int) -> dict:
         started = time.perf_counter()
         row = self._evaluate(server_round)
-        if self.profile and row:  # seconds the server spent evaluating, within the round's time
-            row["profile_evaluate"] = time.perf_counter() - started
+        self.evaluate_seconds = time.perf_counter() - started if row else None  # within the round's time
         return row
 
     def _evaluate(self, server_round: int) -> dict:
@@ -211,10 +198,6 @@ class Rounds:
     def state(self) -> dict:
         self.checkpointed = self.current
         return {"model": self.global_state, **self.strategy.state_dict()}
-
-    def finish(self, run_dir: RunDir) -> None:
-        METHODS.get(self.cfg.client_algorithm).finish(self.cfg)  # e.g. SCAFFOLD's clients' c_i: no resume needs them
-        plot_curves(run_dir.rows(), run_dir.path / "curves.png", x="round", title=f"FedAvg {self.cfg.run_id()}")
 
 
 def evaluates_val(cfg: RunConfig, server_round: int) -> bool:

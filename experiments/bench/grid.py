@@ -14,7 +14,7 @@ from fed_app.config import RunConfig, to_snake
 # Run-config keys that change what a run learns but not what a round costs: runs that differ only in
 # these share one measurement in `bench grid`.
 COST_FREE = {"seed", "split_seed", "partition", "classes_per_client", "num_rounds", "rounds_scaling", "eval_every",
-             "test_every", "checkpoint_every", "run_dir", "claim_token", "session", "tracker", "lr", "momentum", "weight_decay", "ridge_lambda"}
+             "test_every", "checkpoint_every", "run_dir", "tracker", "lr", "momentum", "weight_decay", "ridge_lambda"}
 
 
 def group_by_cost(runs: list[RunConfig]) -> list[list[RunConfig]]:

@@ -53,7 +53,7 @@ def round_flower(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus: 
     server's evaluations (timed only with `profile`, which also gives each phase's median, `profile_*`, and
     where the fixed cost goes, `stages`)."""
     from fed_app.local.local_federation import LocalFederation
-    from fed_app.server_app import PROFILE
+    from fed_app.runs.profile import PROFILE
 
     run_cfg = _bench_config(cfg, rounds, workdir)
     started = time.time()
@@ -97,7 +97,7 @@ def round_session(cfg: RunConfig, rounds: int, warmup: int, workdir: Path, cpus:
     session's); the second gives the fixed cost of every later run of a slot, 'session_fixed': its wall time from
     submit to done less its rounds at the steady rate and less the server's evaluations, and its 'session_stages'."""
     from fed_app.local.local_federation import LocalFederation
-    from fed_app.server_app import PROFILE
+    from fed_app.runs.profile import PROFILE
     from fed_app.local.session import Session
 
     runs = [_bench_config(cfg, rounds, workdir, f"-{k}") for k in (1, 2)]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fed_app.runs import procfs
-from fed_app.config import RunConfig
+from fed_app.config import RunConfig, to_kebab
 from fed_app.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,11 @@ def toml_value(value: Any) -> str:
     return repr(value)
 
 
-def run_config_arg(cfg: RunConfig) -> str:
-    """The whole config as `--run-config` text, so the run never depends on pyproject defaults drifting."""
-    return " ".join(f"{k}={toml_value(v)}" for k, v in cfg.to_run_config().items())
+def run_config_arg(cfg: RunConfig, **plumbing: str) -> str:
+    """The whole config as `--run-config` text, so the run never depends on pyproject defaults drifting; with
+    the commands' plumbing keys (config.PLUMBING: claim_token, session) that are set."""
+    values = {**cfg.to_run_config(), **{to_kebab(k): v for k, v in plumbing.items() if v}}
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
 class LocalFederation:
@@ -70,10 +72,11 @@ class LocalFederation:
 
     def command(self, cfg: RunConfig, num_supernodes: int | None = None, cpus: int = 1, gpus: float = 0.0,
                 superlink: str | None = None, total_cpus: int | None = None, app: Path = APP_DIR,
-                run_config: str | None = None) -> list[str]:
+                run_config: str | None = None, **plumbing: str) -> list[str]:
         """`flwr run` of fedit (or of another Flower `app` folder, with its own `run_config` text) on the local
-        simulation (num_supernodes; Ray limited to `total_cpus` cores if given), or on a named SuperLink."""
-        run_config = run_config_arg(cfg) if run_config is None else run_config
+        simulation (num_supernodes; Ray limited to `total_cpus` cores if given), or on a named SuperLink;
+        `plumbing`: the claim_token or session the ServerApp is to take."""
+        run_config = run_config_arg(cfg, **plumbing) if run_config is None else run_config
         cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(app)]
         if superlink:
             return cmd + [superlink, "--stream", "--run-config", run_config]

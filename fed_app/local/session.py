@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from fed_app.runs import procfs
-from fed_app.config import RunConfig
+from fed_app.config import RunConfig, plumbing
 from fed_app.local.local_federation import FlowerRunError, LocalFederation
 
 POLL_S = 0.1
@@ -53,8 +53,8 @@ class SessionFolder:
         except (OSError, ValueError):
             return None
 
-    def submit(self, n: int, cfg: RunConfig) -> None:
-        self._write(f"run-{n}.json", cfg.to_run_config())
+    def submit(self, n: int, cfg: RunConfig, claim_token: str = "") -> None:
+        self._write(f"run-{n}.json", {**cfg.to_run_config(), "claim-token": claim_token})
 
     def result(self, n: int) -> dict | None:
         """Run n's outcome once the ServerApp wrote it: {"error": None} or {"error": "<sentence>"}."""
@@ -67,13 +67,14 @@ class SessionFolder:
         owner = self._read("owner.json")
         return owner is not None and procfs.start_time(owner["pid"]) == owner["started"]
 
-    def next_run(self, n: int) -> RunConfig | None:
-        """The ServerApp's side: run n's config once it is submitted; None on `stop` or once the command is gone."""
+    def next_run(self, n: int) -> tuple[RunConfig, str] | None:
+        """The ServerApp's side: run n's config and the claim token it comes with, once it is submitted; None on
+        `stop` or once the command is gone."""
         while (value := self._read(f"run-{n}.json")) is None:
             if (self.folder / "stop").exists() or not self.owner_alive():
                 return None
             time.sleep(POLL_S)
-        return RunConfig.from_run_config(value)
+        return RunConfig.from_run_config(value), plumbing(value)["claim-token"]
 
     def finish(self, n: int, error: str | None) -> None:
         self._write(f"done-{n}.json", {"error": error})
@@ -90,13 +91,14 @@ class Session:
         self.supernodes, self.count, self.lines = 0, 0, []
         self.starts = 0  # how many `flwr run`s this session took: 1 while its runs succeed
 
-    def run(self, cfg: RunConfig) -> str:
-        """Run `cfg` to its end in the session; its part of Flower's log. FlowerRunError if it failed."""
+    def run(self, cfg: RunConfig, claim_token: str = "") -> str:
+        """Run `cfg` to its end in the session (the ServerApp adopting the caller's claim, if it holds one); its
+        part of Flower's log. FlowerRunError if it failed."""
         if self.proc is None or self.proc.poll() is not None or self.supernodes != cfg.num_clients:
             self._start(cfg)
         self.count += 1
         first = len(self.lines)
-        self.folder.submit(self.count, cfg)
+        self.folder.submit(self.count, cfg, claim_token)
         while (result := self.folder.result(self.count)) is None:
             if self.proc.poll() is not None:
                 self._reader.join()
@@ -118,8 +120,7 @@ class Session:
         self.close()
         self.folder = SessionFolder.create(self.federation.home / "session")
         self.supernodes, self.count, self.lines = cfg.num_clients, 0, []
-        self.proc = self.federation.popen(cfg.replace(session=str(self.folder.folder)), cfg.num_clients,
-                                          **self.options)
+        self.proc = self.federation.popen(cfg, cfg.num_clients, session=str(self.folder.folder), **self.options)
         self.starts += 1
         self._reader = threading.Thread(target=self._read_log, args=(self.proc,), daemon=True)
         self._reader.start()

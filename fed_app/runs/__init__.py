@@ -2,5 +2,6 @@
 
 rundir (config, rows, checkpoint, masks, DONE), run_loop (restore or step 0, each step a row and a checkpoint),
 divergence (the guard's rule), claims (one owner per run), procfs (what /proc says of a process: whether an
-owner lives), trackers (TensorBoard, W&B), plots (curves.png).
+owner lives), hooks (side concerns called by the loop: curves, a clean-up at the end), trackers (TensorBoard,
+W&B: hooks), profile (where a round's time went: a hook, and the ServerApp's stage marks), plots (curves.png).
 """

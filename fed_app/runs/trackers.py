@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from fed_app.config import RunConfig
+from fed_app.runs.hooks import RunHook
 
-class Tracker:
-    """Logs each row once per step, in step order. `last` is the last step the backend holds durably; a run
-    that starts or resumes first catches up on the rows after it (`catch_up`)."""
+
+class Tracker(RunHook):
+    """Logs each row once per step, in step order (a hook on the run loop). `last` is the last step the backend
+    holds durably; a run that starts or resumes first catches up on the rows after it (`catch_up`)."""
 
     last = -1
 

@@ -6,15 +6,16 @@ from pathlib import Path
 import pytest
 
 from fed_app.applicability import applies
-from fed_app.config import ConfigError, RunConfig, parse_overrides
+from fed_app.config import PLUMBING, ConfigError, RunConfig, parse_overrides, plumbing
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def test_pyproject_holds_every_key_with_the_dataclass_default():
     flwr_config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
-    assert flwr_config == RunConfig().to_run_config()
-    assert RunConfig.from_run_config(flwr_config) == RunConfig()
+    assert flwr_config == {**RunConfig().to_run_config(), **{key: "" for key in PLUMBING}}
+    assert RunConfig.from_run_config(flwr_config) == RunConfig()  # the commands' keys are not a run's
+    assert plumbing({**flwr_config, "claim-token": "abc"}) == {"claim-token": "abc", "session": ""}
 
 
 def test_overrides_parse_like_flwr_and_coerce_ints_to_floats():

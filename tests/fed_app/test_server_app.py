@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from fed_app.local.local_federation import LocalFederation, FlowerRunError
+from fed_app import server_app
 from fed_app.flower.transport import SharedFiles
+from fed_app.local.local_federation import LocalFederation, FlowerRunError
+from fed_app.runs.profile import PROFILE
 
-from ..conftest import fl_cfg as _cfg, run_in_process
+from ..conftest import InProcessGrid, fl_cfg as _cfg, run_in_process
 
 TIMING = {"wall_time", "round_time"}
 
@@ -136,14 +138,10 @@ def test_when_discovery_and_the_servers_own_task_both_fail_the_servers_error_com
 
 @pytest.mark.usefixtures("server_app_identity")
 def test_with_fedit_profile_set_each_row_says_where_its_round_went(tmp_path, monkeypatch):
-    from fed_app import server_app
-
-    from ..conftest import InProcessGrid
-
     cfg = _cfg(tmp_path, "profiled", **{"num-rounds": 2})
     server_app.run(InProcessGrid(cfg), cfg)  # unprofiled: rows without the phases
     assert not any(k.startswith("profile_") for r in _rows(tmp_path / "profiled") for k in r)
-    monkeypatch.setenv(server_app.PROFILE, "1")
+    monkeypatch.setenv(PROFILE, "1")
     cfg = _cfg(tmp_path, "profile", **{"num-rounds": 2})
     server_app.run(InProcessGrid(cfg), cfg)
     rows = [json.loads(line) for line in (tmp_path / "profile" / "rows.jsonl").read_text().splitlines()]

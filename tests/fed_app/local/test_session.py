@@ -25,9 +25,9 @@ def _rows(run_dir):
 
 def test_the_session_folder_hands_over_runs_and_ends_on_stop_or_when_the_command_is_gone(tmp_path):
     folder = SessionFolder.create(tmp_path / "session")
-    cfg = RunConfig(seed=7, run_dir=str(tmp_path / "run"), claim_token="abc")
-    folder.submit(1, cfg)
-    assert folder.next_run(1) == cfg and folder.result(1) is None
+    cfg = RunConfig(seed=7, run_dir=str(tmp_path / "run"))
+    folder.submit(1, cfg, claim_token="abc")
+    assert folder.next_run(1) == (cfg, "abc") and folder.result(1) is None
     folder.finish(1, "run-config lr=-1 must be positive; give a learning rate above 0.")
     assert folder.result(1) == {"error": "run-config lr=-1 must be positive; give a learning rate above 0."}
     folder.stop()
@@ -45,7 +45,7 @@ def test_the_session_folder_hands_over_runs_and_ends_on_stop_or_when_the_command
 def test_runs_in_one_session_end_as_alone_and_a_failed_run_ends_the_session(tmp_path):
     first = _cfg(tmp_path, "first", seed=1)
     second = _cfg(tmp_path, "second", seed=2, partition="noniid", **{"classes-per-client": 20})
-    refused = _cfg(tmp_path, "refused", seed=3, **{"claim-token": "not-a-claim"})
+    refused = _cfg(tmp_path, "refused", seed=3)
     after = _cfg(tmp_path, "after", seed=4)
     alone = second.replace(run_dir=str(tmp_path / "alone"))
     with LocalFederation(tmp_path / "flwr") as sim:
@@ -54,7 +54,7 @@ def test_runs_in_one_session_end_as_alone_and_a_failed_run_ends_the_session(tmp_
         log = session.run(second)
         assert session.starts == 1 and "round 4/4" in log  # one `flwr run` for both, each run's own log
         with pytest.raises(FlowerRunError, match="claim-token='not-a-claim' does not name the claim"):
-            session.run(refused)  # the ServerApp's sentence; the session ends with it
+            session.run(refused, claim_token="not-a-claim")  # the ServerApp's sentence; the session ends with it
         session.run(after)
         assert session.starts == 2
         session.close()
