@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 centralized: $(STAMP)
-	$(PY) -m fed_app.centralized --run-config "$(RUN_CONFIG)"
+	FEDIT_CONFIG_FROM=make $(PY) -m fed_app.centralized --run-config "$(RUN_CONFIG)"
 
 # The whole pipeline offline on a CPU: centralized, FedAvg (iid, non-iid) and sparse FedAvg runs, then the report
 RESULTS ?= results
@@ -33,7 +33,7 @@ miniature: $(STAMP)
 
 # The headline job: FedAvg, K=100, C=0.1, J=4, iid, CIFAR-100, DINO ViT-S/16 (defaults in pyproject.toml)
 run: $(STAMP)
-	$(PY) -m fed_app.launch --run-config "$(RUN_CONFIG)"
+	FEDIT_CONFIG_FROM=make $(PY) -m fed_app.launch --run-config "$(RUN_CONFIG)"
 
 clean:
 	rm -rf $(VENV)

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import torch
 
-from fed_app.errors import UserError
+from fed_app.errors import CONFIG_FROM, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a manifest's grid; resumable: rerun the same command after a stop")
-    run.add_argument("manifest", type=Path)
-    run.add_argument("--results", type=Path, default=Path("results"))
+    run.add_argument("manifest", type=Path, help="a manifest's YAML file, e.g. experiments/manifests/demo.yaml")
+    run.add_argument("--results", type=Path, default=Path("results"),
+                     help="where run folders go: <results>/<manifest name>/<run id> (default: results)")
     run.add_argument("--only", default=None, help="only runs whose id or grid values contain this text")
     run.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
     run.add_argument("--cpus", type=int, default=1, help="CPU cores per Flower client")
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="run up to one run per device at once, e.g. 0,1,2,3 (GPU indices) or cpu,cpu; "
                           "default: one run at a time on every visible device")
     report = sub.add_parser("report", help="tables and figures of a results folder (results/<manifest>)")
-    report.add_argument("results_dir", type=Path)
+    report.add_argument("results_dir", type=Path, help="a manifest's results folder, e.g. results/demo")
     report.add_argument("--checkpoint", choices=["final", "best-val"], default="final",
                         help="which step of each run is selected on (validation) and reported (test): the last "
                              "evaluated one, or the best-validation one")
@@ -36,12 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--miniature", action="store_true", required=True,
                        help="on real digits with the tiny ViT, rounds and epochs shrunk, in process (a laptop's "
                             "rehearsal before booking a GPU); the only kind there is yet")
-    study.add_argument("--results", type=Path, default=Path("results/miniature"))
+    study.add_argument("--results", type=Path, default=Path("results/miniature"),
+                       help="where the miniature's manifests write (default: results/miniature)")
     study.add_argument("--only", default=None,
                        help="comma-separated manifest names: only those and the tuning manifests they depend on")
     study.add_argument("--workers", type=int, default=2, help="runs at once, each in a process of its own")
     bench = sub.add_parser("bench", help="benchmarks; print a Markdown table and ratios")
-    bench.add_argument("what", choices=["fisher", "round", "data", "grid"])
+    bench.add_argument("what", choices=["fisher", "round", "data", "grid"],
+                       help="fisher: the Fisher diagonal's three ways; round: one FedAvg round against its limit; "
+                            "data: data preparation and training rates; grid: a manifest's projected wall time")
     bench.add_argument("--run-config", default="",
                        help="round/data/grid: run-config overrides of the benchmarked setup")
     bench.add_argument("--local-steps", default="4,16", help="round: the J values to measure, comma-separated")
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--warmup", type=int, default=3, help="round/grid: first rounds left out")
     bench.add_argument("--model", default=None, help="default: vit-small-dino on CUDA, vit-tiny-test on CPU")
     bench.add_argument("--samples", type=int, default=None, help="default: 450 (one client's shard) on CUDA, 128 on CPU")
-    bench.add_argument("--chunk", type=int, default=32)
+    bench.add_argument("--chunk", type=int, default=32, help="fisher: samples per vectorized chunk")
     bench.add_argument("--repeats", type=int, default=3,
                        help="fisher: timing repeats; round --against stock: interleaved repetitions")
     bench.add_argument("--profile", action="store_true",
@@ -84,6 +88,7 @@ def _run(args) -> int:
     from experiments.slots import parse_devices
     from fed_app.local.local_federation import client_gpus
 
+    os.environ[CONFIG_FROM] = "manifest"  # a fix names the manifest's base, here and in the runs it starts
     manifest = load_manifest(args.manifest, args.results)
     runs = select(manifest, args.only)
     if args.dry_run:

@@ -95,8 +95,10 @@ def shown_table(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
 
 def write_report(results_dir: Path, rule: str = "final") -> Path:
     """summary.csv, by_config.csv, figures/*.png and report.md in `results_dir`; the report's path. Runs are
-    selected and reported at the same checkpoint `rule` ('final' or 'best-val')."""
+    selected and reported at the same checkpoint `rule` ('final' or 'best-val'); another rule than 'final' writes
+    beside the default report, each file's name ending in the rule (report-best-val.md, figures-best-val/)."""
     results_dir = Path(results_dir)
+    suffix = "" if rule == "final" else f"-{rule}"
     df = load_results(results_dir)
     # Run folders of an earlier grid or earlier tuned values stay on disk (never deleted for the user) but are
     # not this manifest's runs: they must not enter its tables, selections or pairs.
@@ -109,9 +111,9 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
     axes, control = grid_axes(results_dir, df)
     summary = summarize(df, axes, rule)
     table = over_seeds(summary, axes)
-    summary.to_csv(results_dir / "summary.csv", index=False)
-    table.to_csv(results_dir / "by_config.csv", index=False)
-    figures = results_dir / "figures"
+    summary.to_csv(results_dir / f"summary{suffix}.csv", index=False)
+    table.to_csv(results_dir / f"by_config{suffix}.csv", index=False)
+    figures = results_dir / f"figures{suffix}"
     figures.mkdir(exist_ok=True)
     for old in figures.glob("*.png"):  # figures of axes that no longer vary must not linger
         old.unlink()
@@ -153,7 +155,7 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
         made.append(methods_figure(remedies, figures))
     if control:
         diffs = paired_differences(summary, axes, control)
-        diffs.to_csv(results_dir / "paired.csv", index=False)
+        diffs.to_csv(results_dir / f"paired{suffix}.csv", index=False)
         lines += ["## Each arm against its control, paired by seed", "",
                   f"Test accuracy of the arm minus its control ({', '.join(f'{k}={v}' for k, v in control.items())}, "
                   f"the same other settings) at the same seed, the mean over seeds with a 95% t-interval; where the "
@@ -162,7 +164,7 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
         lines += ["Every configuration ran one seed: its numbers carry no spread, and no difference here is shown "
                   "beyond the noise of one run.", ""]
     lines += ["## Results by configuration", "", markdown_table(shown_table(table, axes)), ""]
-    lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in made]
-    report = results_dir / "report.md"
+    lines += ["## Figures", ""] + [f"![{p.stem}]({figures.name}/{p.name})" for p in made]
+    report = results_dir / f"report{suffix}.md"
     report.write_text("\n".join(lines) + "\n")
     return report

@@ -7,6 +7,8 @@ import difflib
 import hashlib
 import importlib.util
 import json
+import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -344,16 +346,38 @@ def to_kebab(name: str) -> str:
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
-    """Parse 'lr=0.01 partition="iid"' exactly as `flwr run --run-config` does."""
+    """Parse 'lr=0.01 partition="iid"' exactly as `flwr run --run-config` does; a pair that is not valid TOML is
+    named, with how to write it."""
     from flwr.common.config import parse_config_args
 
     try:
         return parse_config_args([text]) if text.strip() else {}
     except Exception as err:  # flwr raises click.ClickException for bad TOML values
-        raise ConfigError(
-            f"--run-config {text!r} is not valid; write space-separated key=value pairs with TOML "
-            f"values, e.g. \"lr=0.01 partition='iid'\"."
-        ) from err
+        raise ConfigError(_bad_pair_message(text, parse_config_args)) from err
+
+
+def _bad_pair_message(text: str, parse) -> str:
+    """The first key=value pair of `text` that TOML cannot read, and how to write it."""
+    for pair in shlex.split(text, posix=False) or [text]:
+        key, sep, value = pair.partition("=")
+        try:
+            parse([pair])
+            continue
+        except Exception:
+            pass
+        if not sep or not key:
+            return (f"run-config {pair!r} is not a key=value pair; write space-separated pairs, e.g. "
+                    f"lr=0.01 partition='iid'.")
+        field = {f.name: f for f in fields(RunConfig)}.get(to_snake(key))
+        kind = (field.type if isinstance(field.type, str) else field.type.__name__) if field else None
+        if kind == "str" or (kind is None and not re.fullmatch(r"[-+.\d]", value[:1] or "x")):
+            text = value.strip("'\"")
+            return (f"run-config {pair} is not valid: text goes in quotes, so write {key}='{text}' "
+                    f"(numbers and true/false go without).")
+        example = toml_text(field.default) if field else "0.01"
+        takes = "true or false" if kind == "bool" else _a(kind or "number")
+        return f"run-config {pair} is not valid: {key} takes {takes}, e.g. {key}={example}."
+    return f"run-config {text!r} is not valid; write space-separated key=value pairs, e.g. lr=0.01 partition='iid'."
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
@@ -364,13 +388,34 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     if type(value) is not expected:
         example = {"str": "'text'", "int": "10", "float": "0.01", "bool": "true"}[type_name]
         raise ConfigError(
-            f"run-config {key}={value!r} has type {type(value).__name__}; it must be a {type_name} "
+            f"run-config {key}={value!r} has type {type(value).__name__}; it must be {_a(type_name)} "
             f"(e.g. {key}={example})."
         )
     return value
 
 
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
+def toml_text(value: Any) -> str:
+    """A value as TOML writes it in a key=value pair (true, 0.01, 'text')."""
+    return str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else str(value)
+
+
 def _unknown_key_message(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean '{close[0]}'?" if close else "the keys are listed in pyproject.toml"
-    return f"unknown run-config key '{key}': {hint} (all keys: [tool.flwr.app.config] in pyproject.toml)."
+    close = nearest_keys(key, known)
+    hint = f" (did you mean {' or '.join(repr(k) for k in close)}?)" if close else ""
+    return (f"unknown run-config key '{key}'{hint}; every key, with its default, is in [tool.flwr.app.config] of "
+            f"pyproject.toml.")
+
+
+def nearest_keys(key: str, known: list[str]) -> list[str]:
+    """The known keys a mistyped `key` most likely meant: close spellings, and a key spelling the initials of
+    its words (learning-rate -> lr) or sharing its last word (rounds -> num-rounds); at most three."""
+    words = key.replace("_", "-").split("-")
+    initials = "".join(w[:1] for w in words)
+    found = [k for k in known if k == initials]
+    found += sorted((k for k in known if len(words) == 1 and k.split("-")[-1] == words[0]), key=len)
+    found += difflib.get_close_matches(key, known, n=3, cutoff=0.7)
+    return list(dict.fromkeys(found))[:3]

@@ -27,6 +27,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.constant import SType
 from torch import Tensor
 
+from fed_app.errors import override_hint
+
 FILE_SUFFIX = "-file"  # content key of a file reference: "arrays-file" stands in for "arrays"
 SHM = Path("/dev/shm")
 
@@ -87,7 +89,7 @@ def take(content: RecordDict, key: str, delete: bool = False) -> dict[str, Tenso
     except FileNotFoundError:
         raise TransportError(
             f"the payload file {path} is not on this machine: transport='files' needs every client on the "
-            f"server's machine; pass --run-config \"transport='messages'\" to send models inside Flower messages."
+            f"server's machine; {override_hint('transport', repr('messages'))} to send models inside Flower messages."
         ) from None
     if delete:
         path.unlink(missing_ok=True)

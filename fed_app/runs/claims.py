@@ -10,6 +10,7 @@ from its checkpoint. A process that was handed a claim (run-config `claim-token`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,6 +96,8 @@ class Claim:
             self._beat.join()
             if read_owner(self.file) == self.owner:
                 self.file.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a run that failed before writing anything leaves no folder
+                    self.file.parent.rmdir()
 
     def __enter__(self) -> Claim:
         return self

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fed_app.config import RunConfig
-from fed_app.errors import DataError
+from fed_app.errors import DataError, override_hint
 from fed_app.task.partition import stratified_split
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ def _missing_cifar_message(which: str, path: Path, why: str) -> str:
     name, _, folder, archive, _ = CIFAR[which]
     return (
         f"{name} is not under data-root={str(path)!r} ({why}); put the extracted "
-        f"'{folder}' folder (from {archive}) there, or pass "
-        f"--run-config \"data-root='/path/to/dir/containing/it'\", or use dataset='synthetic' offline."
+        f"'{folder}' folder (from {archive}) there, or "
+        f"{override_hint('data-root', repr('/path/to/dir/containing/it'))}, or use dataset='synthetic' offline."
     )
 
 

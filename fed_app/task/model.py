@@ -13,7 +13,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from fed_app.config import RunConfig
-from fed_app.errors import UserError
+from fed_app.errors import UserError, override_hint
 from fed_app.task.head import head_name
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,8 @@ def timm_model(name: str, num_classes: int, weights: str) -> torch.nn.Module:
         hint = ("dino_deitsmall16_pretrain.pth (or timm's vit_small_patch16_224.dino)"
                 if name == "vit_small_patch16_224.dino" else f"timm's {name} weights (pytorch_model.bin or .safetensors)")
         raise ModelWeightsError(
-            f"could not fetch the weights of {name} ({type(err).__name__}); download {hint} elsewhere and pass "
-            f"--run-config \"model-weights='/abs/path/to/file.pth'\", or model-weights='random' to "
+            f"could not fetch the weights of {name} ({type(err).__name__}); download {hint} elsewhere and "
+            f"{override_hint('model-weights', repr('/abs/path/to/file.pth'))}, or model-weights='random' to "
             f"train from scratch."
         ) from err
 

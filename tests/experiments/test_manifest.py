@@ -190,7 +190,7 @@ seeds: [1]
     ("name: x\nkind: federated\ngrid: {sparsity: [1.0]}\n", ["sparsity=1.0", "< 1.0"]),
     ("name: x\nkind: federated\ngrid: {sparsity: 0.9}\n", ["grid axis 'sparsity' must be a non-empty list", "sparsity: [0.9]"]),
     ("name: x\nkind: federated\nbase: {lrr: 0.1}\n", ["unknown run-config key 'lrr'", "did you mean 'lr'"]),
-    ("name: x\nkind: federated\nbase: {epochs: ten}\n", ["epochs='ten'", "must be a int"]),
+    ("name: x\nkind: federated\nbase: {epochs: ten}\n", ["epochs='ten'", "must be an int"]),
     ("name: x\nkind: distributed\n", ["kind='distributed'", "centralized, federated"]),
     ("name: x\nkind: federated\ngrids: {}\n", ["unknown key 'grids'"]),
 ])

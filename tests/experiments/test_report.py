@@ -58,8 +58,12 @@ def test_best_val_rule_selects_and_reports_the_same_step(tmp_path):
     summary = summarize(load_results(tmp_path), rule="best-val").set_index("run_id")
     assert summary.loc["centralized-c", "checkpoint"] == 1  # its best validation epoch...
     assert summary.loc["centralized-c", "test_accuracy"] == 0.70  # ...and the test accuracy of that epoch
-    text = write_report(tmp_path, rule="best-val").read_text()
-    assert "lr=0.1: validation 80.00 (n=1), test 70.00 (n=1)." in text
+    default = write_report(tmp_path).read_text()
+    report = write_report(tmp_path, rule="best-val")
+    assert report.name == "report-best-val.md" and "lr=0.1: validation 80.00 (n=1), test 70.00 (n=1)." in report.read_text()
+    assert (tmp_path / "report.md").read_text() == default  # written beside the default report, not over it
+    assert (tmp_path / "summary-best-val.csv").exists() and (tmp_path / "figures-best-val").is_dir()
+    assert "](figures-best-val/" in report.read_text() and "](figures/" in default
 
 
 def test_a_run_is_labelled_only_by_the_keys_that_apply_to_it(tmp_path):

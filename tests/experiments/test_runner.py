@@ -81,8 +81,9 @@ def test_missing_cifar_fails_each_federated_run_with_the_fix_before_flower_start
                           env={**os.environ, "COLUMNS": "400"})
     assert proc.returncode == 1
     assert proc.stdout.count("CIFAR-100 is not under data-root=") == 2 and "cifar-100-python" in proc.stdout
+    assert "set data-root: '/path/to/dir/containing/it' in the manifest's base" in proc.stdout  # as it was run
     assert "2 runs failed" in proc.stderr
-    assert not list((tmp_path / "results" / "offline").glob("federated-*/rows.jsonl"))
+    assert not list((tmp_path / "results" / "offline").glob("federated-*"))  # failed starts leave no folders
     assert not (tmp_path / "results" / "offline" / ".flwr").exists()  # no flwr run was started
 
 

@@ -84,8 +84,8 @@ def test_cli_reports_a_bad_key_in_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fed_app.centralized", "--run-config", "lrr=0.1"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: unknown run-config key 'lrr': did you mean 'lr'? "
-                                   "(all keys: [tool.flwr.app.config] in pyproject.toml).")
+    assert proc.stderr.strip() == ("error: unknown run-config key 'lrr' (did you mean 'lr'?); every key, with its "
+                                   "default, is in [tool.flwr.app.config] of pyproject.toml.")
     assert not (tmp_path / "results").exists()
 
 

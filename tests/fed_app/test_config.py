@@ -26,7 +26,9 @@ def test_overrides_parse_like_flwr_and_coerce_ints_to_floats():
 
 @pytest.mark.parametrize("overrides, words", [
     ({"lrr": 0.1}, ["'lrr'", "did you mean 'lr'"]),
-    ({"epochs": "ten"}, ["epochs='ten'", "must be a int"]),
+    ({"epochs": "ten"}, ["epochs='ten'", "must be an int"]),
+    ({"learning-rate": 0.1}, ["'learning-rate'", "did you mean 'lr'?"]),  # the initials of its words
+    ({"rounds": 5}, ["'rounds'", "did you mean 'num-rounds' or"]),  # its last word
     ({"scheduler": "linear"}, ["scheduler='linear'", "cosine"]),
     ({"batch-size": 0}, ["batch-size=0", ">= 1"]),
     ({"lr": 0.0}, ["lr=0.0", "> 0"]),
@@ -80,3 +82,32 @@ def test_rounds_scaling_keeps_total_local_steps_equal_across_j():
         cfg = RunConfig(num_rounds=500, local_steps=j, rounds_scaling=True)
         assert cfg.total_rounds == rounds and cfg.total_rounds * j == 2000
     assert RunConfig(num_rounds=500, local_steps=16).total_rounds == 500
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr=0.1 partition=noniid", "run-config partition=noniid is not valid: text goes in quotes, so write "
+                                "partition='noniid' (numbers and true/false go without)."),
+    ("num-rounds=ten", "run-config num-rounds=ten is not valid: num-rounds takes an int, e.g. num-rounds=200."),
+    ("augment=yes", "run-config augment=yes is not valid: augment takes true or false, e.g. augment=true."),
+    ("data-root=/data/cifar", "run-config data-root=/data/cifar is not valid: text goes in quotes, so write "
+                              "data-root='/data/cifar' (numbers and true/false go without)."),
+])
+def test_a_malformed_pair_is_named_with_how_to_write_it(text, message):
+    with pytest.raises(ConfigError) as err:
+        parse_overrides(text)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("via, fix", [
+    ("", "pass --run-config \"data-root='/path/to/dir/containing/it'\""),
+    ("make", "add RUN_CONFIG=\"data-root='/path/to/dir/containing/it'\" to the make command"),
+    ("manifest", "set data-root: '/path/to/dir/containing/it' in the manifest's base"),
+])
+def test_the_fix_is_phrased_the_way_the_user_gives_values(via, fix, monkeypatch, tmp_path):
+    from fed_app.errors import CONFIG_FROM, DataError
+    from fed_app.task.data import read_cifar100
+
+    monkeypatch.setenv(CONFIG_FROM, via)
+    with pytest.raises(DataError) as err:
+        read_cifar100(str(tmp_path), download=False)
+    assert fix in str(err.value)

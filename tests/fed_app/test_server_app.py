@@ -106,7 +106,9 @@ def test_make_run_without_cifar_offline_says_where_to_put_it_before_starting_flo
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: CIFAR-100 is not under data-root=") and "cifar-100-python" in proc.stderr
+    assert "pass --run-config \"data-root=" in proc.stderr  # the fix, as this command takes values
     assert not (tmp_path / "results" / ".flwr").exists()
+    assert list((tmp_path / "results" / "federated").iterdir()) == []  # the failed start left no run folder
 
 
 @pytest.mark.usefixtures("server_app_identity")
