@@ -1,20 +1,19 @@
-"""RunConfig: every run-config key, its type, default and check; the only place kebab <-> snake."""
+"""RunConfig: every run-config key, its type, default and check (the text of keys and values, and the sentences
+for bad ones, are fed_app/config_text.py's)."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import importlib.util
 import json
-import re
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from fed_app import registry
-from fed_app.errors import UserError
+from fed_app.config_text import (ConfigError, bad_pair_message, coerce, to_kebab, to_snake,  # noqa: F401 (re-exported)
+                                 unknown_key_message)
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": ("cifar100", "cifar10", "imagefolder", "synthetic", "digits"),
@@ -114,10 +113,6 @@ NOT_RESULTS = frozenset({"run_dir", "transport", "tracker", "claim_token", "sess
 # settings, so not RunConfig's: the claim the command holds on the run (fed_app/runs/claims.py), which the
 # ServerApp adopts, and the folder through which one simulation takes its runs (fed_app/local/session.py).
 PLUMBING = ("claim-token", "session")
-
-
-class ConfigError(UserError, ValueError):
-    """A run-config key or value that cannot be used; the message says which and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -278,8 +273,8 @@ class RunConfig:
                 continue
             name = to_snake(key)
             if name not in known:
-                raise ConfigError(_unknown_key_message(key, [to_kebab(n) for n in known]))
-            values[name] = _coerce(key, value, known[name].type)
+                raise ConfigError(unknown_key_message(key, [to_kebab(n) for n in known]))
+            values[name] = coerce(key, value, known[name].type)
         return cls(**values)
 
     @property
@@ -337,14 +332,6 @@ def share_of(fraction: float, total: int) -> int:
     return max(1, round(fraction * total))
 
 
-def to_snake(key: str) -> str:
-    return key.replace("-", "_")
-
-
-def to_kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
 def parse_overrides(text: str) -> dict[str, Any]:
     """Parse 'lr=0.01 partition="iid"' exactly as `flwr run --run-config` does; a pair that is not valid TOML is
     named, with how to write it."""
@@ -353,69 +340,4 @@ def parse_overrides(text: str) -> dict[str, Any]:
     try:
         return parse_config_args([text]) if text.strip() else {}
     except Exception as err:  # flwr raises click.ClickException for bad TOML values
-        raise ConfigError(_bad_pair_message(text, parse_config_args)) from err
-
-
-def _bad_pair_message(text: str, parse) -> str:
-    """The first key=value pair of `text` that TOML cannot read, and how to write it."""
-    for pair in shlex.split(text, posix=False) or [text]:
-        key, sep, value = pair.partition("=")
-        try:
-            parse([pair])
-            continue
-        except Exception:
-            pass
-        if not sep or not key:
-            return (f"run-config {pair!r} is not a key=value pair; write space-separated pairs, e.g. "
-                    f"lr=0.01 partition='iid'.")
-        field = {f.name: f for f in fields(RunConfig)}.get(to_snake(key))
-        kind = (field.type if isinstance(field.type, str) else field.type.__name__) if field else None
-        if kind == "str" or (kind is None and not re.fullmatch(r"[-+.\d]", value[:1] or "x")):
-            text = value.strip("'\"")
-            return (f"run-config {pair} is not valid: text goes in quotes, so write {key}='{text}' "
-                    f"(numbers and true/false go without).")
-        example = toml_text(field.default) if field else "0.01"
-        takes = "true or false" if kind == "bool" else _a(kind or "number")
-        return f"run-config {pair} is not valid: {key} takes {takes}, e.g. {key}={example}."
-    return f"run-config {text!r} is not valid; write space-separated key=value pairs, e.g. lr=0.01 partition='iid'."
-
-
-def _coerce(key: str, value: Any, type_name: Any) -> Any:
-    type_name = type_name if isinstance(type_name, str) else type_name.__name__
-    if type_name == "float" and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    expected = {"str": str, "int": int, "float": float, "bool": bool}[type_name]
-    if type(value) is not expected:
-        example = {"str": "'text'", "int": "10", "float": "0.01", "bool": "true"}[type_name]
-        raise ConfigError(
-            f"run-config {key}={value!r} has type {type(value).__name__}; it must be {_a(type_name)} "
-            f"(e.g. {key}={example})."
-        )
-    return value
-
-
-def _a(noun: str) -> str:
-    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
-
-
-def toml_text(value: Any) -> str:
-    """A value as TOML writes it in a key=value pair (true, 0.01, 'text')."""
-    return str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else str(value)
-
-
-def _unknown_key_message(key: str, known: list[str]) -> str:
-    close = nearest_keys(key, known)
-    hint = f" (did you mean {' or '.join(repr(k) for k in close)}?)" if close else ""
-    return (f"unknown run-config key '{key}'{hint}; every key, with its default, is in [tool.flwr.app.config] of "
-            f"pyproject.toml.")
-
-
-def nearest_keys(key: str, known: list[str]) -> list[str]:
-    """The known keys a mistyped `key` most likely meant: close spellings, and a key spelling the initials of
-    its words (learning-rate -> lr) or sharing its last word (rounds -> num-rounds); at most three."""
-    words = key.replace("_", "-").split("-")
-    initials = "".join(w[:1] for w in words)
-    found = [k for k in known if k == initials]
-    found += sorted((k for k in known if len(words) == 1 and k.split("-")[-1] == words[0]), key=len)
-    found += difflib.get_close_matches(key, known, n=3, cutoff=0.7)
-    return list(dict.fromkeys(found))[:3]
+        raise ConfigError(bad_pair_message(text, parse_config_args, {f.name: f for f in fields(RunConfig)})) from err
