@@ -256,7 +256,15 @@ def _watch(run: Run, bar: Progress, task, label: str, stop: threading.Event) -> 
 
 
 def _rows(rows_file: Path) -> list[dict]:
+    """The rows written so far; a line still being written ends them (an unreadable file: none yet)."""
     try:
-        return [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
+        lines = rows_file.read_text().splitlines()
+    except OSError:
         return []
+    rows = []
+    for line in filter(str.strip, lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows

@@ -12,6 +12,7 @@ import pandas as pd
 from experiments.cost import run_cost
 from fed_app.applicability import key_applies
 from fed_app.errors import UserError
+from fed_app.runs.rundir import read_rows
 
 # config columns that never define a group (claim_token, session: in the config.json of runs made before the
 # commands' plumbing left RunConfig)
@@ -32,7 +33,7 @@ def load_results(results_dir: Path) -> pd.DataFrame:
     frames = []
     for run_dir in sorted(p for p in Path(results_dir).iterdir() if (p / "rows.jsonl").exists()):
         config = json.loads((run_dir / "config.json").read_text())
-        rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_rows(run_dir / "rows.jsonl")  # a torn last line (a run cut mid-write) left out
         if not rows:
             continue
         frame = pd.DataFrame(rows)

@@ -136,7 +136,9 @@ class Rounds:
         self.cfg, self.run_dir, self.task, self.strategy = cfg, run_dir, task, strategy
         self.total = cfg.total_rounds
         self.global_state: State = {}
-        self.current = self.checkpointed = 0  # the last round taken, and the last one checkpointed
+        # the last round taken, the last one checkpointed, and the one before it (its checkpoint is kept on disk
+        # until the next is written, so the clients' own state must keep what a resume from it needs)
+        self.current = self.checkpointed = self.kept = 0
         self.phases: dict[str, float] = {}  # the last round's seconds by phase, for a RoundProfile
         self.evaluate_seconds: float | None = None  # and its evaluation's (None: the row holds none)
 
@@ -154,7 +156,8 @@ class Rounds:
 
     def restore(self, checkpoint: dict) -> None:
         """The global model; the masks were saved before the round-0 checkpoint, so calibration is not redone."""
-        self.global_state, self.checkpointed = checkpoint["model"], checkpoint["round"]
+        self.global_state = checkpoint["model"]
+        self.checkpointed = self.kept = checkpoint["round"]
         self.strategy.load_state_dict(checkpoint)
         self._use(MaskPlan.load(self.run_dir, self.task.trainable_shapes(), self.cfg))
 
@@ -166,7 +169,7 @@ class Rounds:
                                 and _frozen_as_initial(self.global_state, plan.shared, self.task.initial_state()))
 
     def step(self, server_round: int) -> dict:
-        config = ConfigRecord({Key.CHECKPOINTED: self.checkpointed})  # what the clients' own state must keep
+        config = ConfigRecord({Key.CHECKPOINTED: self.kept})  # what the clients' own state must keep
         self.global_state, metrics = self.strategy.advance(server_round, self.global_state, config)
         self.current = server_round
         row = {"learning_rate": client_lr(self.cfg, server_round), "train_loss": metrics["train_loss"],
@@ -196,7 +199,7 @@ class Rounds:
         return server_round % self.cfg.checkpoint_every == 0
 
     def state(self) -> dict:
-        self.checkpointed = self.current
+        self.kept, self.checkpointed = self.checkpointed, self.current
         return {"model": self.global_state, **self.strategy.state_dict()}
 
 

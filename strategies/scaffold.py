@@ -11,8 +11,9 @@ S = sum_{k=1..K} (1 - beta^k) / (1 - beta) (`effective_steps`); dividing by K in
 
 c_i is the client's own state: the server never holds it. It lives on the client's disk beside the run
 (`<run>/client_state/<partition>/control-<round>.pt`), one version per round the client trained in, so that
-a run resumed from its last checkpoint replays each round from the c_i it had then: a round reads the newest
-version written before it, and versions older than the one in force at the last checkpoint are deleted.
+a run resumed from a checkpoint replays each round from the c_i it had then: a round reads the newest version
+written before it, and versions older than the one in force at the older of the two checkpoints the run keeps
+(fed_app/runs/rundir.py) are deleted.
 
 The server's side: the control variate c, sent to every sampled client with the global model, and its update
 c <- c + (1/N) sum_{i in S} (c_i+ - c_i) over the sampled clients S of N (which keeps c the mean of all N

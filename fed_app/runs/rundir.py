@@ -1,18 +1,39 @@
-"""A run's directory: config.json, append-only rows.jsonl, atomic checkpoint.pt, DONE or DIVERGED marker."""
+"""A run's directory: config.json, append-only rows.jsonl, atomic checkpoint.pt (and the one before it), DONE or
+DIVERGED marker.
+
+A damaged folder recovers or says why not: a checkpoint that cannot be read (a copy cut short) gives way to the
+one before it, which is kept until the next is safely written; a torn last line of rows.jsonl (a write cut short)
+is dropped with a warning; a write that finds the disk full stops the run with one sentence, its files as they
+were, and the same command resumes once there is room."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fed_app.config import NOT_RESULTS, ConfigError, RunConfig, to_kebab
+from fed_app.errors import UserError
 
 log = logging.getLogger(__name__)
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room: the disk, the user's quota, the file-size limit
+
+
+class DiskFullError(UserError, OSError):
+    """A run's file could not be written for want of room; the message says what is kept and how to go on."""
+
+
+class DamagedRunError(UserError, RuntimeError):
+    """A run's files cannot be read in a way fedit can recover from; the message names the file."""
 
 
 class RunDir:
@@ -23,6 +44,7 @@ class RunDir:
         self.config_file = path / "config.json"
         self.rows_file = path / "rows.jsonl"
         self.checkpoint_file = path / "checkpoint.pt"
+        self.previous_file = path / "checkpoint.prev.pt"  # kept until the next checkpoint is safely written
         self.done_file = path / "DONE"
         self.diverged_file = path / "DIVERGED"  # holds the divergence guard's reason
 
@@ -69,16 +91,18 @@ class RunDir:
         atomic_write_bytes(self.diverged_file, reason.encode())
 
     def append_row(self, row: dict[str, Any]) -> None:
-        with open(self.rows_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        size = self.rows_file.stat().st_size if self.rows_file.exists() else 0
+        with _room_for(self.rows_file), open(self.rows_file, "a") as f:
+            try:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(size)  # no half row left behind
+                raise
 
     def rows(self) -> list[dict[str, Any]]:
-        if not self.rows_file.exists():
-            return []
-        lines = self.rows_file.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        return read_rows(self.rows_file)
 
     def keep_rows(self, key: str, upto: int) -> None:
         """Drop rows written after the last checkpoint (row[key] > upto), atomically."""
@@ -112,28 +136,92 @@ class RunDir:
         return ckpt
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        _atomic_torch_save(state, self.checkpoint_file)
+        """checkpoint.pt, written whole beside the last one before the last one steps aside (checkpoint.prev.pt):
+        at every moment one complete checkpoint is on disk."""
+        tmp = self.checkpoint_file.with_name(self.checkpoint_file.name + ".tmp")
+        _write_whole(tmp, _torch_bytes(state), self.checkpoint_file)
+        if self.checkpoint_file.exists():
+            os.replace(self.checkpoint_file, self.previous_file)
+        os.replace(tmp, self.checkpoint_file)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        if not self.checkpoint_file.exists():
-            return None
-        return torch.load(self.checkpoint_file, map_location="cpu", weights_only=False)
+        """The newest checkpoint that can be read: checkpoint.pt, else the one before it (then made the current
+        one, so that the next save keeps it); None when there is none."""
+        for path in (self.checkpoint_file, self.previous_file):
+            if not path.exists():
+                continue
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as err:  # a file cut short: torch's zip reader, pickle, EOF... name the cause
+                log.warning("%s cannot be read (%s: %s); trying the checkpoint before it", path,
+                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                continue
+            if path == self.previous_file:
+                os.replace(self.previous_file, self.checkpoint_file)
+                log.warning("resuming %s from its previous checkpoint", self.path)
+            return checkpoint
+        if self.checkpoint_file.exists() or self.previous_file.exists():
+            log.warning("no checkpoint of %s can be read; the run starts over", self.path)
+        return None
+
+
+def read_rows(rows_file: Path) -> list[dict[str, Any]]:
+    """A rows.jsonl's rows; a torn last line (a write cut short) is left out with a warning (a resume rewrites the
+    file without it), any other unreadable line is a DamagedRunError."""
+    if not rows_file.exists():
+        return []
+    lines = rows_file.read_text().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if n < len(lines):
+                raise DamagedRunError(f"line {n} of {rows_file} cannot be read as JSON; delete that run's folder to "
+                                      f"run it again.") from None
+            log.warning("the last line of %s is cut short (a write interrupted); it is left out", rows_file)
+    return rows
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    _fsync_replace(tmp, path)
+    _write_whole(tmp, data, path)
+    os.replace(tmp, path)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    _fsync_replace(tmp, path)
+    atomic_write_bytes(path, _torch_bytes(obj))
 
 
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as f:
+def _torch_bytes(obj: Any) -> memoryview:
+    """torch.save's bytes, written by Python afterwards: torch's own file writer turns a full disk into a bare
+    RuntimeError ('unexpected pos'), Python's into an OSError with its errno."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
+def _write_whole(tmp: Path, data: bytes | memoryview, path: Path) -> None:
+    """`data` in `tmp`, on disk (fsync), for `path`: a full disk is a DiskFullError and no `tmp` is left."""
+    with _room_for(path, tmp), open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _room_for(path: Path, tmp: Path | None = None) -> Iterator[None]:
+    """Writing `path` (through `tmp`): a disk full, a quota or a file-size limit reached is one sentence, with the
+    half-written temporary file removed and `path` as it was."""
+    try:
+        yield
+    except OSError as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if err.errno not in FULL:
+            raise
+        raise DiskFullError(f"{path} could not be written ({os.strerror(err.errno)}); the run stops here with its "
+                            f"files as they were and its last checkpoint kept: make room on that disk (or raise "
+                            f"the file-size limit) and run the same command to resume.") from None
