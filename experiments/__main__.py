@@ -89,10 +89,11 @@ def _run(args) -> int:
     from fed_app.local.local_federation import client_gpus
 
     os.environ[CONFIG_FROM] = "manifest"  # a fix names the manifest's base, here and in the runs it starts
-    manifest = load_manifest(args.manifest, args.results)
+    pending = [] if args.dry_run else None  # a dry run lists the runs whose tuning has not run yet, with them
+    manifest = load_manifest(args.manifest, args.results, pending=pending)
     runs = select(manifest, args.only)
     if args.dry_run:
-        print_plan(manifest, runs, Console())
+        print_plan(manifest, runs, Console(), pending)
         return 0
     slots = parse_devices(args.devices, torch.cuda.device_count())
     outcome = run_manifest(manifest, runs, args.results, cpus=args.cpus, gpus=client_gpus(args.gpus), slots=slots)

@@ -46,6 +46,14 @@ class ManifestError(UserError, ValueError):
     """A manifest that cannot run; one sentence naming the manifest, the key and the fix."""
 
 
+class TuningPending(ManifestError):
+    """tuned-from names a tuning manifest that has not run (or finished) yet: its keys are still to be tuned."""
+
+    def __init__(self, message: str, manifest: str, keys: list[str], command: str):
+        super().__init__(message)
+        self.manifest, self.keys, self.command = manifest, keys, command
+
+
 @dataclass(frozen=True)
 class Run:
     kind: str
@@ -70,10 +78,12 @@ class Manifest:
     control: dict[str, Any] = dataclasses.field(default_factory=dict)  # the control arm's values, e.g. {optimizer: sgdm}
 
 
-def load_manifest(path: str | Path, results: str | Path = "results", resolve_tuned: bool = True) -> Manifest:
+def load_manifest(path: str | Path, results: str | Path = "results", resolve_tuned: bool = True,
+                  pending: list[TuningPending] | None = None) -> Manifest:
     """Read, check and expand a manifest; every run gets run-dir results/<name>/<run-id>. `tuned-from` values
     are read from the tuning manifest's results (resolve_tuned=False keeps the base values: for wall-time
-    projections and reports, which do not depend on them)."""
+    projections and reports, which do not depend on them). With a `pending` list, a tuning manifest that has not
+    run yet is noted there, its keys kept at their base values, instead of refused (--dry-run)."""
     path = Path(path)
     if not path.is_file():
         shipped = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
@@ -110,7 +120,9 @@ def load_manifest(path: str | Path, results: str | Path = "results", resolve_tun
     if "rounds-scaling" in raw:
         base = {**base, "rounds-scaling": raw["rounds-scaling"]}
     results = Path(results)
-    tuned = tuned_picker(where, raw["tuned-from"], results) if "tuned-from" in raw and resolve_tuned else None
+    tuned = (tuned_picker(where, raw["tuned-from"], results, pending) if "tuned-from" in raw and resolve_tuned
+             else None)
+    untuned = {k for p in pending or () for k in p.keys}  # keys whose tuning has not run
     runs: dict[str, Run] = {}  # by run id: overlapping grids name the same run once
     axes: list[str] = []
     for point in _grid_points(where, raw.get("grid") or {}):
@@ -120,7 +132,7 @@ def load_manifest(path: str | Path, results: str | Path = "results", resolve_tun
                                 f"top level or in the grid.")
         axes += [k for k in point if k not in axes]
         found = tuned({**base, **point}, point_kind) if tuned else {}
-        values = _fill_tuned(where, {**base, **found, **point}, found, resolve_tuned)
+        values = _fill_tuned(where, {**base, **found, **point}, found, resolve_tuned, untuned)
         for seed in seeds:
             try:
                 cfg = RunConfig.from_run_config({**values, "seed": seed})
@@ -128,7 +140,8 @@ def load_manifest(path: str | Path, results: str | Path = "results", resolve_tun
                 raise ManifestError(f"{where}: {err}") from None
             run = Run(point_kind, cfg)
             # unresolved `tuned` values stand at their defaults: such runs stay apart, as they will be when tuned
-            key = run.run_id if resolve_tuned or TUNED not in point.values() else f"{run.run_id}{sorted(point.items())}"
+            apart = (not resolve_tuned or untuned) and TUNED in point.values()
+            key = f"{run.run_id}{sorted(point.items())}" if apart else run.run_id
             runs[key] = Run(point_kind, cfg.replace(run_dir=str((results / name / run.run_id).resolve())))
     if len(seeds) > 1:
         axes.append("seed")
@@ -155,25 +168,37 @@ def _grid_points(where: str, grid: Any) -> list[dict[str, Any]]:
     return points
 
 
-def _fill_tuned(where: str, values: dict[str, Any], found: dict[str, Any], resolve: bool) -> dict[str, Any]:
-    """`values` with each `tuned` value replaced by the tuned one (by the key's default when not resolving)."""
+def _fill_tuned(where: str, values: dict[str, Any], found: dict[str, Any], resolve: bool,
+                untuned: set[str] = frozenset()) -> dict[str, Any]:
+    """`values` with each `tuned` value replaced by the tuned one (by the key's default when not resolving, or
+    while its tuning has not run)."""
     defaults = RunConfig().to_run_config()
     for key, value in values.items():
         if value != TUNED:
             continue
-        if resolve and key not in found:
+        if resolve and key not in found and key not in untuned:
             raise ManifestError(f"{where}: {key}: tuned asks tuned-from for {key}, but no tuned-from entry gives it "
                                 f"to this run; add an entry with keys: [{key}] (and a for: that includes the run).")
         values[key] = found[key] if key in found else defaults.get(key)
     return values
 
 
-def tuned_picker(where: str, spec: Any, results: Path) -> Callable[[dict[str, Any], str], dict[str, Any]]:
+def tuned_picker(where: str, spec: Any, results: Path,
+                 pending: list[TuningPending] | None = None) -> Callable[[dict[str, Any], str], dict[str, Any]]:
     """tuned-from, one entry or a list: for a run's values (before tuning) and kind, the tuned {key: value} of
-    every entry whose `for` includes the run, later entries winning."""
+    every entry whose `for` includes the run, later entries winning. An entry whose tuning has not run is
+    refused, or with a `pending` list noted there and left out."""
     entries = spec if isinstance(spec, list) else [spec]
-    pickers = [(entry.get("for", {}) if isinstance(entry, dict) else {}, tuned_values(where, entry, results))
-               for entry in entries]
+    pickers = []
+    for entry in entries:
+        try:
+            picker = tuned_values(where, entry, results)
+        except TuningPending as err:
+            if pending is None:
+                raise
+            pending.append(err)
+            continue
+        pickers.append((entry.get("for", {}) if isinstance(entry, dict) else {}, picker))
     defaults = RunConfig().to_run_config()
 
     def pick(values: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -202,14 +227,14 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
     saved = results / name / "manifest.yaml"
     command = f"run `python -m experiments run experiments/manifests/{name}.yaml` first, or set {keys[0]} in base"
     if not saved.exists():
-        raise ManifestError(f"{where}: tuned-from takes {', '.join(keys)} from the results of manifest {name}, "
-                            f"which has not been run under {results}; {command}.")
+        raise TuningPending(f"{where}: tuned-from takes {', '.join(keys)} from the results of manifest {name}, "
+                            f"which has not been run under {results}; {command}.", name, keys, command)
     tuning = load_manifest(saved, results)  # its own tuned values too: they are in its run ids
     done = sum((Path(r.cfg.run_dir) / "DONE").exists() or (Path(r.cfg.run_dir) / "DIVERGED").exists()
                for r in tuning.runs)  # a diverged run is finished: it loses the selection
     if done < len(tuning.runs):
-        raise ManifestError(f"{where}: tuned-from takes {', '.join(keys)} from manifest {name}, which has not "
-                            f"finished ({done} of {len(tuning.runs)} runs done); {command}.")
+        raise TuningPending(f"{where}: tuned-from takes {', '.join(keys)} from manifest {name}, which has not "
+                            f"finished ({done} of {len(tuning.runs)} runs done); {command}.", name, keys, command)
     axes = [a.replace("-", "_") for a in tuning.axes]
     table = over_seeds(summarize(load_results(results / name), axes, "final"), axes)
     absent = [k for k in keys + match if k.replace("-", "_") not in table]

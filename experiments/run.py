@@ -21,7 +21,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from experiments.manifest import Manifest, Run
+from experiments.manifest import Manifest, Run, TuningPending
 from experiments.slots import Slot
 from fed_app.runs import claims
 from fed_app.errors import UserError
@@ -54,13 +54,19 @@ def select(manifest: Manifest, only: str | None) -> list[Run]:
     return [r for r in manifest.runs if only in r.run_id or only in r.label(list(manifest.axes))]
 
 
-def print_plan(manifest: Manifest, runs: list[Run], console: Console) -> None:
+def print_plan(manifest: Manifest, runs: list[Run], console: Console,
+               pending: list[TuningPending] | None = None) -> None:
+    """The runs with their status; under them, the values still to be tuned and the command that tunes them."""
     table = Table(title=f"{manifest.name}: {len(runs)} runs")
     for column in ("run id", "status", "grid values"):
         table.add_column(column)
     for run in runs:
         table.add_row(run.run_id, status(run), run.label(list(manifest.axes)))
     console.print(table)
+    for tuning in {(p.manifest, tuple(p.keys)): p for p in pending or ()}.values():
+        console.print(f"pending: {', '.join(tuning.keys)} from the best of manifest {tuning.manifest}, not tuned yet; "
+                      f"{tuning.command}. Until then the runs above show the base values, and their ids change "
+                      f"once tuned.", soft_wrap=True)
 
 
 @dataclass

@@ -235,3 +235,28 @@ def test_a_missing_manifest_is_not_found_with_the_list_and_bad_yaml_names_the_fi
         load_manifest(tmp_path / "broken.yaml")
     assert "broken.yaml is not valid YAML" in str(err.value) and 'in "' + str(tmp_path / "broken.yaml") in str(err.value)
     assert "line 2" in str(err.value)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_manifest_dry_runs_on_a_fresh_clone_naming_the_tuning_still_to_run(path, tmp_path):
+    import yaml
+    from rich.console import Console
+
+    from experiments.run import print_plan
+
+    pending = []
+    manifest = load_manifest(path, tmp_path, pending=pending)  # tmp_path: no tuning manifest has run
+    assert manifest.runs
+    tuned_from = yaml.safe_load(path.read_text()).get("tuned-from")
+    assert bool(pending) == bool(tuned_from)
+    if not tuned_from:
+        return
+    with pytest.raises(ManifestError, match="which has not been run under"):  # a real run still refuses
+        load_manifest(path, tmp_path)
+    console = Console(record=True, width=300)
+    print_plan(manifest, list(manifest.runs), console, pending)
+    text = console.export_text()
+    assert f"{path.stem}: {len(manifest.runs)} runs" in text
+    first = pending[0]
+    assert (f"pending: {', '.join(first.keys)} from the best of manifest {first.manifest}, not tuned yet; run "
+            f"`python -m experiments run experiments/manifests/{first.manifest}.yaml` first") in text
