@@ -18,8 +18,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column, Table
 
 from experiments.manifest import Manifest, Run, TuningPending
 from experiments.slots import Slot
@@ -100,13 +100,15 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
     console = Console()
     claims.writable(results / manifest.name)  # one sentence before any run if the results cannot be written
     shutil.copyfile(manifest.path, results / manifest.name / "manifest.yaml")  # the report reads its axes
-    logging.basicConfig(level=logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
-        runner = Runner(manifest, results, cpus, gpus, bar, bar.add_task(f"[bold]{manifest.name}", total=len(runs)),
-                        list(runs))
+    # In a terminal, a live bar per running run above the log; piped or in CI, one plain line per event.
+    live = console.is_terminal
+    handler = (RichHandler(console=console, show_path=False, show_level=False) if live
+               else logging.StreamHandler(sys.stdout))
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    _say_plan(manifest, runs)
+    with Progress(*display_columns(console.width), console=console, disable=not live) as bar:
+        runner = Runner(manifest, results, cpus, gpus, bar,
+                        bar.add_task(f"[bold]{manifest.name}", total=len(runs), metric=""), list(runs))
         workers = [SlotWorker(runner, slot, slot.name if len(slots) > 1 else "") for slot in slots]
         for worker in workers:
             worker.thread.start()
@@ -121,6 +123,42 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
                 w.finished.wait()
             raise
     return runner.outcome
+
+
+def display_columns(width: int) -> tuple:
+    """A running run's label (cut with an ellipsis, never wrapped), its bar, round or epoch of total, time left
+    and latest validation accuracy, in `width` columns: the label gives way, the rest stays visible."""
+    fixed = 16 + 9 + 8 + 10 + 4  # bar, '123/200', '0:12:34', 'val 45.3%', the spaces between
+    label = Column(width=max(12, width - fixed), no_wrap=True, overflow="ellipsis")
+    return (TextColumn("{task.description}", table_column=label), BarColumn(bar_width=16),
+            MofNCompleteColumn(table_column=Column(width=9, no_wrap=True)), TimeRemainingColumn(compact=True),
+            TextColumn("{task.fields[metric]}", table_column=Column(width=10, no_wrap=True)))
+
+
+def _say_plan(manifest: Manifest, runs: list[Run]) -> None:
+    """What this command will do: how many runs are done already, which resume from which checkpoint, and how
+    many start."""
+    states = {run.run_id: status(run) for run in runs}
+    counts = {s: sum(v == s for v in states.values()) for s in ("done", "diverged", "partial", "new")}
+    log.info("%s: %d runs: %d done, %d diverged, %d to resume, %d to start", manifest.name, len(runs),
+             counts["done"], counts["diverged"], counts["partial"], counts["new"])
+    axes = list(manifest.axes)
+    for run in runs:
+        if states[run.run_id] == "partial":
+            log.info("%s %s: resumes after %s", run.run_id, run.label(axes), checkpoint_step(run))
+
+
+def checkpoint_step(run: Run) -> str:
+    """'round 6' (or 'epoch 2') of the run's last checkpoint, read without loading its tensors."""
+    import torch
+
+    key = "epoch" if run.kind == "centralized" else "round"
+    try:
+        checkpoint = torch.load(Path(run.cfg.run_dir) / "checkpoint.pt", map_location="cpu", mmap=True,
+                                weights_only=False)
+        return f"{key} {checkpoint[key]}"
+    except Exception:  # cut short: the run itself falls back to the checkpoint before it, and says so
+        return "its last readable checkpoint"
 
 
 class SlotWorker:
@@ -192,9 +230,10 @@ class SlotWorker:
         label = run.label(list(self.runner.manifest.axes))
         prefix = f"[{self.label}] " if self.label else ""
         steps = cfg.epochs if run.kind == "centralized" else cfg.total_rounds
-        task = self.runner.bar.add_task(f"{prefix}{run.run_id} {label}", total=steps)
+        log.info("%s%s %s: %s", prefix, run.run_id, label, "resumes" if status(run) == "partial" else "starts")
+        task = self.runner.bar.add_task(f"{prefix}{label}", total=steps, metric="")
         done = threading.Event()
-        watcher = threading.Thread(target=_watch, args=(run, self.runner.bar, task, prefix + label, done), daemon=True)
+        watcher = threading.Thread(target=_watch, args=(run, self.runner.bar, task, done), daemon=True)
         watcher.start()
         try:
             if run.kind == "centralized":
@@ -236,11 +275,14 @@ class SlotWorker:
             cores = self.slot.threads or None  # a CPU slot's Ray gets its share of the cores, not all of them
             self.session = Session(self.federation, cpus=min(self.cpus, cores or self.cpus), gpus=self.gpus,
                                    total_cpus=cores)
+        if self.session.starts_for(cfg):
+            log.info("starting a Flower simulation of %d nodes for %s (its first round takes a minute or so)",
+                     cfg.num_clients, cfg.run_id())
         output = self.session.run(cfg, claim_token)  # one simulation runs the slot's runs in turn
         (Path(cfg.run_dir) / "run.log").write_text(output)
 
 
-def _watch(run: Run, bar: Progress, task, label: str, stop: threading.Event) -> None:
+def _watch(run: Run, bar: Progress, task, stop: threading.Event) -> None:
     """Show the run's progress and latest accuracy from its rows.jsonl, and log each new row once."""
     rows_file = Path(run.cfg.run_dir) / "rows.jsonl"
     key = "epoch" if run.kind == "centralized" else "round"
@@ -255,8 +297,8 @@ def _watch(run: Run, bar: Progress, task, label: str, stop: threading.Event) -> 
         seen = len(rows)
         if rows:
             accuracy = next((r["val_accuracy"] for r in reversed(rows) if r.get("val_accuracy") is not None), None)
-            shown = f" val {100 * accuracy:.1f}%" if accuracy is not None else ""
-            bar.update(task, completed=rows[-1][key], description=f"{run.run_id} {label}{shown}")
+            shown = f"val {100 * accuracy:.1f}%" if accuracy is not None else ""
+            bar.update(task, completed=rows[-1][key], metric=shown)
         if finished:
             return
 

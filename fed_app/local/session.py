@@ -94,7 +94,7 @@ class Session:
     def run(self, cfg: RunConfig, claim_token: str = "") -> str:
         """Run `cfg` to its end in the session (the ServerApp adopting the caller's claim, if it holds one); its
         part of Flower's log. FlowerRunError if it failed."""
-        if self.proc is None or self.proc.poll() is not None or self.supernodes != cfg.num_clients:
+        if self.starts_for(cfg):
             self._start(cfg)
         self.count += 1
         first = len(self.lines)
@@ -115,6 +115,10 @@ class Session:
             self.close()  # the ServerApp ends the session after a failed run; no need to wait for Ray's shut-down
             raise FlowerRunError(f"run {cfg.run_id()} failed: {result['error']}")
         return log
+
+    def starts_for(self, cfg: RunConfig) -> bool:
+        """Whether running `cfg` starts a simulation: none is running, or one of another size."""
+        return self.proc is None or self.proc.poll() is not None or self.supernodes != cfg.num_clients
 
     def _start(self, cfg: RunConfig) -> None:
         self.close()
