@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -29,8 +30,8 @@ def _distinct(frame: pd.DataFrame, axes: list[str]) -> list[str]:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """The figure at 110 dpi, its canvas grown to hold every label (nothing clipped, no layout warning)."""
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -69,29 +70,40 @@ def _numeric(values: pd.Series) -> pd.Series | None:
 
 def per_axis(summary: pd.DataFrame, axis: str, axes: list[str], out: Path) -> Path | None:
     """Test accuracy (at the report's checkpoint rule) against one axis, over the runs the axis applies to; one
-    line (or bar group) per value of the other axes that vary among them. Runs of the same kind that the axis
-    does not apply to (e.g. the dense control of a sparsity grid) are drawn as dashed horizontal lines.
-    None when the axis takes fewer than two values among the runs it applies to."""
+    line (or bar group) per value of the other axes that vary among them, and only where that sub-grid takes two
+    or more values of the axis: runs that differ in other ways too are not compared here. Runs of the same kind
+    that the axis does not apply to (e.g. the dense control of a sparsity grid) are dashed horizontal lines. A
+    numeric axis spanning a factor of ten or more (a learning rate) is drawn on a log scale. Error bars (the std
+    over seeds) only where there are two seeds or more; the y label says n. None when no sub-grid varies the
+    axis."""
     treated = summary[summary[axis].notna()]
     if treated[axis].astype(str).nunique() < 2:
         return None
     controls = summary[summary[axis].isna() & summary["kind"].isin(treated["kind"].unique())]
+    axes = [a for a in axes if a != "seed"]  # seeds are replicates: averaged over, never a line of their own
     others = _distinct(treated, ["kind"] + [a for a in axes if a != axis])
+    groups = list(treated.groupby(others, dropna=False)) if others else [((), treated)]
+    groups = [(key, g) for key, g in groups if g[axis].astype(str).nunique() >= 2]  # a comparison along `axis`
+    if not groups:
+        return None
+    treated = pd.concat([g for _, g in groups])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = _numeric(treated[axis])
-    groups = list(treated.groupby(others, dropna=False)) if others else [((), treated)]
+    seeds = treated.groupby([*others, axis], dropna=False).size() if others else treated.groupby(axis).size()
     width = 0.8 / max(1, len(groups))
     categories = sorted(treated[axis].astype(str).unique())
     for i, (key, g) in enumerate(groups):
         g = g.assign(x=xs if xs is not None else g[axis].astype(str))
-        stats = g.groupby("x")["test_accuracy"].agg(["mean", "std"]).reset_index()
+        stats = g.groupby("x")["test_accuracy"].agg(["mean", "std", "count"]).reset_index()
         label = _label(pd.Series(dict(zip(others, key if isinstance(key, tuple) else (key,)))).dropna(), others) or None
+        yerr = 100 * stats["std"].fillna(0) if stats["count"].max() > 1 else None  # no spread from one seed
         if xs is not None:
-            ax.errorbar(stats["x"], 100 * stats["mean"], yerr=100 * stats["std"].fillna(0), marker="o", capsize=3,
-                        label=label)
+            stats = stats.sort_values("x")
+            ax.errorbar(stats["x"], 100 * stats["mean"], yerr=yerr if yerr is None else yerr[stats.index],
+                        marker="o", capsize=3, label=label)
         else:
             pos = [categories.index(v) + i * width for v in stats["x"]]
-            ax.bar(pos, 100 * stats["mean"], width=width, yerr=100 * stats["std"].fillna(0), capsize=3, label=label)
+            ax.bar(pos, 100 * stats["mean"], width=width, yerr=yerr, capsize=3, label=label)
     shown = _distinct(controls, [a for a in axes if a != axis])
     for key, g in (controls.groupby(shown, dropna=False) if shown else [((), controls)]) if len(controls) else []:
         values = g.iloc[0]
@@ -101,8 +113,12 @@ def per_axis(summary: pd.DataFrame, axis: str, axes: list[str], out: Path) -> Pa
                    label="control: " + (_label(values, names) or "runs without " + axis.replace("_", "-")))
     if xs is None:
         ax.set_xticks([c + width * (len(groups) - 1) / 2 for c in range(len(categories))], categories, rotation=20)
+    if xs is not None and (xs > 0).all() and xs.max() / xs.min() >= 10:
+        ax.set_xscale("log")
     ax.set_xlabel(axis.replace("_", "-"))
-    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    n = sorted(set(seeds.tolist()))
+    ax.set_ylabel("test accuracy (%), one seed" if n == [1] else
+                  f"test accuracy (%), mean ± std, n={'-'.join(map(str, (n[0], n[-1]) if len(n) > 1 else n))} seeds")
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"Test accuracy by {axis.replace('_', '-')}")
     handles, labels = ax.get_legend_handles_labels()
@@ -135,11 +151,16 @@ def heterogeneity_heatmap(summary: pd.DataFrame, out: Path) -> Path:
 
 
 def bytes_per_round(summary: pd.DataFrame, axes: list[str], out: Path) -> Path:
-    """Bytes clients send back per round, per configuration (dense vs sparse)."""
+    """Bytes clients send back per round, per configuration (dense vs sparse), labelled by what tells the
+    configurations apart (wrapped, never cut)."""
     s = summary.dropna(subset=["bytes_per_round"])
-    labels = [_label(r, axes) or r["run_id"] for _, r in s.iterrows()]
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(s) + 1.5))
-    ax.barh(labels, s["bytes_per_round"] / 2**20)
+    shown = _distinct(s, [a for a in axes if a != "seed"])
+    labels = [textwrap.fill(_label(r, shown) or r["run_id"], 45) for _, r in s.iterrows()]
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(9, 0.3 * lines + 0.3 * len(s) + 1.5))
+    ax.barh(range(len(s)), s["bytes_per_round"] / 2**20)
+    ax.set_yticks(range(len(s)), labels, fontsize=8)
+    ax.invert_yaxis()
     ax.set_xlabel("MiB received by the server per round")
     ax.set_title("Upload per round")
     return _save(fig, out / "bytes_per_round.png")
@@ -195,14 +216,18 @@ def client_classes(results_dir: Path, out: Path) -> list[Path]:
                    "dirichlet": f"Dirichlet alpha={config.get('dirichlet_alpha')}"}[config["partition"]]
         sizes = counts.sum(1)
         fig, ax = plt.subplots(figsize=(8, 5))
-        image = ax.imshow(counts, aspect="auto", interpolation="nearest", cmap="viridis")
+        image = ax.imshow(counts, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0)  # from zero
         fig.colorbar(image, ax=ax, label="images")
         ax.set_xlabel("class")
         ax.set_ylabel("client (largest first)")
         ax.set_title(f"{setting}, seed {config['seed']}: {len(counts)} clients, {sizes.min()}-{sizes.max()} images, "
                      f"{np.mean((counts > 0).sum(1)):.1f} classes each on average", fontsize=9)
         safe = setting.replace(" ", "_").replace("=", "")
-        made.append(_save(fig, out / f"clients_x_classes_{safe}_seed{config['seed']}.png"))
+        path = out / f"clients_x_classes_{safe}_{len(counts)}clients_seed{config['seed']}.png"
+        if path in made:  # the same split drawn for another run: once is enough
+            plt.close(fig)
+            continue
+        made.append(_save(fig, path))
     return made
 
 
@@ -242,16 +267,19 @@ def mask_layers(results_dir: Path, out: Path) -> Path | None:
     differing = [k for k in configs[0] if k not in NOT_A_SETTING
                  and len({json.dumps(c.get(k)) for c in configs}) > 1]
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    for config, rows, kind in runs.values():
+    colours = plt.get_cmap("tab20").colors
+    for i, (config, rows, kind) in enumerate(runs.values()):
         blocks = block_densities(rows)
         label = ", ".join(f"{k.replace('_', '-')}={config[k]}" for k in differing
                           if key_applies(k, kind, config))
-        ax.plot(list(blocks), [100 * d for d in blocks.values()], marker=".",
-                label=label or f"density {100 * rows[-1]['density']:.1f}%")
+        run = Path(config["run_dir"]).name
+        # blocks in model order: thin lines guide the eye from block to block, the markers are the data
+        ax.plot(list(blocks), [100 * d for d in blocks.values()], marker="os^Dv<>"[i // 10 % 7], linewidth=0.6,
+                color=colours[i % 20], label=f"{label} ({run})" if label else run)
     ax.set_ylabel("trainable entries (%)")
     ax.set_xlabel("model block")
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_title("where the masks put the trainable weights, per block")
     return _save(fig, out / "mask_density_per_block.png")

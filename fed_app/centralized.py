@@ -16,6 +16,7 @@ from fed_app.task.editing import calibrate_masks, fit_head
 from fed_app.task.head import freeze_head
 from fed_app.task.model import build_model
 from fed_app.runs.hooks import Curves
+from fed_app.runs.plots import run_title
 from fed_app.runs.rundir import RunDir
 from fed_app.runs.run_loop import DivergedError, claimed_run, diverged_message, run_steps
 from fed_app.task.seeds import epoch_generator
@@ -34,7 +35,7 @@ def run(cfg: RunConfig, claim_token: str = "") -> RunDir:
             log.info("run %s is already %s; nothing to do", run_dir.path, "done" if run_dir.done else "diverged")
             return run_dir
         return run_steps(cfg, run_dir, Epochs(cfg, run_dir), guard=claim.check,
-                         hooks=[Curves("epoch", f"centralized {cfg.run_id()}")])
+                         hooks=[Curves("epoch", run_title(cfg, "centralized"))])
 
 
 class Epochs:

@@ -19,6 +19,7 @@ from fed_app.flower.federation import Federation
 from fed_app.flower.mask_plan import MaskPlan
 from fed_app.task.partition import class_counts
 from fed_app.runs.hooks import AtFinish, Curves
+from fed_app.runs.plots import run_title
 from fed_app.runs.profile import Marks, RoundProfile, profiling
 from fed_app.runs.rundir import RunDir
 from fed_app.runs.run_loop import claimed_run, run_steps
@@ -98,7 +99,7 @@ def _run(grid: Grid, cfg: RunConfig, run_dir: RunDir, claim, marks: Marks) -> Ru
     try:
         method = METHODS.get(cfg.client_algorithm)
         rounds = Rounds(cfg, run_dir, task, method.strategy(cfg, task, federation, files))  # the method's server hook
-        hooks = [Curves("round", f"FedAvg {cfg.run_id()}"), AtFinish(lambda: method.finish(cfg))]
+        hooks = [Curves("round", run_title(cfg, "federated")), AtFinish(lambda: method.finish(cfg))]
         if profiling():
             hooks.append(RoundProfile(rounds, marks))
         run_steps(cfg, run_dir, rounds, guard=claim.check, hooks=hooks)

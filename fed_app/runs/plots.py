@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fed_app.config import RunConfig  # noqa: E402
+
 
 def plot_curves(rows: list[dict[str, Any]], out: Path, x: str = "epoch", title: str = "") -> Path:
     """Two panels, loss and accuracy; one line per split present in the rows."""
@@ -28,8 +30,27 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, x: str = "epoch", title: 
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def run_title(cfg: RunConfig, kind: str) -> str:
+    """What a run is, in a line: 'federated 2c8ec27c2d: FedAvg, sparse-sgdm at sparsity 0.9 (head ridge),
+    noniid Nc=5, J=4, lr 0.01'."""
+    parts = []
+    if kind == "federated":
+        parts.append({"fedavg": "FedAvg", "scaffold": "SCAFFOLD"}.get(cfg.client_algorithm, cfg.client_algorithm)
+                     + (f" + {cfg.server_optimizer}" if cfg.server_optimizer != "fedavg" else "")
+                     + (f", prox-mu {cfg.prox_mu}" if cfg.prox_mu else ""))
+    parts.append(f"{cfg.optimizer} at sparsity {cfg.sparsity}" if cfg.optimizer == "sparse-sgdm" else cfg.optimizer)
+    if cfg.head != "none":
+        parts[-1] += f" (head {cfg.head})"
+    if kind == "federated":
+        skew = {"iid": "iid", "noniid": f"noniid Nc={cfg.classes_per_client}",
+                "dirichlet": f"Dirichlet alpha={cfg.dirichlet_alpha}"}[cfg.partition]
+        parts += [skew, f"J={cfg.local_steps}"]
+    parts.append(f"lr {cfg.lr}, seed {cfg.seed}")
+    return f"{kind} {cfg.run_id()}: {', '.join(parts)}"

@@ -123,11 +123,12 @@ def test_one_clients_x_classes_figure_per_distinct_partition(tmp_path):
     run("a", lr=0.01)
     run("b", lr=0.1)  # the same partition under another lr: no second figure
     run("c", seed=7)
+    run("d", seed=7, val_size=100)  # another split, drawn the same way: one figure, listed once
     out = tmp_path / "figures"
     out.mkdir()
     made = client_classes(tmp_path, out)
-    assert sorted(p.name for p in made) == ["clients_x_classes_Dirichlet_alpha0.1_seed42.png",
-                                            "clients_x_classes_Dirichlet_alpha0.1_seed7.png"]
+    assert sorted(p.name for p in made) == ["clients_x_classes_Dirichlet_alpha0.1_3clients_seed42.png",
+                                            "clients_x_classes_Dirichlet_alpha0.1_3clients_seed7.png"]
     assert all(p.stat().st_size > 0 for p in made)
 
 
@@ -214,3 +215,33 @@ def test_edge_winners_compare_within_the_winners_sub_grid_where_another_key_is_e
 
     rows = pd.DataFrame({"lr": [0.01, 0.1, 1.0, 0.01, 0.1], "step_size": [None, None, None, 2.0, 3.0]})
     assert edge_winners(rows, rows.iloc[2], ["lr", "step_size"]) == ["lr=1 is the highest tried; add 10"]
+
+
+def _per_axis_figure(monkeypatch, tmp_path, summary, axis, axes):
+    """per_axis's figure, caught before it is closed (None when it draws none)."""
+    from experiments import figures
+
+    closed = []
+    monkeypatch.setattr(figures.plt, "close", lambda fig=None: closed.append(fig))
+    path = figures.per_axis(summary, axis, axes, tmp_path)
+    return (path, closed[-1]) if path is not None else (None, None)
+
+
+def test_a_per_axis_figure_compares_only_runs_that_differ_in_that_axis(monkeypatch, tmp_path):
+    rows = [  # lr swept at J=4 (one seed); J=8 ran at one lr only; optimizer and head change together
+        ("a", 0.001, 4, "sgdm", "none", 1, 0.50), ("b", 0.01, 4, "sgdm", "none", 1, 0.60),
+        ("c", 0.1, 4, "sgdm", "none", 1, 0.55), ("d", 0.01, 8, "sparse-sgdm", "ridge", 1, 0.70)]
+    summary = pd.DataFrame(rows, columns=["run_id", "lr", "local_steps", "optimizer", "head", "seed",
+                                          "test_accuracy"]).assign(kind="federated")
+    axes = ["lr", "local_steps", "optimizer", "head"]
+    path, fig = _per_axis_figure(monkeypatch, tmp_path, summary, "lr", axes)
+    ax = fig.axes[0]
+    assert path.name == "accuracy_by_lr.png" and ax.get_xscale() == "log"  # lr spans a factor of 100
+    (line,) = ax.get_lines()  # the J=4 sweep, as one line; J=8's single lr is no comparison
+    assert list(line.get_xdata()) == [0.001, 0.01, 0.1]
+    assert not any(c.has_yerr for c in ax.containers) and "one seed" in ax.get_ylabel()
+    assert _per_axis_figure(monkeypatch, tmp_path, summary, "optimizer", axes) == (None, None)  # confounded
+    assert _per_axis_figure(monkeypatch, tmp_path, summary, "head", axes) == (None, None)
+    two = pd.concat([summary, summary.assign(seed=2, test_accuracy=summary["test_accuracy"] + 0.02)], ignore_index=True)
+    _, fig = _per_axis_figure(monkeypatch, tmp_path, two, "lr", axes + ["seed"])
+    assert any(c.has_yerr for c in fig.axes[0].containers) and "n=2 seeds" in fig.axes[0].get_ylabel()
