@@ -29,6 +29,12 @@ def _distinct(frame: pd.DataFrame, axes: list[str]) -> list[str]:
     return [a for a in axes if a in frame and frame[a].astype(str).nunique() > 1]
 
 
+def run_colours(run_ids) -> dict[str, tuple]:
+    """One colour per run, the same in every figure of a report: by the run's place among all its runs."""
+    palette = plt.get_cmap("tab10" if len(set(run_ids)) <= 10 else "tab20").colors
+    return {run: palette[i % len(palette)] for i, run in enumerate(sorted(set(run_ids)))}
+
+
 def _save(fig, path: Path) -> Path:
     """The figure at 110 dpi, its canvas grown to hold every label (nothing clipped, no layout warning)."""
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -37,8 +43,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def curves(df: pd.DataFrame, axes: list[str], kind: str, out: Path) -> Path:
-    """Loss and accuracy against epoch (centralized) or round (federated), one line per run; test curves
-    where runs were tested at least 3 times, validation curves otherwise."""
+    """Loss and accuracy against epoch (centralized) or round (federated), one line per run in its colour; test
+    curves where runs were tested at least 3 times, validation curves otherwise."""
+    colours = run_colours(df["run_id"])
     df = df[df["kind"] == kind]
     tested = df.dropna(subset=["test_accuracy"]).groupby("run_id").size() if "test_accuracy" in df else None
     split = "test" if tested is not None and len(tested) and tested.min() >= 3 else "val"
@@ -48,8 +55,8 @@ def curves(df: pd.DataFrame, axes: list[str], kind: str, out: Path) -> Path:
         g = g.sort_values("step")
         label = _label(g.iloc[0], shown)
         if f"{split}_loss" in g:
-            ax_loss.plot(g["step"], g[f"{split}_loss"], marker=".", label=label)
-        ax_acc.plot(g["step"], 100 * g[f"{split}_accuracy"], marker=".", label=label)
+            ax_loss.plot(g["step"], g[f"{split}_loss"], marker=".", label=label, color=colours[run_id])
+        ax_acc.plot(g["step"], 100 * g[f"{split}_accuracy"], marker=".", label=label, color=colours[run_id])
     for ax, name in ((ax_loss, f"{split} loss"), (ax_acc, f"{split} accuracy (%)")):
         ax.set_xlabel("epoch" if kind == "centralized" else "round")
         ax.set_ylabel(name)
@@ -158,7 +165,8 @@ def bytes_per_round(summary: pd.DataFrame, axes: list[str], out: Path) -> Path:
     labels = [textwrap.fill(_label(r, shown) or r["run_id"], 45) for _, r in s.iterrows()]
     lines = sum(label.count("\n") + 1 for label in labels)
     fig, ax = plt.subplots(figsize=(9, 0.3 * lines + 0.3 * len(s) + 1.5))
-    ax.barh(range(len(s)), s["bytes_per_round"] / 2**20)
+    colours = run_colours(summary["run_id"])  # each bar in its run's colour, as in the curves
+    ax.barh(range(len(s)), s["bytes_per_round"] / 2**20, color=[colours[r] for r in s["run_id"]])
     ax.set_yticks(range(len(s)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("MiB received by the server per round")
@@ -247,7 +255,7 @@ def block_densities(stats: list[dict]) -> dict[str, float]:
     return {b: t / n for b, (t, n) in blocks.items()}
 
 
-def mask_layers(results_dir: Path, out: Path) -> Path | None:
+def mask_layers(results_dir: Path, out: Path, run_ids=()) -> Path | None:
     """Where each mask puts the trainable weights: density per block of the model (from each sparse run's
     `mask_stats.json`), one line per configuration (its first seed), labelled by what differs between them
     (e.g. mask-aggregation, mask-rule, sparsity)."""
@@ -267,15 +275,16 @@ def mask_layers(results_dir: Path, out: Path) -> Path | None:
     differing = [k for k in configs[0] if k not in NOT_A_SETTING
                  and len({json.dumps(c.get(k)) for c in configs}) > 1]
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    colours = plt.get_cmap("tab20").colors
+    names = [Path(c["run_dir"]).name for c in configs]
+    colours = run_colours(list(run_ids) or names)  # `run_ids`: the report's drawn runs, coloured as elsewhere
     for i, (config, rows, kind) in enumerate(runs.values()):
         blocks = block_densities(rows)
         label = ", ".join(f"{k.replace('_', '-')}={config[k]}" for k in differing
                           if key_applies(k, kind, config))
         run = Path(config["run_dir"]).name
         # blocks in model order: thin lines guide the eye from block to block, the markers are the data
-        ax.plot(list(blocks), [100 * d for d in blocks.values()], marker="os^Dv<>"[i // 10 % 7], linewidth=0.6,
-                color=colours[i % 20], label=f"{label} ({run})" if label else run)
+        ax.plot(list(blocks), [100 * d for d in blocks.values()], marker="os^Dv<>"[i % 7], linewidth=0.6,
+                color=colours.get(run, "grey"), label=f"{label} ({run})" if label else run)
     ax.set_ylabel("trainable entries (%)")
     ax.set_xlabel("model block")
     ax.tick_params(axis="x", labelrotation=60, labelsize=7)

@@ -122,7 +122,7 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
     drawn = df[df["run_id"].isin(learned["run_id"])]
     made = make_figures(drawn, learned, axes, figures)
     made += client_classes(results_dir, figures)
-    made += [p for p in [mask_layers(results_dir, figures), accuracy_against_cost(drawn, axes, figures)]
+    made += [p for p in [mask_layers(results_dir, figures, learned["run_id"]), accuracy_against_cost(drawn, axes, figures)]
              if p is not None]
     where = {"final": "at each run's last evaluated step", "best-val": "at each run's best-validation step"}[rule]
     lines = [f"# Report: {results_dir.name}", "", f"{summary['run_id'].nunique()} runs "

@@ -245,3 +245,24 @@ def test_a_per_axis_figure_compares_only_runs_that_differ_in_that_axis(monkeypat
     two = pd.concat([summary, summary.assign(seed=2, test_accuracy=summary["test_accuracy"] + 0.02)], ignore_index=True)
     _, fig = _per_axis_figure(monkeypatch, tmp_path, two, "lr", axes + ["seed"])
     assert any(c.has_yerr for c in fig.axes[0].containers) and "n=2 seeds" in fig.axes[0].get_ylabel()
+
+
+def test_each_run_keeps_one_colour_across_figures(monkeypatch, tmp_path):
+    from matplotlib.colors import to_hex
+
+    from experiments import figures
+
+    closed = []
+    monkeypatch.setattr(figures.plt, "close", lambda fig=None: closed.append(fig))
+    runs = {"federated-b": 0.01, "federated-a": 0.1, "federated-c": 0.001}  # listed out of order on purpose
+    df = pd.DataFrame([{"run_id": r, "kind": "federated", "lr": lr, "step": s, "test_accuracy": 0.1 * s,
+                        "test_loss": 1.0 / (s + 1)} for r, lr in runs.items() for s in range(3)])
+    summary = pd.DataFrame([{"run_id": r, "kind": "federated", "lr": lr, "bytes_per_round": 2**20 * (i + 1)}
+                            for i, (r, lr) in enumerate(runs.items())])
+    figures.curves(df, ["lr"], "federated", tmp_path)
+    figures.bytes_per_round(summary, ["lr"], tmp_path)
+    lines = {line.get_label(): to_hex(line.get_color()) for line in closed[0].axes[1].get_lines()}
+    bars = closed[1].axes[0]
+    labels = [t.get_text() for t in bars.get_yticklabels()]
+    assert {label: to_hex(bar.get_facecolor()) for label, bar in zip(labels, bars.patches)} == lines
+    assert len(set(lines.values())) == 3
