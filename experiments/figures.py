@@ -42,6 +42,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _save_with_legend(fig, ax, path: Path, ncol: int) -> Path:
+    """`_save`, with `ax`'s legend under the figure however many entries it has."""
+    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    if labels:
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, fontsize=7,
+                   frameon=False)
+    return _save(fig, path)
+
+
 def curves(df: pd.DataFrame, axes: list[str], kind: str, out: Path) -> Path:
     """Loss and accuracy against epoch (centralized) or round (federated), one line per run in its colour; test
     curves where runs were tested at least 3 times, validation curves otherwise."""
@@ -61,13 +71,8 @@ def curves(df: pd.DataFrame, axes: list[str], kind: str, out: Path) -> Path:
         ax.set_xlabel("epoch" if kind == "centralized" else "round")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    handles, labels = ax_acc.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"{kind}: {'test' if split == 'test' else 'validation'} loss and accuracy per run")
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
-    fig.savefig(out / f"curves_{kind}.png", dpi=110)
-    plt.close(fig)
-    return out / f"curves_{kind}.png"
+    return _save_with_legend(fig, ax_acc, out / f"curves_{kind}.png", ncol=2)
 
 
 def _numeric(values: pd.Series) -> pd.Series | None:
@@ -128,14 +133,7 @@ def per_axis(summary: pd.DataFrame, axis: str, axes: list[str], out: Path) -> Pa
                   f"test accuracy (%), mean ± std, n={'-'.join(map(str, (n[0], n[-1]) if len(n) > 1 else n))} seeds")
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"Test accuracy by {axis.replace('_', '-')}")
-    handles, labels = ax.get_legend_handles_labels()
-    if not labels:
-        return _save(fig, out / f"accuracy_by_{axis}.png")
-    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.05 + 0.035 * len(labels), 1, 1))
-    fig.savefig(out / f"accuracy_by_{axis}.png", dpi=110)
-    plt.close(fig)
-    return out / f"accuracy_by_{axis}.png"
+    return _save_with_legend(fig, ax, out / f"accuracy_by_{axis}.png", ncol=1)
 
 
 def heterogeneity_heatmap(summary: pd.DataFrame, out: Path) -> Path:
