@@ -91,15 +91,21 @@ class RunDir:
         atomic_write_bytes(self.diverged_file, reason.encode())
 
     def append_row(self, row: dict[str, Any]) -> None:
-        size = self.rows_file.stat().st_size if self.rows_file.exists() else 0
-        with _room_for(self.rows_file), open(self.rows_file, "a") as f:
+        """One line, on disk (fsync); a write that fails part-way is cut back off, so no half row is left."""
+        data = (json.dumps(row) + "\n").encode()
+        with _room_for(self.rows_file):
+            fd = os.open(self.rows_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            size = os.fstat(fd).st_size
             try:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                written = 0
+                while written < len(data):  # unbuffered: a failure is raised here, not again at close
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
             except OSError:
-                f.truncate(size)  # no half row left behind
+                os.ftruncate(fd, size)
                 raise
+            finally:
+                os.close(fd)
 
     def rows(self) -> list[dict[str, Any]]:
         return read_rows(self.rows_file)

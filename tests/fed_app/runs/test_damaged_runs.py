@@ -151,3 +151,23 @@ from fed_app.config import RunConfig
 from fed_app.in_process import run_in_process
 exit_on_user_error(lambda: run_in_process(RunConfig.from_run_config(json.loads(sys.argv[1]))) and None)
 """
+
+
+_HALF_ROW = """
+import resource, signal, sys
+from pathlib import Path
+from fed_app.cli import exit_on_user_error
+from fed_app.runs.rundir import RunDir
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+run = RunDir(Path(sys.argv[1]))
+run.append_row({"epoch": 0, "val_accuracy": 0.1})
+room = run.rows_file.stat().st_size + 10  # ten bytes of the next row fit, the rest does not
+resource.setrlimit(resource.RLIMIT_FSIZE, (room, room))
+exit_on_user_error(lambda: run.append_row({"epoch": 1, "val_accuracy": 0.2, "note": "x" * 100}))
+"""
+
+
+def test_a_row_the_disk_cuts_short_is_taken_back_whole(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _HALF_ROW, str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {tmp_path / 'rows.jsonl'} could not be written")
+    assert (tmp_path / "rows.jsonl").read_text() == '{"epoch": 0, "val_accuracy": 0.1}\n'  # no half row
