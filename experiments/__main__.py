@@ -84,7 +84,8 @@ def _run(args) -> int:
     from rich.console import Console
 
     from experiments.manifest import load_manifest
-    from experiments.run import print_plan, run_manifest, select
+    from experiments.display import print_plan
+    from experiments.run import run_manifest, select
     from experiments.slots import parse_devices
     from fed_app.local.local_federation import client_gpus
 

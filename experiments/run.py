@@ -4,7 +4,6 @@ between them and never train a run twice; done runs skipped, partial ones resume
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,17 +17,16 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Column, Table
+from rich.progress import Progress
 
-from experiments.manifest import Manifest, Run, TuningPending
+from experiments.display import display_columns, say_plan, status, watch
+from experiments.manifest import Manifest, Run
 from experiments.slots import Slot
 from fed_app.runs import claims
 from fed_app.errors import UserError
 from fed_app.launch import preflight
 from fed_app.local.local_federation import LocalFederation, run_config_arg
 from fed_app.local.session import Session
-from fed_app.runs.run_loop import progress_line
 
 log = logging.getLogger(__name__)
 
@@ -37,36 +35,11 @@ class RunFailedError(UserError, RuntimeError):
     """A centralized run's process failed; its one sentence."""
 
 
-def status(run: Run) -> str:
-    """done, diverged (stopped by the divergence guard: finished, never rerun), partial or new."""
-    path = Path(run.cfg.run_dir)
-    if (path / "DONE").exists():
-        return "done"
-    if (path / "DIVERGED").exists():
-        return "diverged"
-    return "partial" if (path / "checkpoint.pt").exists() else "new"
-
-
 def select(manifest: Manifest, only: str | None) -> list[Run]:
     """All runs, or those whose id or grid label contains `only`."""
     if not only:
         return list(manifest.runs)
     return [r for r in manifest.runs if only in r.run_id or only in r.label(list(manifest.axes))]
-
-
-def print_plan(manifest: Manifest, runs: list[Run], console: Console,
-               pending: list[TuningPending] | None = None) -> None:
-    """The runs with their status; under them, the values still to be tuned and the command that tunes them."""
-    table = Table(title=f"{manifest.name}: {len(runs)} runs")
-    for column in ("run id", "status", "grid values"):
-        table.add_column(column)
-    for run in runs:
-        table.add_row(run.run_id, status(run), run.label(list(manifest.axes)))
-    console.print(table)
-    for tuning in {(p.manifest, tuple(p.keys)): p for p in pending or ()}.values():
-        console.print(f"pending: {', '.join(tuning.keys)} from the best of manifest {tuning.manifest}, not tuned yet; "
-                      f"{tuning.command}. Until then the runs above show the base values, and their ids change "
-                      f"once tuned.", soft_wrap=True)
 
 
 @dataclass
@@ -105,7 +78,7 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
     handler = (RichHandler(console=console, show_path=False, show_level=False) if live
                else logging.StreamHandler(sys.stdout))
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
-    _say_plan(manifest, runs)
+    say_plan(manifest, runs)
     with Progress(*display_columns(console.width), console=console, disable=not live) as bar:
         runner = Runner(manifest, results, cpus, gpus, bar,
                         bar.add_task(f"[bold]{manifest.name}", total=len(runs), metric=""), list(runs))
@@ -123,42 +96,6 @@ def run_manifest(manifest: Manifest, runs: list[Run], results: Path, cpus: int =
                 w.finished.wait()
             raise
     return runner.outcome
-
-
-def display_columns(width: int) -> tuple:
-    """A running run's label (cut with an ellipsis, never wrapped), its bar, round or epoch of total, time left
-    and latest validation accuracy, in `width` columns: the label gives way, the rest stays visible."""
-    fixed = 16 + 9 + 8 + 10 + 4  # bar, '123/200', '0:12:34', 'val 45.3%', the spaces between
-    label = Column(width=max(12, width - fixed), no_wrap=True, overflow="ellipsis")
-    return (TextColumn("{task.description}", table_column=label), BarColumn(bar_width=16),
-            MofNCompleteColumn(table_column=Column(width=9, no_wrap=True)), TimeRemainingColumn(compact=True),
-            TextColumn("{task.fields[metric]}", table_column=Column(width=10, no_wrap=True)))
-
-
-def _say_plan(manifest: Manifest, runs: list[Run]) -> None:
-    """What this command will do: how many runs are done already, which resume from which checkpoint, and how
-    many start."""
-    states = {run.run_id: status(run) for run in runs}
-    counts = {s: sum(v == s for v in states.values()) for s in ("done", "diverged", "partial", "new")}
-    log.info("%s: %d runs: %d done, %d diverged, %d to resume, %d to start", manifest.name, len(runs),
-             counts["done"], counts["diverged"], counts["partial"], counts["new"])
-    axes = list(manifest.axes)
-    for run in runs:
-        if states[run.run_id] == "partial":
-            log.info("%s %s: resumes after %s", run.run_id, run.label(axes), checkpoint_step(run))
-
-
-def checkpoint_step(run: Run) -> str:
-    """'round 6' (or 'epoch 2') of the run's last checkpoint, read without loading its tensors."""
-    import torch
-
-    key = "epoch" if run.kind == "centralized" else "round"
-    try:
-        checkpoint = torch.load(Path(run.cfg.run_dir) / "checkpoint.pt", map_location="cpu", mmap=True,
-                                weights_only=False)
-        return f"{key} {checkpoint[key]}"
-    except Exception:  # cut short: the run itself falls back to the checkpoint before it, and says so
-        return "its last readable checkpoint"
 
 
 class SlotWorker:
@@ -233,7 +170,7 @@ class SlotWorker:
         log.info("%s%s %s: %s", prefix, run.run_id, label, "resumes" if status(run) == "partial" else "starts")
         task = self.runner.bar.add_task(f"{prefix}{label}", total=steps, metric="")
         done = threading.Event()
-        watcher = threading.Thread(target=_watch, args=(run, self.runner.bar, task, done), daemon=True)
+        watcher = threading.Thread(target=watch, args=(run, self.runner.bar, task, done), daemon=True)
         watcher.start()
         try:
             if run.kind == "centralized":
@@ -280,39 +217,3 @@ class SlotWorker:
                      cfg.num_clients, cfg.run_id())
         output = self.session.run(cfg, claim_token)  # one simulation runs the slot's runs in turn
         (Path(cfg.run_dir) / "run.log").write_text(output)
-
-
-def _watch(run: Run, bar: Progress, task, stop: threading.Event) -> None:
-    """Show the run's progress and latest accuracy from its rows.jsonl, and log each new row once."""
-    rows_file = Path(run.cfg.run_dir) / "rows.jsonl"
-    key = "epoch" if run.kind == "centralized" else "round"
-    total = run.cfg.epochs if run.kind == "centralized" else run.cfg.total_rounds
-    seen = len(_rows(rows_file))  # rows of an earlier session were logged then
-    while True:
-        finished = stop.wait(1.0)
-        rows = _rows(rows_file)
-        seen = min(seen, len(rows))  # a resume drops the rows after its checkpoint
-        for row in rows[seen:]:
-            log.info("%s %s", run.run_id, progress_line(key, row[key], total, row))
-        seen = len(rows)
-        if rows:
-            accuracy = next((r["val_accuracy"] for r in reversed(rows) if r.get("val_accuracy") is not None), None)
-            shown = f"val {100 * accuracy:.1f}%" if accuracy is not None else ""
-            bar.update(task, completed=rows[-1][key], metric=shown)
-        if finished:
-            return
-
-
-def _rows(rows_file: Path) -> list[dict]:
-    """The rows written so far; a line still being written ends them (an unreadable file: none yet)."""
-    try:
-        lines = rows_file.read_text().splitlines()
-    except OSError:
-        return []
-    rows = []
-    for line in filter(str.strip, lines):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break
-    return rows

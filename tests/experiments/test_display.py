@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from experiments.manifest import load_manifest
-from experiments.run import _say_plan
+from experiments.display import say_plan
 
 MANIFEST = """
 name: shown
@@ -86,7 +86,7 @@ def test_a_rerun_names_each_run_it_resumes_and_the_checkpoint_it_resumes_after(t
     run = manifest.runs[0]
     Path(run.cfg.run_dir).mkdir(parents=True)
     torch.save({"epoch": 2, "model": {}}, Path(run.cfg.run_dir) / "checkpoint.pt")
-    with caplog.at_level(logging.INFO, logger="experiments.run"):
-        _say_plan(manifest, list(manifest.runs))
+    with caplog.at_level(logging.INFO, logger="experiments.display"):
+        say_plan(manifest, list(manifest.runs))
     assert caplog.messages == ["shown: 1 runs: 0 done, 0 diverged, 1 to resume, 0 to start",
                                f"{run.run_id} lr=0.05 warmup-epochs=1 weight-decay=0.0005: resumes after epoch 2"]

@@ -242,7 +242,7 @@ def test_every_shipped_manifest_dry_runs_on_a_fresh_clone_naming_the_tuning_stil
     import yaml
     from rich.console import Console
 
-    from experiments.run import print_plan
+    from experiments.display import print_plan
 
     pending = []
     manifest = load_manifest(path, tmp_path, pending=pending)  # tmp_path: no tuning manifest has run
