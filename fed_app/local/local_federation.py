@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fed_app.local.app_files import copy_app
 from fed_app.runs import procfs
 from fed_app.config import RunConfig, to_kebab
 from fed_app.errors import UserError
@@ -57,6 +58,7 @@ class LocalFederation:
         reap_orphans(base)
         LocalFederation._count += 1
         self.home = base / f"{socket.gethostname()}-{os.getpid()}-{LocalFederation._count}"
+        self.app_copies: dict[Path, Path] = {}  # app folder -> its packed files' copy (app_copy)
         self.extra_env = dict(extra_env or {})  # e.g. CUDA_VISIBLE_DEVICES: the device this federation is pinned to
         # Flower's local SuperLink listens on fixed ports by default and `flwr run` reuses any SuperLink
         # answering there, whoever started it: private ports keep two federations from sharing one.
@@ -86,10 +88,19 @@ class LocalFederation:
             federation += f" init-args-num-cpus={total_cpus}"
         return cmd + ["--stream", "--run-config", run_config, "--federation-config", federation]
 
-    def popen(self, cfg: RunConfig, num_supernodes: int | None = None, **options) -> subprocess.Popen:
+    def popen(self, cfg: RunConfig, num_supernodes: int | None = None, app: Path = APP_DIR,
+              **options) -> subprocess.Popen:
         self.home.mkdir(parents=True, exist_ok=True)
-        return subprocess.Popen(self.command(cfg, num_supernodes, **options), env=self.env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return subprocess.Popen(self.command(cfg, num_supernodes, app=self.app_copy(app), **options), env=self.env,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def app_copy(self, app: Path) -> Path:
+        """The files of `app` that Flower packs, copied once into this federation's home: `flwr run` on the
+        copy walks those alone, not the clone's virtualenv and results (fed_app/local/app_files.py)."""
+        if app not in self.app_copies:
+            into = self.home / "packed" / f"{len(self.app_copies)}-{Path(app).name}"
+            self.app_copies[app] = copy_app(app, into)
+        return self.app_copies[app]
 
     def run(self, cfg: RunConfig, num_supernodes: int | None = None, timeout: float | None = None,
             **options) -> str:
