@@ -45,6 +45,8 @@ class InProcessGrid(PushPullGrid):
     """The real ClientApp behind every node of `cfg`'s federation, in this process. `fail_after`: the grid goes
     away (RuntimeError) after answering that many train messages, as a stopped machine does mid-round."""
 
+    registers_nodes_at_once = True  # as Flower's simulation does: a node count that holds is final
+
     def __init__(self, cfg: RunConfig, fail_after: int | None = None):
         self.contexts = {1000 + p: Context(1, 1000 + p, {"partition-id": p}, RecordDict(), cfg.to_run_config())
                          for p in range(cfg.num_clients)}

@@ -57,7 +57,8 @@ class Federation:
         deployment connect over `wait_s`; Flower's simulation registers all of its nodes at once as it starts, so
         there a count that holds for SETTLE_S is final."""
         started = time.monotonic()
-        simulated = type(grid).__name__ == "InMemoryGrid"  # the simulation's grid (flwr.superlink.grid)
+        # the simulation's grid (flwr.superlink.grid), or a grid that says so (fed_app/in_process.py)
+        simulated = getattr(grid, "registers_nodes_at_once", type(grid).__name__ == "InMemoryGrid")
         seen, since = -1, started
         while len(node_ids := list(grid.get_node_ids())) < cfg.num_clients:
             now = time.monotonic()

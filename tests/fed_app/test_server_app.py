@@ -9,7 +9,8 @@ import torch
 
 from fed_app import server_app
 from fed_app.flower.transport import SharedFiles
-from fed_app.local.local_federation import LocalFederation, FlowerRunError
+from fed_app.errors import UserError
+from fed_app.local.local_federation import LocalFederation
 from fed_app.runs.profile import PROFILE
 
 from ..conftest import InProcessGrid, fl_cfg as _cfg, run_in_process
@@ -48,9 +49,8 @@ SPARSE = {"optimizer": "sparse-sgdm", "head": "ridge", "sparsity": 0.8, "calibra
 
 @pytest.mark.slow
 # dense FedAvg stopped and resumed under `flwr run`: tests/fed_app/test_launch.py and the runner's SIGTERM test
-@pytest.mark.parametrize("editing", [SPARSE, SERVER_ADAM], ids=["sparse", "fedadam-scaffold"])
-def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights(tmp_path, editing):
-    settings = {"num-rounds": 12, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4, **editing}
+def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights(tmp_path):
+    settings = {"num-rounds": 12, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4, **SERVER_ADAM}
     # the reference runs in this process with models inside messages, the killed run under `flwr run` through
     # files: same numbers
     run_in_process(_cfg(tmp_path, "whole", transport="messages", **settings))
@@ -64,23 +64,41 @@ def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights
         sim.stop()  # the machine goes away: SuperLink, simulation and Ray workers, mid-round
         proc.wait()
         assert not (tmp_path / "cut" / "DONE").exists(), "the run finished before it could be killed"
-        mask_file = tmp_path / "cut" / "mask.pt"
-        stamp = mask_file.stat().st_mtime_ns if editing is SPARSE else None
         sim.run(cut, num_supernodes=10, timeout=300)
-        if editing is SPARSE:  # the mask came back from the checkpoint: calibration was not redone
-            assert mask_file.stat().st_mtime_ns == stamp
-    assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
+    _assert_same_run(tmp_path / "cut", tmp_path / "whole")
     assert not list(SharedFiles.base_for(0).glob(f"fedit-{cut.run_id()}-*"))  # the killed server's folder too
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+
+
+@pytest.mark.usefixtures("server_app_identity")
+def test_a_sparse_run_stopped_mid_round_resumes_with_its_mask_to_the_uninterrupted_end(tmp_path):
+    """Sparse FedAvg in process (the federation under `flwr run` is tested above, with client state): the grid
+    goes away mid-round 5, and the rerun takes its mask back from the checkpoint instead of calibrating again."""
+    settings = {"num-rounds": 12, "local-steps": 8, "checkpoint-every": 3, "eval-every": 4, **SPARSE}
+    run_in_process(_cfg(tmp_path, "whole", **settings))
+    cut = _cfg(tmp_path, "cut", **settings)
+    with pytest.raises(RuntimeError, match="the federation went away"):
+        server_app.run(InProcessGrid(cut, fail_after=3 * 4 + 1), cut)
+    rows = _rows(tmp_path / "cut")
+    assert rows[-1]["round"] == 4 and not (tmp_path / "cut" / "DONE").exists()
+    stamp = (tmp_path / "cut" / "mask.pt").stat().st_mtime_ns
+    run_in_process(cut)
+    assert (tmp_path / "cut" / "mask.pt").stat().st_mtime_ns == stamp  # not calibrated again
+    _assert_same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def _assert_same_run(cut, whole):
+    assert _rows(cut) == _rows(whole)
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(cut / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
+@pytest.mark.usefixtures("server_app_identity")
 def test_a_federation_of_the_wrong_size_fails_the_run_with_one_sentence(tmp_path):
     cfg = _cfg(tmp_path, "wrong", **{"num-rounds": 1})
-    with LocalFederation(tmp_path / "flwr") as sim, pytest.raises(FlowerRunError) as err:
-        sim.run(cfg, num_supernodes=4, timeout=300)
+    four_nodes = InProcessGrid(cfg.replace(num_clients=4))
+    with pytest.raises(UserError) as err:
+        server_app.run(four_nodes, cfg)
     assert "num-clients=10 but 4 nodes are connected" in str(err.value)
     assert "start exactly 10 supernodes" in str(err.value)
     assert not (tmp_path / "wrong" / "rows.jsonl").exists() and not (tmp_path / "wrong" / "DONE").exists()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fed_app.config import RunConfig
-from fed_app.local.local_federation import FlowerRunError, LocalFederation
+from fed_app.local.local_federation import FlowerRunError
 from fed_app.local.session import Session, SessionFolder
 
 from ...conftest import fl_cfg as _cfg, run_in_process
@@ -42,22 +42,21 @@ def test_the_session_folder_hands_over_runs_and_ends_on_stop_or_when_the_command
 
 
 @pytest.mark.slow
-def test_runs_in_one_session_end_as_alone_and_a_failed_run_ends_the_session(tmp_path):
+def test_runs_in_one_session_end_as_alone_and_a_failed_run_ends_the_session(tmp_path, flower_session):
     first = _cfg(tmp_path, "first", seed=1)
     second = _cfg(tmp_path, "second", seed=2, partition="noniid", **{"classes-per-client": 20})
     refused = _cfg(tmp_path, "refused", seed=3)
     after = _cfg(tmp_path, "after", seed=4)
     alone = second.replace(run_dir=str(tmp_path / "alone"))
-    with LocalFederation(tmp_path / "flwr") as sim:
-        session = Session(sim)
-        session.run(first)
-        log = session.run(second)
-        assert session.starts == 1 and "round 4/4" in log  # one `flwr run` for both, each run's own log
-        with pytest.raises(FlowerRunError, match="claim-token='not-a-claim' does not name the claim"):
-            session.run(refused, claim_token="not-a-claim")  # the ServerApp's sentence; the session ends with it
-        session.run(after)
-        assert session.starts == 2
-        session.close()
+    session = flower_session  # the suite's session: it may have served other tests' runs already
+    session.run(first)
+    starts = session.starts
+    log = session.run(second)
+    assert session.starts == starts and "round 4/4" in log  # the same `flwr run` for both, each run's own log
+    with pytest.raises(FlowerRunError, match="claim-token='not-a-claim' does not name the claim"):
+        session.run(refused, claim_token="not-a-claim")  # the ServerApp's sentence; the session ends with it
+    session.run(after)
+    assert session.starts == starts + 1
     run_in_process(alone)
     for name in ("first", "second", "after"):
         assert (tmp_path / name / "DONE").exists()
