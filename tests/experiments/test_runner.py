@@ -19,7 +19,7 @@ from ..conftest import flower_processes_under, run_in_process
 MANIFEST = """
 name: tiny
 kind: centralized
-base: {dataset: synthetic, model: vit-tiny-test, synthetic-train-size: 3200, synthetic-test-size: 300,
+base: {dataset: synthetic, model: vit-tiny-test, synthetic-train-size: 1400, synthetic-test-size: 300,
        val-size: 200, batch-size: 32, device: cpu, epochs: 3}
 grid:
   lr: [0.02, 0.05, 0.1]
