@@ -17,17 +17,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import RecordDict
 from torch import Tensor
 
 from fed_app.config import RunConfig
 from fed_app.flower.federation import Federation
-from fed_app.flower.loaded_task import LoadedTask, State
 from fed_app.flower.transport import SharedFiles
 from fed_app.flower.wire import Key
 from fed_app.registry import METHODS, SERVER_OPTIMIZERS
 from strategies.fedavg import SeededFedAvg
+
+if TYPE_CHECKING:  # hints only: a report or a config check need not import timm
+    from fed_app.flower.loaded_task import LoadedTask, State
 
 
 @dataclass

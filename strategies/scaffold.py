@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -33,7 +34,6 @@ from torch import Tensor
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.flower.federation import Federation
-from fed_app.flower.loaded_task import LoadedTask, State
 from fed_app.flower.transport import SharedFiles, carry, holds, take
 from fed_app.flower.wire import Form, Key, split_flat
 from fed_app.registry import METHODS
@@ -42,6 +42,9 @@ from fed_app.task.seeds import Phase
 from fed_app.task.train import client_lr
 from strategies.fedavg import PHASES, RoundSum, SeededFedAvg
 from strategies.method import FedAvg, TrainReply, TrainRequest
+
+if TYPE_CHECKING:  # hints only: a report or a config check need not import timm
+    from fed_app.flower.loaded_task import LoadedTask, State
 
 VERSION = re.compile(r"control-(\d+)\.pt")
 
