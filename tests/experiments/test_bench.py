@@ -26,7 +26,7 @@ def test_bench_data_prints_preparation_and_training_rates():
 @pytest.mark.slow
 def test_bench_round_prints_limit_flower_and_ratio_for_dense_and_sparse():
     out = subprocess.run([sys.executable, "-m", "experiments", "bench", "round", "--local-steps", "4", "--rounds", "4",
-                          "--warmup", "1", "--run-config", "num-clients=20 synthetic-train-size=2500"],
+                          "--warmup", "1", "--run-config", "num-clients=10 synthetic-train-size=1200"],
                          capture_output=True, text=True, check=True).stdout
     assert "| J=4, dense |" in out and "| J=4, sparse-sgdm (sparsity 0.9) |" in out
     assert "J=4: sparse / dense upload: 0.091" in out  # 10% of the backbone; the frozen step-0 head stays put
