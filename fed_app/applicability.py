@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fed_app.config import CHOICES, RunConfig
-from fed_app.registry import MASK_RULES, METHODS, SERVER_OPTIMIZERS
+from fed_app.registry import AGGREGATIONS, MASK_RULES, METHODS, SERVER_OPTIMIZERS
 
 # Keys that shape only one kind of run, and keys that shape a run only when another key says so.
 ONLY_FOR_KIND: dict[str, frozenset[str]] = {
@@ -20,7 +20,7 @@ ONLY_FOR_KIND: dict[str, frozenset[str]] = {
                             "transport", "head_rounds", "calibration_fraction", "mask_scope", "mask_aggregation",
                             "mask_quorum", "client_objective",
                             "aggregation", "prox_mu", "client_algorithm", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
-                            "server_beta2", "server_tau"}),
+                            "server_beta2", "server_tau", "num_malicious_clients", "multi_krum_selected", "trim_beta"}),
 }
 SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")
 ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping, e.g. a saved config.json)
@@ -58,7 +58,7 @@ ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping
 # Keys a registered entry declares it reads (its `settings`), by the run-config key that picks the entry: they
 # shape a run only when that key names an entry declaring them (prox-mu under a FedAvg-family method,
 # server-tau under FedAdam, FedYogi or FedAdagrad).
-DECLARED_BY = {"client_algorithm": METHODS, "server_optimizer": SERVER_OPTIMIZERS}
+DECLARED_BY = {"client_algorithm": METHODS, "server_optimizer": SERVER_OPTIMIZERS, "aggregation": AGGREGATIONS}
 
 
 def _uses_fisher(rule: str) -> bool:
@@ -82,9 +82,9 @@ def key_applies(name: str, kind: str, values: Mapping[str, Any]) -> bool:
         return False
     values = {**_DEFAULTS, **values}
     for picker, entries in DECLARED_BY.items():
-        if any(name in entries.get(entry).settings for entry in entries):
+        if any(name in getattr(entries.get(entry), "settings", ()) for entry in entries):
             chosen = entries.find(values[picker])  # a plugin's entry not imported here: assume it reads the key
-            return chosen is None or name in chosen.settings
+            return chosen is None or name in getattr(chosen, "settings", ())
     condition = ONLY_WHEN.get(name)
     return condition is None or condition(values)
 

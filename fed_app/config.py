@@ -32,7 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mask_scope": ("global", "local"),
     "round_scheduler": ("constant", "cosine"),
     "client_objective": ("cross-entropy",),
-    "aggregation": ("fedavg",),
+    "aggregation": ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"),
     "tracker": ("none", "tensorboard", "wandb"),
     "server_optimizer": ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
     "mask_aggregation": ("scores", "vote", "intersection", "union", "vote-rank"),
@@ -87,6 +87,9 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "server_beta1": (0.0, False),
     "server_beta2": (0.0, False),
     "server_tau": (0.0, True),
+    "num_malicious_clients": (0, False),
+    "multi_krum_selected": (1, False),
+    "trim_beta": (0.0, False),
 }
 
 
@@ -102,12 +105,15 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
     "server_beta1": (1.0, True),
     "server_beta2": (1.0, True),
     "classes_per_client": (100, False),  # CIFAR-100 and the synthetic set both have 100 classes
+    "trim_beta": (0.5, True),
 }
 
 
 # Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes
 # (claim_token and session were RunConfig keys once: run folders of then still hold them).
 NOT_RESULTS = frozenset({"run_dir", "transport", "tracker", "claim_token", "session"})
+# Keys added after run ids were first given, with their defaults: at the default a key stays out of the id.
+ADDED_LATER = {"num_malicious_clients": 0, "multi_krum_selected": 1, "trim_beta": 0.2}
 
 # Keys that the commands set in Flower's run config for the ServerApp (the one way into it), not a run's
 # settings, so not RunConfig's: the claim the command holds on the run (fed_app/runs/claims.py), which the
@@ -190,6 +196,10 @@ class RunConfig:
     # extensions (fed_app/registry.py): a client objective, an aggregation rule, modules that register more
     client_objective: str = "cross-entropy"
     aggregation: str = "fedavg"
+    # robust aggregation rules (strategies/robust.py), named as Flower's strategies name them
+    num_malicious_clients: int = 0  # krum, multi-krum, bulyan: f, the clients a round that may be Byzantine
+    multi_krum_selected: int = 1  # multi-krum: how many of the best-scored updates are averaged
+    trim_beta: float = 0.2  # trimmed-mean: the share cut from each end of every coordinate
     # federated method (strategies/method.py: its hooks, checks and the keys it reads): 'fedavg' or 'scaffold'
     client_algorithm: str = "fedavg"
     prox_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to the client objective
@@ -257,6 +267,7 @@ class RunConfig:
                               f"one global mask, so mask-scope={self.mask_scope!r} does not fit; use mask-scope='global'.")
         registry.load_builtins()  # the method and the server optimizer check their own combinations
         registry.METHODS.get(self.client_algorithm).check(self)
+        getattr(registry.AGGREGATIONS.get(self.aggregation), "check", lambda cfg: None)(self)
         registry.SERVER_OPTIMIZERS.get(self.server_optimizer).check(self)
         if self.tracker != "none" and importlib.util.find_spec(self.tracker) is None:
             raise ConfigError(f"run-config tracker={self.tracker!r} needs the {self.tracker} package, which is not "
@@ -310,8 +321,10 @@ class RunConfig:
         return {to_kebab(k): v for k, v in self.to_dict().items()}
 
     def run_id(self) -> str:
-        """Stable id of everything that shapes the results (where they go and how models travel excluded)."""
-        payload = {k: v for k, v in self.to_dict().items() if k not in NOT_RESULTS}
+        """Stable id of everything that shapes the results (where they go and how models travel excluded; a key
+        added since ids were first given, at its default, too: the runs of before keep their folders)."""
+        payload = {k: v for k, v in self.to_dict().items()
+                   if k not in NOT_RESULTS and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         return digest[:10]
 

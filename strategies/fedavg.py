@@ -5,14 +5,16 @@ averaging of client deltas in torch, summed one client at a time in partition or
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from torch import Tensor
 
+from fed_app.config import RunConfig
 from fed_app.flower.federation import Federation, RoundFailedError
 from fed_app.task.seeds import Phase, sample_partitions
 from fed_app.flower.transport import SharedFiles, TransportError, carry, discard, take
@@ -58,6 +60,13 @@ class WeightedSum:
             return self.sums
         return {n: torch.where(self.weights[n] > 0, s / self.weights[n].clamp_min(1e-30), 0.0)
                 for n, s in self.sums.items()}
+
+
+def aggregation_rule(cfg: RunConfig):
+    """The run's aggregation rule (`aggregation`) with the settings it declares taken from `cfg`: called with
+    (total weight, masked) it gives a round's sum, `.add(delta, weight, mask)` then `.result()`."""
+    rule = AGGREGATIONS.get(cfg.aggregation)
+    return functools.partial(rule, **{k: getattr(cfg, k) for k in getattr(rule, "settings", ())})
 
 
 def weighted_average(deltas: list[dict[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:
@@ -137,11 +146,12 @@ class SeededFedAvg:
     "config"), so a Flower ClientApp reads them as it would FedAvg's."""
 
     def __init__(self, seed: int, num_clients: int, per_round: int, federation: Federation,
-                 files: SharedFiles | None = None, aggregation: str = "fedavg",
+                 files: SharedFiles | None = None, aggregation: str | Callable = "fedavg",
                  server_optimizer: ServerOptimizer | None = None):
         self.seed, self.num_clients, self.per_round = seed, num_clients, per_round
         self.federation = federation
-        self.aggregator = AGGREGATIONS.get(aggregation)  # (total weight, masked) -> .add(delta, w, mask), .result()
+        # (total weight, masked) -> .add(delta, w, mask), .result(): a registered name, or aggregation_rule(cfg)
+        self.aggregator = AGGREGATIONS.get(aggregation) if isinstance(aggregation, str) else aggregation
         self.files = files  # transport='files': train payloads go through this folder, not the messages
         self.plan: MaskPlan | None = None  # sparse runs: which entries each partition trains
         self.mask_records: dict[int, ArrayRecord] = {}  # partition id -> the mask its train messages carry

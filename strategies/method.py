@@ -27,7 +27,7 @@ from fed_app.flower.federation import Federation
 from fed_app.flower.transport import SharedFiles
 from fed_app.flower.wire import Key
 from fed_app.registry import METHODS, SERVER_OPTIMIZERS
-from strategies.fedavg import SeededFedAvg
+from strategies.fedavg import SeededFedAvg, aggregation_rule
 
 if TYPE_CHECKING:  # hints only: a report or a config check need not import timm
     from fed_app.flower.loaded_task import LoadedTask, State
@@ -80,7 +80,7 @@ class FedAvg:
     @staticmethod
     def strategy_args(cfg: RunConfig, federation: Federation, files: SharedFiles | None) -> tuple:
         server_optimizer = SERVER_OPTIMIZERS.get(cfg.server_optimizer).build(cfg)
-        return (cfg.seed, cfg.num_clients, cfg.clients_per_round, federation, files, cfg.aggregation,
+        return (cfg.seed, cfg.num_clients, cfg.clients_per_round, federation, files, aggregation_rule(cfg),
                 server_optimizer)
 
     def client_train(self, task: LoadedTask, request: TrainRequest) -> TrainReply:

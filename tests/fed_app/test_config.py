@@ -111,3 +111,16 @@ def test_the_fix_is_phrased_the_way_the_user_gives_values(via, fix, monkeypatch,
     with pytest.raises(DataError) as err:
         read_cifar100(str(tmp_path), download=False)
     assert fix in str(err.value)
+
+
+def test_a_key_added_later_stays_out_of_the_run_id_at_its_default_so_earlier_runs_keep_their_folders():
+    import hashlib
+    import json
+
+    from fed_app.config import ADDED_LATER, NOT_RESULTS
+
+    cfg = RunConfig(lr=0.03, partition="noniid")
+    before = {k: v for k, v in cfg.to_dict().items() if k not in NOT_RESULTS and k not in ADDED_LATER}
+    assert cfg.run_id() == hashlib.sha1(json.dumps(before, sort_keys=True).encode()).hexdigest()[:10]
+    assert cfg.replace(aggregation="krum", num_malicious_clients=1).run_id() != \
+        cfg.replace(aggregation="krum").run_id()  # set, it is part of what the run is

@@ -11,7 +11,7 @@ import torch
 
 from fed_app.config import RunConfig
 from fed_app.local.local_federation import FlowerRunError
-from fed_app.local.session import Session, SessionFolder
+from fed_app.local.session import SessionFolder
 
 from ...conftest import fl_cfg as _cfg, run_in_process
 
