@@ -3,6 +3,7 @@ tests; the in-process federation (fed_app/in_process.py) re-exported for the tes
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,64 @@ def flower_processes_under(base: Path) -> list[int]:
 @pytest.fixture(scope="session")
 def server_app_identity() -> None:
     play_server_app()
+
+
+# The suite's longest commands (make demo, the Flower benchmarks), each a subprocess whose output its test reads.
+# Much of their time is spent waiting on Flower's processes to start and stop, so on a 2-core machine they run
+# side by side, started together when the first of their tests asks: about the time of the longest, not the sum.
+# A test module registers its command (`background_command`) and marks its test `@pytest.mark.background(name)`;
+# only the commands of selected tests start. Their timings are never asserted, so running beside each other
+# changes none of their results (each writes only its own folder).
+BACKGROUND: dict[str, object] = {}  # name -> (folder -> argv), the registered commands
+
+
+def background_command(name: str):
+    def register(build):
+        BACKGROUND[name] = build
+        return build
+
+    return register
+
+
+class Background:
+    """The selected background commands, running; `result(name)` waits for one and gives its outcome."""
+
+    def __init__(self, root: Path, names: list[str]):
+        self.procs, self.folders = {}, {}
+        for name in names:
+            folder = root / name
+            folder.mkdir(parents=True)
+            out, err = open(folder / "stdout.txt", "w"), open(folder / "stderr.txt", "w")
+            self.procs[name] = subprocess.Popen(BACKGROUND[name](folder), cwd=folder, stdout=out, stderr=err,
+                                                text=True)
+            self.folders[name] = folder
+
+    def result(self, name: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        proc, folder = self.procs[name], self.folders[name]
+        proc.wait(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, (folder / "stdout.txt").read_text(),
+                                           (folder / "stderr.txt").read_text())
+
+    def folder(self, name: str) -> Path:
+        return self.folders[name]
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def pytest_collection_finish(session):
+    session.config.background_names = sorted({m.args[0] for item in session.items
+                                              for m in item.iter_markers("background")})
+
+
+@pytest.fixture(scope="session")
+def background(request, tmp_path_factory):
+    running = Background(tmp_path_factory.mktemp("background"), request.config.background_names)
+    yield running
+    running.close()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,6 +8,8 @@ import pytest
 from experiments.bench.grid import group_by_cost, projected_seconds
 from fed_app.config import RunConfig
 
+from ..conftest import background_command
+
 
 def test_bench_fisher_prints_a_table_with_the_three_methods():
     out = subprocess.run([sys.executable, "-m", "experiments", "bench", "fisher", "--samples", "8", "--repeats", "1"],
@@ -23,21 +25,40 @@ def test_bench_data_prints_preparation_and_training_rates():
     assert "32 px, torch.compile; compiling took" in out
 
 
+def _bench(*args):
+    return [sys.executable, "-m", "experiments", "bench", *args]
+
+
+def _stdout(background, name):
+    done = background.result(name)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@background_command("bench-round")
+def _bench_round(folder):
+    return _bench("round", "--local-steps", "4", "--rounds", "4", "--warmup", "1", "--run-config",
+                  "num-clients=10 synthetic-train-size=1200")
+
+
 @pytest.mark.slow
-def test_bench_round_prints_limit_flower_and_ratio_for_dense_and_sparse():
-    out = subprocess.run([sys.executable, "-m", "experiments", "bench", "round", "--local-steps", "4", "--rounds", "4",
-                          "--warmup", "1", "--run-config", "num-clients=10 synthetic-train-size=1200"],
-                         capture_output=True, text=True, check=True).stdout
+@pytest.mark.background("bench-round")
+def test_bench_round_prints_limit_flower_and_ratio_for_dense_and_sparse(background):
+    out = _stdout(background, "bench-round")
     assert "| J=4, dense |" in out and "| J=4, sparse-sgdm (sparsity 0.9) |" in out
     assert "J=4: sparse / dense upload: 0.091" in out  # 10% of the backbone; the frozen step-0 head stays put
 
 
+@background_command("bench-stock")
+def _bench_stock(folder):
+    return _bench("round", "--against", "stock", "--repeats", "1", "--local-steps", "2", "--rounds", "4", "--warmup",
+                  "1", "--run-config", "num-clients=10 fraction-train=0.3 synthetic-train-size=1500")
+
+
 @pytest.mark.slow
-def test_bench_round_against_the_stock_app_and_by_phase():
-    tiny = ["--local-steps", "2", "--rounds", "4", "--warmup", "1", "--run-config",
-            "num-clients=10 fraction-train=0.3 synthetic-train-size=1500"]
-    out = subprocess.run([sys.executable, "-m", "experiments", "bench", "round", "--against", "stock", "--repeats",
-                          "1", *tiny], capture_output=True, text=True, check=True).stdout
+@pytest.mark.background("bench-stock")
+def test_bench_round_against_the_stock_app_and_by_phase(background):
+    out = _stdout(background, "bench-stock")
     assert "| J=2, dense |" in out and "files / stock" in out  # the stock app ran, beside both transports
     assert "| nodes' partition ids (query round; the server's task builds meanwhile) |" in out
     assert "| start-up (SuperLink, simulation, ServerApp) |" in out
@@ -62,14 +83,19 @@ def test_projection_counts_every_round_and_each_evaluation_on_the_server_schedul
     assert projected_seconds(cfg, round_s=2.0, fixed_s=30.0, val_s=1.0, test_s=3.0) == 30 + 125 * 2 + 14 + 12
 
 
-@pytest.mark.slow
-def test_bench_grid_measures_once_per_cost_group_and_prints_the_projection(tmp_path):
-    manifest = tmp_path / "m.yaml"
+@background_command("bench-grid")
+def _bench_grid(folder):
+    manifest = folder / "m.yaml"
     manifest.write_text("name: m\nkind: federated\nbase: {num-clients: 10, fraction-train: 0.2, num-rounds: 40}\n"
                         "grid: {partition: [iid, noniid], classes-per-client: [5]}\nseeds: [1, 2]\n")
-    out = subprocess.run([sys.executable, "-m", "experiments", "bench", "grid", "--manifest", str(manifest),
-                          "--rounds", "4", "--warmup", "1", "--against", "stock", "--run-config",
-                          "synthetic-train-size=1500"], capture_output=True, text=True, check=True).stdout
+    return _bench("grid", "--manifest", str(manifest), "--rounds", "4", "--warmup", "1", "--against", "stock",
+                  "--run-config", "synthetic-train-size=1500")
+
+
+@pytest.mark.slow
+@pytest.mark.background("bench-grid")
+def test_bench_grid_measures_once_per_cost_group_and_prints_the_projection(background):
+    out = _stdout(background, "bench-grid")
     assert "| all runs | 4 | 160 |" in out and "projected wall time of the whole manifest:" in out
     assert "| runs that cost alike | start-up (SuperLink, simulation, ServerApp) |" in out
     assert "| all runs | stock Flower app |" in out and "| all runs | fedit, a run of its own |" in out

@@ -7,12 +7,22 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ..conftest import background_command
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@background_command("demo")
+def _demo(folder):
+    return ["make", "-C", str(ROOT), "demo", f"RESULTS={folder / 'results'}"]
+
+
 @pytest.mark.slow
-def test_make_demo_runs_every_demo_run_learns_and_writes_the_report(tmp_path):
-    subprocess.run(["make", "demo", f"RESULTS={tmp_path}"], cwd=ROOT, check=True, capture_output=True, timeout=900)
+@pytest.mark.background("demo")
+def test_make_demo_runs_every_demo_run_learns_and_writes_the_report(background):
+    done = background.result("demo")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    tmp_path = background.folder("demo") / "results"
     runs = [p for p in (tmp_path / "demo").iterdir() if p.name.startswith(("centralized-", "federated-"))]
     assert len(runs) == 5 and all((p / "DONE").exists() for p in runs)
     summary = pd.read_csv(tmp_path / "demo" / "summary.csv")
