@@ -88,6 +88,8 @@ def shown_table(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     if (table["kind"] == "federated").any():  # the whole upload, and the part step 0 and calibration took
         shown["upload MiB (step 0)"] = [f"{t / 2**20:.1f} ({z / 2**20:.1f})" if t > 0 else "" for t, z in
                                         zip(table["upload_total_mean"], table["upload_step0_mean"])]
+    if "epsilon_mean" in table and table["epsilon_mean"].notna().any():  # dp != 'none', at each run's dp-delta
+        shown["epsilon"] = [_cell(round(e, 3)) for e in table["epsilon_mean"]]
     if "diverged" in table and table["diverged"].any():
         shown["diverged"] = table["diverged"].map(lambda d: f"{d} diverged" if d else "")
     return shown

@@ -61,7 +61,7 @@ def varying(df: pd.DataFrame) -> list[str]:
 def _is_metric(column: str) -> bool:
     return column.startswith(("train_", "val_", "test_", "bytes_", "wall_", "round_time", "learning_rate",
                               "density", "clients", "client_loss", "client_accuracy", "task_", "head_temperature", "head_loss", "head_evaluations",
-                              "head_gradient", "step0_", "profile_"))
+                              "head_gradient", "step0_", "profile_", "epsilon", "attackers", "clipped"))
 
 
 def checkpoint_row(g: pd.DataFrame, rule: str) -> pd.Series | None:
@@ -93,6 +93,8 @@ def summarize(df: pd.DataFrame, axes: list[str] | None = None, rule: str = "fina
             "diverged": g["diverged"].iloc[0] if "diverged" in g else None, "steps": int(g["step"].max()),
             "checkpoint": np.nan if chosen is None else int(chosen["step"]),
             **{m: np.nan if chosen is None else chosen[m] for m in ("val_accuracy", "test_accuracy", "test_loss")},
+            # dp != 'none': the privacy its model at that checkpoint spent (at the run's dp-delta)
+            **({"epsilon": np.nan if chosen is None else chosen["epsilon"]} if "epsilon" in g else {}),
             **{f"step0_{m}": start[m].iloc[0] if len(start) and m in start else np.nan
                for m in ("test_accuracy", "test_loss")},
             "bytes_per_round": trained["bytes_received"].mean() if "bytes_received" in trained else np.nan,
@@ -110,7 +112,7 @@ def over_seeds(summary: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     """Mean, std and n over seeds of each configuration's metrics (at the summary's checkpoint rule)."""
     keys = ["kind"] + [a for a in axes if a not in ("kind", "seed")]
     by_key = summary.groupby(keys, dropna=False)
-    grouped = by_key[METRICS]
+    grouped = by_key[METRICS + (["epsilon"] if "epsilon" in summary else [])]
     table = grouped.mean().add_suffix("_mean").join(grouped.std().add_suffix("_std")).join(
         by_key["test_accuracy"].count().rename("n")).join(by_key["diverged"].count().rename("diverged"))
     return table.reset_index()

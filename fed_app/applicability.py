@@ -20,7 +20,9 @@ ONLY_FOR_KIND: dict[str, frozenset[str]] = {
                             "transport", "head_rounds", "calibration_fraction", "mask_scope", "mask_aggregation",
                             "mask_quorum", "client_objective",
                             "aggregation", "prox_mu", "client_algorithm", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
-                            "server_beta2", "server_tau", "num_malicious_clients", "multi_krum_selected", "trim_beta"}),
+                            "server_beta2", "server_tau", "num_malicious_clients", "multi_krum_selected", "trim_beta", "attack",
+                            "attack_fraction", "attack_scale", "dp", "dp_noise_multiplier", "dp_clipping_norm",
+                            "dp_delta"}),
 }
 SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")
 ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping, e.g. a saved config.json)
@@ -53,6 +55,11 @@ ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping
     "dirichlet_alpha": lambda c: c["partition"] == "dirichlet",
     "mask_aggregation": lambda c: c["optimizer"] == "sparse-sgdm" and c.get("mask_scope", "global") == "global",
     "mask_quorum": lambda c: c["optimizer"] == "sparse-sgdm" and c.get("mask_aggregation", "scores") == "vote",
+    "attack_fraction": lambda c: c["attack"] != "none",
+    "attack_scale": lambda c: c["attack"] in ("sign-flip", "scaled", "gaussian"),
+    "dp_noise_multiplier": lambda c: c["dp"] != "none",
+    "dp_clipping_norm": lambda c: c["dp"] != "none",
+    "dp_delta": lambda c: c["dp"] != "none",
 }
 
 # Keys a registered entry declares it reads (its `settings`), by the run-config key that picks the entry: they

@@ -15,7 +15,9 @@ from fed_app.flower.transport import carry, encode, folder_of, take
 from fed_app.flower.wire import Form, Key, gather_trainable, model_payload, model_state, pack_masks
 from fed_app.flower.loaded_task import LoadedTask, load_task
 from fed_app.registry import METHODS
+from fed_app.task.attacks import UPDATE_ATTACKS, poison_
 from strategies.method import TrainRequest
+from strategies.privacy import clip_scale
 
 app = ClientApp()
 
@@ -74,14 +76,35 @@ def train(msg: Message, context: Context) -> Message:
     reply = METHODS.get(cfg.client_algorithm).client_train(
         task, TrainRequest(state, pid, int(config[Key.SERVER_ROUND]), msg.content, masks, folder))
     delta, content = reply.delta, dict(reply.extra)
+    flags = _attack_or_clip_(cfg, task, pid, int(config[Key.SERVER_ROUND]), delta)
     trained = time.perf_counter()
     payload = {Form.VALUES: gather_trainable(delta, masks)} if masks else model_payload(delta, folder is not None)
     content.update(carry(Key.DELTA, payload, folder))
     metrics = MetricRecord({Key.TRAIN_LOSS: reply.loss, Key.NUM_EXAMPLES: reply.examples, Key.PARTITION_ID: pid,
                             Key.TASK_BUILDS: task.builds, Key.TIME_READ: read - started,
                             Key.TIME_TRAIN: trained - read, Key.TIME_WRITE: time.perf_counter() - trained})
+    metrics.update(flags)
     content[Key.METRICS] = metrics
     return Message(RecordDict(content), reply_to=msg)
+
+
+def _attack_or_clip_(cfg: RunConfig, task: LoadedTask, pid: int, server_round: int, delta: dict) -> dict[str, int]:
+    """A malicious client (attack != 'none') replaces its delta by its attack; under dp='client-fixed' an honest one
+    clips it (fed_app/task/attacks.py, strategies/privacy.py). In place: the delta is views of the reply buffer.
+    The reply's flags: whether it attacked, whether it was clipped."""
+    flags = {}
+    attacks = task.attacks(pid)
+    if cfg.attack != "none":
+        flags[Key.ATTACKER] = int(attacks)
+        if attacks and cfg.attack in UPDATE_ATTACKS:
+            poison_(cfg.attack, cfg.attack_scale, delta, cfg.seed, server_round, pid)
+    if cfg.dp == "client-fixed":
+        scale = 1.0 if attacks else clip_scale(delta, cfg.dp_clipping_norm)  # an attacker does not clip
+        if scale < 1.0:
+            for value in delta.values():
+                value.mul_(scale)
+        flags[Key.CLIPPED] = int(scale < 1.0)
+    return flags
 
 
 @app.query("ridge")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from fed_app import registry
+from fed_app.config_checks import check_combinations
 from fed_app.config_text import (ConfigError, bad_pair_message, coerce, to_kebab, to_snake,  # noqa: F401 (re-exported)
                                  unknown_key_message)
 
@@ -37,6 +37,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "server_optimizer": ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
     "mask_aggregation": ("scores", "vote", "intersection", "union", "vote-rank"),
     "client_algorithm": ("fedavg", "scaffold"),
+    "attack": ("none", "sign-flip", "scaled", "gaussian", "label-flip"),
+    "dp": ("none", "server-fixed", "client-fixed"),
 }
 # Keys whose values may also be names that a module in `plugins` registered (fed_app/registry.py).
 REGISTERED = {"mask_rule": "MASK_RULES", "client_objective": "OBJECTIVES", "aggregation": "AGGREGATIONS",
@@ -90,6 +92,11 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "num_malicious_clients": (0, False),
     "multi_krum_selected": (1, False),
     "trim_beta": (0.0, False),
+    "attack_fraction": (0.0, False),
+    "attack_scale": (0.0, True),
+    "dp_noise_multiplier": (0.0, True),
+    "dp_clipping_norm": (0.0, True),
+    "dp_delta": (0.0, True),
 }
 
 
@@ -106,6 +113,8 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
     "server_beta2": (1.0, True),
     "classes_per_client": (100, False),  # CIFAR-100 and the synthetic set both have 100 classes
     "trim_beta": (0.5, True),
+    "attack_fraction": (1.0, True),
+    "dp_delta": (1.0, True),
 }
 
 
@@ -113,7 +122,9 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
 # (claim_token and session were RunConfig keys once: run folders of then still hold them).
 NOT_RESULTS = frozenset({"run_dir", "transport", "tracker", "claim_token", "session"})
 # Keys added after run ids were first given, with their defaults: at the default a key stays out of the id.
-ADDED_LATER = {"num_malicious_clients": 0, "multi_krum_selected": 1, "trim_beta": 0.2}
+ADDED_LATER = {"num_malicious_clients": 0, "multi_krum_selected": 1, "trim_beta": 0.2, "attack": "none",
+               "attack_fraction": 0.0, "attack_scale": 10.0, "dp": "none", "dp_noise_multiplier": 1.0,
+               "dp_clipping_norm": 1.0, "dp_delta": 1e-5}
 
 # Keys that the commands set in Flower's run config for the ServerApp (the one way into it), not a run's
 # settings, so not RunConfig's: the claim the command holds on the run (fed_app/runs/claims.py), which the
@@ -200,6 +211,15 @@ class RunConfig:
     num_malicious_clients: int = 0  # krum, multi-krum, bulyan: f, the clients a round that may be Byzantine
     multi_krum_selected: int = 1  # multi-krum: how many of the best-scored updates are averaged
     trim_beta: float = 0.2  # trimmed-mean: the share cut from each end of every coordinate
+    # attacks to measure them against (fed_app/task/attacks.py): a seeded share of the clients is malicious
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    attack_scale: float = 10.0  # sign-flip: -s x the update; scaled: s x; gaussian: s x its RMS per entry
+    # client-level differential privacy, as Flower's wrappers (strategies/privacy.py)
+    dp: str = "none"
+    dp_noise_multiplier: float = 1.0  # sigma: the noise's std is sigma x dp-clipping-norm / clients a round
+    dp_clipping_norm: float = 1.0  # C: each client's update is scaled down to at most this L2 norm
+    dp_delta: float = 1e-5  # the delta at which each row's epsilon is stated
     # federated method (strategies/method.py: its hooks, checks and the keys it reads): 'fedavg' or 'scaffold'
     client_algorithm: str = "fedavg"
     prox_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to the client objective
@@ -241,7 +261,7 @@ class RunConfig:
                 raise ConfigError(
                     f"run-config {to_kebab(name)}={value!r} is out of range; it must be {relation} {high}."
                 )
-        self._check_combinations()
+        check_combinations(self)
 
     def _registered(self, name: str, value: str) -> bool:
         """Whether a module named in `plugins` (imported here, in every process that reads a config) registered
@@ -253,25 +273,6 @@ class RunConfig:
             raise ConfigError(f"run-config plugins={self.plugins!r} cannot be imported ({err}); name modules "
                               f"importable where the app runs, comma-separated.") from None
         return getattr(registry, REGISTERED[name]).find(value) is not None
-
-    def _check_combinations(self) -> None:
-        """Keys that are fine alone but not together: sparse fine-tuning needs a frozen step-0 head."""
-        if self.optimizer == "sparse-sgdm" and self.head == "none":
-            raise ConfigError("run-config optimizer='sparse-sgdm' needs a step-0 head, or a random head would be "
-                              "scored and masked like the backbone; set head='ridge' or head='train'.")
-        if self.optimizer == "sparse-sgdm" and not self.freeze_head:
-            raise ConfigError("run-config optimizer='sparse-sgdm' keeps the step-0 head frozen (the brief's "
-                              "protocol), so freeze-head=false does not apply; drop it or use optimizer='sgdm'.")
-        if self.mask_aggregation != "scores" and self.mask_scope != "global":
-            raise ConfigError(f"run-config mask-aggregation={self.mask_aggregation!r} combines the clients' masks into "
-                              f"one global mask, so mask-scope={self.mask_scope!r} does not fit; use mask-scope='global'.")
-        registry.load_builtins()  # the method and the server optimizer check their own combinations
-        registry.METHODS.get(self.client_algorithm).check(self)
-        getattr(registry.AGGREGATIONS.get(self.aggregation), "check", lambda cfg: None)(self)
-        registry.SERVER_OPTIMIZERS.get(self.server_optimizer).check(self)
-        if self.tracker != "none" and importlib.util.find_spec(self.tracker) is None:
-            raise ConfigError(f"run-config tracker={self.tracker!r} needs the {self.tracker} package, which is not "
-                              f"installed; pip install -e \".[track]\" (or tracker='none').")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:

@@ -22,6 +22,7 @@ from fed_app.flower.mask_plan import MaskPlan
 from fed_app.registry import AGGREGATIONS
 from fed_app.flower.wire import (Form, Key, add_trainable_, apply_update, flat_state, masked_state, model_payload,
                           pack_masks, split_flat)
+from strategies.privacy import DpFedAvg, clipped
 from strategies.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,10 @@ class RoundSum:
             raise RoundFailedError(f"client {pid} trained on {weight} images but its node reported "
                                    f"{self.examples[pid]}; the federation's data changed mid-run, start it again.")
         delta = take(content, Key.DELTA, delete=True)
+        privacy = self.strategy.privacy
+        if privacy is not None and privacy.clips_on_server:
+            delta, was_clipped = clipped(delta, privacy.clipping_norm)
+            metrics[Key.CLIPPED] = int(was_clipped)
         if not self.local:
             self.total.add(delta, weight)
         else:  # each client's trainable entries, scattered to full size
@@ -131,8 +136,11 @@ class RoundSum:
         builds = max(int(m.get(Key.TASK_BUILDS, 0)) for m in self.metrics)  # 1: built once per process
         phases = {f"time_client_{k[5:]}": sum(float(m.get(k, 0.0)) for m in self.metrics)
                   for k in (Key.TIME_READ, Key.TIME_TRAIN, Key.TIME_WRITE)}  # summed over the clients
+        counts = {row: sum(int(m[key]) for m in self.metrics) for row, key in (("attackers", Key.ATTACKER),
+                                                                                  ("clipped", Key.CLIPPED))
+                  if key in self.metrics[0]}  # attack != 'none', dp != 'none': how many of the round's clients
         return self.total.result(), MetricRecord({"train_loss": loss, "clients": len(self.metrics),
-                                                               "task_builds": builds, **phases})
+                                                  "task_builds": builds, **phases, **counts})
 
 
 class SeededFedAvg:
@@ -157,6 +165,7 @@ class SeededFedAvg:
         self.mask_records: dict[int, ArrayRecord] = {}  # partition id -> the mask its train messages carry
         self.compact = False  # send only what can differ from the seeded initial model
         self.server_optimizer = server_optimizer  # None: the mean delta is added as it is (FedAvg)
+        self.privacy: DpFedAvg | None = None  # dp != 'none': clipping and noise (strategies/privacy.py)
 
     def state_dict(self) -> dict:
         """What the strategy carries from round to round, for the run's checkpoint (beside the model)."""
@@ -253,6 +262,8 @@ class SeededFedAvg:
             discard(next(iter(records.values())))  # this round's global model file, if it went as one
         answered = time.perf_counter()
         delta, metrics = total.result()
+        if self.privacy is not None:
+            self.privacy.add_noise_(delta, server_round)
         metrics["bytes_sent"], metrics["bytes_received"] = exchange.bytes_sent, exchange.bytes_received
         metrics["time_send"], metrics["time_exchange"] = sent - started, answered - sent  # seconds, by phase
         metrics["time_aggregate"] = time.perf_counter() - answered  # what was left to add after the last reply

@@ -28,6 +28,7 @@ from fed_app.flower.transport import SharedFiles
 from fed_app.flower.wire import Key
 from fed_app.registry import METHODS, SERVER_OPTIMIZERS
 from strategies.fedavg import SeededFedAvg, aggregation_rule
+from strategies.privacy import DpFedAvg
 
 if TYPE_CHECKING:  # hints only: a report or a config check need not import timm
     from fed_app.flower.loaded_task import LoadedTask, State
@@ -75,7 +76,9 @@ class FedAvg:
     def strategy(self, cfg: RunConfig, task: LoadedTask, federation: Federation,
                  files: SharedFiles | None) -> SeededFedAvg:
         """The server hook: the strategy that runs every round (sampling, records, aggregation)."""
-        return SeededFedAvg(*self.strategy_args(cfg, federation, files))
+        strategy = SeededFedAvg(*self.strategy_args(cfg, federation, files))
+        strategy.privacy = DpFedAvg(cfg, federation.examples) if cfg.dp != "none" else None
+        return strategy
 
     @staticmethod
     def strategy_args(cfg: RunConfig, federation: Federation, files: SharedFiles | None) -> tuple:

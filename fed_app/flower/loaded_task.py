@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fed_app.config import RunConfig
+from fed_app.task.attacks import flipped_labels, malicious_partitions
 from fed_app.task.batches import BatchTransform, batch_stream
 from fed_app.task.data import Dataset, Split, load_dataset
 from fed_app.task.partition import client_shards
@@ -103,6 +104,8 @@ class LoadedTask:
             objective = OBJECTIVES.get(cfg.client_objective)(self.model)  # built from the global model
             if cfg.prox_mu > 0 and not head_only:
                 objective = proximal(objective, self.model, cfg.prox_mu)
+            if cfg.attack == "label-flip" and self.attacks(partition_id) and not head_only:
+                objective = flipped_labels(objective, self.data.num_classes)
             added = [(p, correction[n].to(self.device)) for n, p in self.model.named_parameters()
                      if correction is not None and p.requires_grad]
             loss = train_steps(self.trainer, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
@@ -114,6 +117,12 @@ class LoadedTask:
         for k, v in trained.items():
             torch.sub(v.detach().cpu(), global_state[k], out=delta[k])
         return delta, loss, len(shard)
+
+    def attacks(self, partition_id: int) -> bool:
+        """Whether this partition is one of the run's malicious clients (attack != 'none'; fed_app/task/attacks.py)."""
+        cfg = self.cfg
+        return cfg.attack != "none" and partition_id in malicious_partitions(cfg.seed, cfg.num_clients,
+                                                                           cfg.attack_fraction)
 
     def reply_buffer(self) -> Tensor:
         """A flat float32 buffer of the model's size, kept for the process, for a ClientApp's delta: it is copied

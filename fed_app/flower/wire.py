@@ -36,6 +36,8 @@ class Key:
     CHECKPOINTED = "checkpointed-round"  # the train config: the round of the run's last checkpoint
     RUN, CONFIG_JSON = "run", "config"  # every message: the run's whole config, as JSON (fed_app/local/session.py)
     TIME_READ, TIME_TRAIN, TIME_WRITE = "time-read", "time-train", "time-write"  # a train reply's phases (s)
+    ATTACKER = "attacker"  # a train reply under attack != 'none': 1 if a malicious client sent it
+    CLIPPED = "clipped"  # a train reply under dp != 'none': 1 if its update was clipped
 
 
 class Form:

@@ -13,6 +13,9 @@ uninterrupted one would.
     clients sampled in round t of a phase       numpy (seed, t) for training, (seed, t, phase) otherwise
     the shards                                  numpy seed (partition.iid_shards / noniid_shards)
     the train/validation split                  numpy split-seed (fixed across training seeds)
+    which clients attack (attack != 'none')     (seed, ATTACKERS)
+    a Gaussian attacker's noise in round t      (seed, ATTACK_NOISE, t, partition id)
+    differential privacy's noise in round t     (seed, DP_NOISE, t)
 
 The step-0 stream tags lie above any epoch or round number, so no two kinds of draw share a key.
 """
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 STEP0_HEAD, FISHER_IMAGES, FISHER_LABELS = 2**31 + 1, 2**31 + 2, 2**31 + 3
+ATTACKERS, ATTACK_NOISE, DP_NOISE = 2**31 + 4, 2**31 + 5, 2**31 + 6
 
 
 class Phase(IntEnum):

@@ -266,3 +266,18 @@ def test_each_run_keeps_one_colour_across_figures(monkeypatch, tmp_path):
     labels = [t.get_text() for t in bars.get_yticklabels()]
     assert {label: to_hex(bar.get_facecolor()) for label, bar in zip(labels, bars.patches)} == lines
     assert len(set(lines.values())) == 3
+
+
+def test_a_dp_grid_reports_the_epsilon_each_configuration_spent(tmp_path):
+    for sigma, eps in ((0.5, 9.5), (2.0, 1.25)):
+        for seed in (1, 2):
+            rows = [{"round": 0, "val_accuracy": 0.01, "test_accuracy": 0.01, "test_loss": 4.6},
+                    {"round": 1, "train_loss": 4.0, "epsilon": eps / 2, "clipped": 3, "attackers": 0},
+                    {"round": 2, "train_loss": 3.0, "epsilon": eps, "clipped": 2, "attackers": 1,
+                     "val_accuracy": 0.3 / sigma, "test_accuracy": 0.3 / sigma, "test_loss": 3.0}]
+            _run(tmp_path, f"federated-{sigma}-{seed}", rows, dp="server-fixed", dp_noise_multiplier=sigma, seed=seed)
+    text = write_report(tmp_path).read_text()
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("run_id")
+    assert summary.loc["federated-2.0-1", "epsilon"] == 1.25  # at the checkpoint the rule selected
+    assert "| epsilon |" in text and "| 9.5 |" in text and "| 1.25 |" in text
+    assert "clipped" not in pd.read_csv(tmp_path / "by_config.csv").columns  # a metric, not a configuration key

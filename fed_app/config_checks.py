@@ -1,0 +1,58 @@
+"""Keys that are fine alone but not together: each combination a run cannot take, refused in one sentence with
+the fix before any work. The methods, aggregation rules and server optimizers check their own (fed_app/registry.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING
+
+from fed_app import registry
+from fed_app.config_text import ConfigError, to_snake
+
+if TYPE_CHECKING:
+    from fed_app.config import RunConfig
+
+
+def check_combinations(cfg: RunConfig) -> None:
+    """Raise ConfigError, in one sentence with the fix, for the first combination of keys a run cannot take."""
+    if cfg.optimizer == "sparse-sgdm" and cfg.head == "none":
+        raise ConfigError("run-config optimizer='sparse-sgdm' needs a step-0 head, or a random head would be "
+                          "scored and masked like the backbone; set head='ridge' or head='train'.")
+    if cfg.optimizer == "sparse-sgdm" and not cfg.freeze_head:
+        raise ConfigError("run-config optimizer='sparse-sgdm' keeps the step-0 head frozen (the brief's "
+                          "protocol), so freeze-head=false does not apply; drop it or use optimizer='sgdm'.")
+    if cfg.mask_aggregation != "scores" and cfg.mask_scope != "global":
+        raise ConfigError(f"run-config mask-aggregation={cfg.mask_aggregation!r} combines the clients' masks into "
+                          f"one global mask, so mask-scope={cfg.mask_scope!r} does not fit; use mask-scope='global'.")
+    if (cfg.attack == "none") != (cfg.attack_fraction == 0):
+        raise ConfigError(f"run-config attack={cfg.attack!r} with attack-fraction={cfg.attack_fraction} "
+                          f"attacks nobody; set both (e.g. attack='sign-flip' attack-fraction=0.2) or neither.")
+    if cfg.attack != "none" and round(cfg.attack_fraction * cfg.num_clients) == 0:
+        raise ConfigError(f"run-config attack-fraction={cfg.attack_fraction} of num-clients={cfg.num_clients} is "
+                          f"no client; raise it to at least {1 / cfg.num_clients:.3g}.")
+    _check_privacy(cfg)
+    registry.load_builtins()  # the method, the aggregation rule and the server optimizer check their own
+    registry.METHODS.get(cfg.client_algorithm).check(cfg)
+    getattr(registry.AGGREGATIONS.get(cfg.aggregation), "check", lambda cfg: None)(cfg)
+    registry.SERVER_OPTIMIZERS.get(cfg.server_optimizer).check(cfg)
+    if cfg.tracker != "none" and importlib.util.find_spec(cfg.tracker) is None:
+        raise ConfigError(f"run-config tracker={cfg.tracker!r} needs the {cfg.tracker} package, which is not "
+                          f"installed; pip install -e \".[track]\" (or tracker='none').")
+
+
+def _check_privacy(cfg: RunConfig) -> None:
+    """What dp (strategies/privacy.py) cannot account for, each in one sentence."""
+    if cfg.dp == "none":
+        return
+    unfit = {"aggregation": (cfg.aggregation != "fedavg", "its noise is calibrated to a mean of clipped updates",
+                             "aggregation='fedavg'"),
+             "client-algorithm": (cfg.client_algorithm != "fedavg", "SCAFFOLD's control variates would travel "
+                                  "unclipped and un-noised", "client-algorithm='fedavg'"),
+             "mask-scope": (cfg.optimizer == "sparse-sgdm" and cfg.mask_scope == "local", "each entry would be "
+                            "averaged over its own clients, not n", "mask-scope='global'"),
+             "head": (cfg.head == "train", "the head rounds of step 0 would be releases it does not account for",
+                      "head='logistic' (step 0's statistics are outside the accountant) or head='none'")}
+    for key, (bad, why, fix) in unfit.items():
+        if bad:
+            value = getattr(cfg, to_snake(key))
+            raise ConfigError(f"run-config dp={cfg.dp!r} does not fit {key}={value!r}: {why}; use {fix}.")

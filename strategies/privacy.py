@@ -1,0 +1,88 @@
+"""Client-level differential privacy for FedAvg (DP-FedAvg, McMahan et al. 2018), term for term as Flower's
+strategy wrappers do it (flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping and
+DifferentialPrivacyClientSideFixedClipping with its client mod), and the privacy it spends, by Flower's own
+accountant (flwr.supercore.privacy_accounting.RdpAccountant over Google's dp-accounting).
+
+    dp='server-fixed'   the server clips every update to L2 norm C (dp-clipping-norm)
+    dp='client-fixed'   each client clips its own update (the server never sees it unclipped)
+    then                the example-weighted mean of the n updates of the round, plus N(0, (sigma C / n)^2) on
+                        every entry that travels (sigma: dp-noise-multiplier)
+
+Under a global mask only the trainable entries travel: the clipping and the noise act on them alone. The noise
+is drawn from (seed, round), so a resumed run adds the noise the uninterrupted one did. Each round is one
+release of the sampled Gaussian mechanism: n of the K clients sampled without replacement; the row's `epsilon`
+is what the run's rounds so far spend at `dp-delta`. What stays outside it: step 0 and mask calibration (every
+client's ridge or logistic sums, Fisher scores, sent as computed), training metrics and client evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fed_app.config import RunConfig
+from fed_app.errors import UserError
+from fed_app.task.seeds import DP_NOISE, generator
+
+
+def clip_scale(update: dict[str, Tensor], clipping_norm: float) -> float:
+    """min(1, C / ||update||), the L2 norm taken over all of its entries (Flower's FlatClip)."""
+    norm = math.sqrt(sum(float(v.double().square().sum()) for v in update.values()))
+    return min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+
+
+def clipped(update: dict[str, Tensor], clipping_norm: float) -> tuple[dict[str, Tensor], bool]:
+    """`update` clipped to L2 norm C, and whether it had to be. A new dict when clipped: a received update may be
+    a read-only view of a message or a file."""
+    scale = clip_scale(update, clipping_norm)
+    if scale == 1.0:
+        return update, False
+    return {k: v * scale for k, v in update.items()}, True
+
+
+class DpFedAvg:
+    """The run's DP: who clips, the noise added to each round's mean, and the epsilon spent after a round."""
+
+    def __init__(self, cfg: RunConfig, examples: dict[int, int]):
+        if len(set(examples.values())) > 1:  # the noise is calibrated to a mean of n equal shares
+            raise UserError(f"run-config dp={cfg.dp!r} calibrates its noise to the mean of equally weighted updates "
+                            f"(Flower's accounted DP requires equal client weights), and these {len(examples)} shards "
+                            f"hold {min(examples.values())} to {max(examples.values())} images; use partition='iid' "
+                            f"or 'noniid' with num-clients dividing the training images.")
+        self.mode, self.seed = cfg.dp, cfg.seed
+        self.noise_multiplier, self.clipping_norm, self.delta = cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.dp_delta
+        self.per_round, self.num_clients = cfg.clients_per_round, cfg.num_clients
+
+    @property
+    def clips_on_server(self) -> bool:
+        return self.mode == "server-fixed"
+
+    @property
+    def noise_std(self) -> float:
+        """sigma C / n, Flower's compute_stdv."""
+        return self.noise_multiplier * self.clipping_norm / self.per_round
+
+    def add_noise_(self, mean: dict[str, Tensor], server_round: int) -> None:
+        """N(0, noise_std^2) added in place to every entry of the round's mean update, drawn from (seed, round)
+        as one flat vector in the update's order (the same numbers whichever form the update took)."""
+        sizes = [v.numel() for v in mean.values()]
+        noise = torch.randn(sum(sizes), generator=generator(torch.device("cpu"), self.seed, DP_NOISE, server_round))
+        noise.mul_(self.noise_std)
+        for value, part in zip(mean.values(), noise.split(sizes)):
+            value.add_(part.view(value.shape).to(value.device, value.dtype))
+
+    def epsilon(self, releases: int) -> float:
+        """The epsilon at dp-delta that `releases` rounds spend: n of K sampled without replacement each round,
+        Gaussian noise multiplier sigma (Flower's RDP accountant; replace-one neighbouring, as it requires)."""
+        # imported by a dp run only: the accountant's import (dp-accounting, 0.25 s) stays out of every other process
+        from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
+                                                       SamplingMethod)
+        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+        accountant = RdpAccountant(PrivacyConfig(target_delta=self.delta, population_size=self.num_clients,
+                                                 neighboring_relation=NeighboringRelation.REPLACE_ONE,
+                                                 sampling_method=SamplingMethod.WITHOUT_REPLACEMENT))
+        accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, self.per_round, self.num_clients), releases)
+        return accountant.get_epsilon(self.delta)

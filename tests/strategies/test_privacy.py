@@ -1,0 +1,147 @@
+"""Client-level DP: clipping and the clipped mean equal Flower's wrapper and client mod on the same replies; the
+noise is sigma C / n, drawn from (seed, round); each row's epsilon is the accountant's for the rounds so far; a
+killed DP run resumes bit for bit; a sparse DP run never moves a frozen entry; what DP cannot account for is one
+sentence."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import strategy as flower
+from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
+
+from fed_app import server_app
+from fed_app.config import ConfigError, RunConfig
+from fed_app.errors import UserError
+from fed_app.flower.loaded_task import load_task
+from masking.calibrate import load_masks
+from strategies.fedavg import weighted_average
+from strategies.privacy import DpFedAvg, clipped
+
+from ..conftest import InProcessGrid, fl_cfg, run_in_process
+
+pytestmark = pytest.mark.usefixtures("server_app_identity")  # these tests build Flower messages
+
+SHAPES = {"w": (6, 5), "b": (5,)}
+
+
+def _updates(seed: int, n: int = 5):
+    g = np.random.default_rng(seed)
+    start = {k: g.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    deltas = [{k: g.normal(0, 0.3 * (i + 1), size=s).astype(np.float32) for k, s in SHAPES.items()}
+              for i in range(n)]  # norms about 1.6 to 8: some under C = 3, some over
+    return start, deltas
+
+
+def test_server_side_clipping_and_the_mean_equal_flowers_wrapper_on_the_same_replies():
+    examples = [40, 10, 30, 20, 25]
+    for seed in range(4):
+        start, deltas = _updates(seed)
+        wrapper = flower.DifferentialPrivacyServerSideFixedClipping(flower.FedAvg(), noise_multiplier=0.0,
+                                                                    clipping_norm=3.0, num_sampled_clients=5)
+        wrapper.current_arrays = ArrayRecord({k: Array(v) for k, v in start.items()})  # what configure_train keeps
+        replies = []
+        for delta, n in zip(deltas, examples):
+            sent = Message(RecordDict(), dst_node_id=1, message_type="train")
+            model = ArrayRecord({k: Array(start[k] + delta[k]) for k in SHAPES})
+            replies.append(Message(RecordDict({"arrays": model, "metrics": MetricRecord({"num-examples": n})}),
+                                   reply_to=sent))
+        theirs, _ = wrapper.aggregate_train(1, replies)
+        ours = weighted_average([clipped({k: torch.from_numpy(v) for k, v in d.items()}, 3.0)[0] for d in deltas],
+                                examples)
+        for k in SHAPES:
+            np.testing.assert_allclose(start[k] + ours[k].numpy(), theirs[k].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_clients_own_clipping_equals_flowers_client_mod():
+    start, deltas = _updates(7)
+    for delta in deltas:
+        model = [start[k] + delta[k] for k in SHAPES]
+        compute_clip_model_update(model, [start[k] for k in SHAPES], 3.0)  # what fixedclipping_mod sends
+        ours, was = clipped({k: torch.from_numpy(v) for k, v in delta.items()}, 3.0)
+        norm = np.sqrt(sum(np.square(v).sum() for v in delta.values()))
+        assert was == (norm > 3.0)
+        for (k, theirs) in zip(SHAPES, model):
+            np.testing.assert_allclose(start[k] + ours[k].numpy(), theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_the_noise_is_sigma_c_over_n_per_entry_and_drawn_from_seed_and_round(tmp_path):
+    cfg = fl_cfg(tmp_path, "x", dp="server-fixed", **{"dp-noise-multiplier": 0.8, "dp-clipping-norm": 2.0})
+    privacy = DpFedAvg(cfg, {p: 300 for p in range(10)})
+    assert privacy.noise_std == pytest.approx(compute_stdv(0.8, 2.0, 3))  # Flower's formula, 3 clients a round
+    draws = []
+    for server_round in (4, 4, 5):
+        mean = {"a": torch.zeros(300, 200), "b": torch.zeros(40_000)}
+        privacy.add_noise_(mean, server_round)
+        draws.append(torch.cat([mean["a"].flatten(), mean["b"]]))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert draws[0].std().item() == pytest.approx(privacy.noise_std, rel=0.01) and abs(draws[0].mean()) < 0.01
+    flat = {"all": torch.zeros(100_000)}  # the same update as one flat buffer gets the same noise
+    privacy.add_noise_(flat, 4)
+    assert torch.equal(flat["all"], draws[0])
+
+
+def test_each_row_states_the_epsilon_its_rounds_spend_and_a_killed_run_resumes_bit_for_bit(tmp_path):
+    settings = {"dp": "server-fixed", "dp-noise-multiplier": 1.1, "dp-clipping-norm": 0.5, "num-rounds": 6,
+                "checkpoint-every": 2, "eval-every": 2}
+    whole = run_in_process(fl_cfg(tmp_path, "whole", **settings))
+    cut = fl_cfg(tmp_path, "cut", **settings)
+    with pytest.raises(RuntimeError, match="the federation went away"):
+        server_app.run(InProcessGrid(cut, fail_after=3 * 3 + 1), cut)
+    run_in_process(cut)
+
+    def rows(folder):
+        return [{k: v for k, v in json.loads(line).items() if not k.endswith("_time")}
+                for line in (folder / "rows.jsonl").read_text().splitlines()]
+
+    assert rows(tmp_path / "cut") == rows(whole)
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    spent = [r["epsilon"] for r in rows(whole)[1:]]
+    assert all(x < y for x, y in zip(spent, spent[1:]))  # every round spends more
+    privacy = DpFedAvg(cut, {p: 300 for p in range(10)})
+    assert spent == [privacy.epsilon(r) for r in range(1, 7)]
+    everyone = DpFedAvg(cut.replace(fraction_train=1.0), {p: 300 for p in range(10)})
+    assert privacy.epsilon(6) < everyone.epsilon(6)  # sampling 3 of 10 amplifies the privacy of a round
+    assert all(0 <= r["clipped"] <= r["clients"] for r in rows(whole)[1:]) and sum(r["clipped"] for r in rows(whole)[1:]) > 0
+
+
+def test_a_sparse_dp_run_noises_only_the_trainable_entries(tmp_path):
+    cfg = fl_cfg(tmp_path, "sparse", dp="client-fixed", optimizer="sparse-sgdm", head="ridge", sparsity=0.8,
+                 **{"calibration-rounds": 1, "fisher-samples": 32, "dp-noise-multiplier": 2.0, "dp-clipping-norm": 0.05,
+                    "num-rounds": 2})
+    run_in_process(cfg)
+    masks = load_masks(tmp_path / "sparse" / "mask.pt")
+    final = torch.load(tmp_path / "sparse" / "checkpoint.pt", weights_only=False)["model"]
+    initial = load_task(cfg).initial_state()
+    for name, mask in masks.items():
+        assert torch.equal(final[name][~mask], initial[name][~mask])  # the noise never reached a frozen entry
+        assert not mask.any() or not torch.equal(final[name][mask], initial[name][mask])
+    assert (tmp_path / "sparse" / "DONE").exists()  # it learned through the noise, not diverged
+
+
+def test_what_dp_cannot_account_for_is_one_sentence_before_any_work(tmp_path):
+    cases = {
+        (("aggregation", "median"),): "dp='server-fixed' does not fit aggregation='median': its noise is calibrated "
+                                      "to a mean of clipped updates; use aggregation='fedavg'.",
+        (("client-algorithm", "scaffold"),): "dp='server-fixed' does not fit client-algorithm='scaffold': SCAFFOLD's "
+                                             "control variates would travel unclipped and un-noised; use "
+                                             "client-algorithm='fedavg'.",
+        (("head", "train"),): "dp='server-fixed' does not fit head='train': the head rounds of step 0 would be "
+                              "releases it does not account for; use head='logistic' (step 0's statistics are "
+                              "outside the accountant) or head='none'.",
+    }
+    for pairs, sentence in cases.items():
+        with pytest.raises(ConfigError) as err:
+            RunConfig.from_run_config({"dp": "server-fixed", **dict(pairs)})
+        assert str(err.value) == "run-config " + sentence
+    with pytest.raises(ConfigError, match=r"dp-noise-multiplier=0.0 is out of range; it must be > 0.0"):
+        RunConfig.from_run_config({"dp": "server-fixed", "dp-noise-multiplier": 0.0})
+    uneven = fl_cfg(tmp_path, "uneven", dp="client-fixed", partition="dirichlet", **{"dirichlet-alpha": 0.3})
+    with pytest.raises(UserError, match=r"calibrates its noise to the mean of equally weighted updates .* hold \d+ to "
+                                        r"\d+ images; use partition='iid'"):
+        server_app.run(InProcessGrid(uneven), uneven)
+    assert not (tmp_path / "uneven" / "rows.jsonl").exists()  # refused before step 0
