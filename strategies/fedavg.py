@@ -107,8 +107,11 @@ class RoundSum:
 
     def __init__(self, strategy: SeededFedAvg, examples: dict[int, int]):
         self.strategy, self.examples = strategy, examples
+        # Under DP every client weighs the same: the noise covers one client's clipped update in a mean of n
+        # (Flower's accounted DP requires equal weights); with equal shards this is the example-weighted mean.
+        self.weights = examples if strategy.privacy is None else dict.fromkeys(examples, 1)
         self.local = strategy.plan is not None and strategy.plan.shared is None  # mask-scope 'local'
-        self.total = strategy.aggregator(sum(examples.values()), masked=self.local)
+        self.total = strategy.aggregator(sum(self.weights.values()), masked=self.local)
         self.metrics: list[MetricRecord] = []
 
     def add(self, reply: Message) -> None:
@@ -124,10 +127,10 @@ class RoundSum:
             delta, was_clipped = clipped(delta, privacy.clipping_norm)
             metrics[Key.CLIPPED] = int(was_clipped)
         if not self.local:
-            self.total.add(delta, weight)
+            self.total.add(delta, self.weights[pid])
         else:  # each client's trainable entries, scattered to full size
             mask = self.strategy.plan.per_partition[pid]
-            self.total.add(SeededFedAvg._scatter(delta[Form.VALUES], mask), weight, mask)
+            self.total.add(SeededFedAvg._scatter(delta[Form.VALUES], mask), self.weights[pid], mask)
         self.metrics.append(metrics)
 
     def result(self) -> tuple[dict[str, Tensor], MetricRecord]:

@@ -5,8 +5,9 @@ accountant (flwr.supercore.privacy_accounting.RdpAccountant over Google's dp-acc
 
     dp='server-fixed'   the server clips every update to L2 norm C (dp-clipping-norm)
     dp='client-fixed'   each client clips its own update (the server never sees it unclipped)
-    then                the example-weighted mean of the n updates of the round, plus N(0, (sigma C / n)^2) on
-                        every entry that travels (sigma: dp-noise-multiplier)
+    then                the mean of the n updates of the round, each weighing the same (Flower's accounted mode
+                        requires equal weights; with equal shards it is FedAvg's example-weighted mean), plus
+                        N(0, (sigma C / n)^2) on every entry that travels (sigma: dp-noise-multiplier)
 
 Under a global mask only the trainable entries travel: the clipping and the noise act on them alone. The noise
 is drawn from (seed, round), so a resumed run adds the noise the uninterrupted one did. Each round is one
@@ -23,7 +24,6 @@ import torch
 from torch import Tensor
 
 from fed_app.config import RunConfig
-from fed_app.errors import UserError
 from fed_app.task.seeds import DP_NOISE, generator
 
 
@@ -45,12 +45,7 @@ def clipped(update: dict[str, Tensor], clipping_norm: float) -> tuple[dict[str, 
 class DpFedAvg:
     """The run's DP: who clips, the noise added to each round's mean, and the epsilon spent after a round."""
 
-    def __init__(self, cfg: RunConfig, examples: dict[int, int]):
-        if len(set(examples.values())) > 1:  # the noise is calibrated to a mean of n equal shares
-            raise UserError(f"run-config dp={cfg.dp!r} calibrates its noise to the mean of equally weighted updates "
-                            f"(Flower's accounted DP requires equal client weights), and these {len(examples)} shards "
-                            f"hold {min(examples.values())} to {max(examples.values())} images; use partition='iid' "
-                            f"or 'noniid' with num-clients dividing the training images.")
+    def __init__(self, cfg: RunConfig):
         self.mode, self.seed = cfg.dp, cfg.seed
         self.noise_multiplier, self.clipping_norm, self.delta = cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.dp_delta
         self.per_round, self.num_clients = cfg.clients_per_round, cfg.num_clients

@@ -1,30 +1,46 @@
 """Client-level DP: clipping and the clipped mean equal Flower's wrapper and client mod on the same replies; the
 noise is sigma C / n, drawn from (seed, round); each row's epsilon is the accountant's for the rounds so far; a
-killed DP run resumes bit for bit; a sparse DP run never moves a frozen entry; what DP cannot account for is one
-sentence."""
+killed DP run resumes bit for bit; a sparse DP run never moves a frozen entry; every client of a round weighs the
+same; what DP cannot account for is one sentence."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flower
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
 
 from fed_app import server_app
 from fed_app.config import ConfigError, RunConfig
-from fed_app.errors import UserError
+from fed_app.flower.federation import Federation
 from fed_app.flower.loaded_task import load_task
 from masking.calibrate import load_masks
-from strategies.fedavg import weighted_average
+from strategies.fedavg import SeededFedAvg, sample_partitions, weighted_average
 from strategies.privacy import DpFedAvg, clipped
 
-from ..conftest import InProcessGrid, fl_cfg, run_in_process
+from ..conftest import InProcessGrid, PushPullGrid, fl_cfg, run_in_process
 
 pytestmark = pytest.mark.usefixtures("server_app_identity")  # these tests build Flower messages
 
 SHAPES = {"w": (6, 5), "b": (5,)}
+
+
+class EchoGrid(PushPullGrid):
+    """Clients whose update is their partition id in every entry, trained on `examples[pid]` images."""
+
+    def __init__(self, nodes, examples):
+        self.pid_of, self.examples = {node: pid for pid, node in nodes.items()}, examples
+
+    def answer(self, messages):
+        replies = []
+        for msg in messages:
+            pid = self.pid_of[msg.metadata.dst_node_id]
+            metrics = MetricRecord({"train_loss": 0.0, "num-examples": self.examples[pid], "partition-id": pid})
+            delta = ArrayRecord({"w": torch.full((2,), float(pid))})
+            replies.append(Message(RecordDict({"delta": delta, "metrics": metrics}), reply_to=msg))
+        return replies
 
 
 def _updates(seed: int, n: int = 5):
@@ -69,7 +85,7 @@ def test_a_clients_own_clipping_equals_flowers_client_mod():
 
 def test_the_noise_is_sigma_c_over_n_per_entry_and_drawn_from_seed_and_round(tmp_path):
     cfg = fl_cfg(tmp_path, "x", dp="server-fixed", **{"dp-noise-multiplier": 0.8, "dp-clipping-norm": 2.0})
-    privacy = DpFedAvg(cfg, {p: 300 for p in range(10)})
+    privacy = DpFedAvg(cfg)
     assert privacy.noise_std == pytest.approx(compute_stdv(0.8, 2.0, 3))  # Flower's formula, 3 clients a round
     draws = []
     for server_round in (4, 4, 5):
@@ -102,9 +118,9 @@ def test_each_row_states_the_epsilon_its_rounds_spend_and_a_killed_run_resumes_b
     assert all(torch.equal(a[k], b[k]) for k in a)
     spent = [r["epsilon"] for r in rows(whole)[1:]]
     assert all(x < y for x, y in zip(spent, spent[1:]))  # every round spends more
-    privacy = DpFedAvg(cut, {p: 300 for p in range(10)})
+    privacy = DpFedAvg(cut)
     assert spent == [privacy.epsilon(r) for r in range(1, 7)]
-    everyone = DpFedAvg(cut.replace(fraction_train=1.0), {p: 300 for p in range(10)})
+    everyone = DpFedAvg(cut.replace(fraction_train=1.0))
     assert privacy.epsilon(6) < everyone.epsilon(6)  # sampling 3 of 10 amplifies the privacy of a round
     assert all(0 <= r["clipped"] <= r["clients"] for r in rows(whole)[1:]) and sum(r["clipped"] for r in rows(whole)[1:]) > 0
 
@@ -123,7 +139,7 @@ def test_a_sparse_dp_run_noises_only_the_trainable_entries(tmp_path):
     assert (tmp_path / "sparse" / "DONE").exists()  # it learned through the noise, not diverged
 
 
-def test_what_dp_cannot_account_for_is_one_sentence_before_any_work(tmp_path):
+def test_what_dp_cannot_account_for_is_one_sentence_before_any_work():
     cases = {
         (("aggregation", "median"),): "dp='server-fixed' does not fit aggregation='median': its noise is calibrated "
                                       "to a mean of clipped updates; use aggregation='fedavg'.",
@@ -140,8 +156,15 @@ def test_what_dp_cannot_account_for_is_one_sentence_before_any_work(tmp_path):
         assert str(err.value) == "run-config " + sentence
     with pytest.raises(ConfigError, match=r"dp-noise-multiplier=0.0 is out of range; it must be > 0.0"):
         RunConfig.from_run_config({"dp": "server-fixed", "dp-noise-multiplier": 0.0})
-    uneven = fl_cfg(tmp_path, "uneven", dp="client-fixed", partition="dirichlet", **{"dirichlet-alpha": 0.3})
-    with pytest.raises(UserError, match=r"calibrates its noise to the mean of equally weighted updates .* hold \d+ to "
-                                        r"\d+ images; use partition='iid'"):
-        server_app.run(InProcessGrid(uneven), uneven)
-    assert not (tmp_path / "uneven" / "rows.jsonl").exists()  # refused before step 0
+
+
+def test_under_dp_every_client_of_a_round_weighs_the_same_whatever_its_shard():
+    nodes, examples = {pid: 1000 + pid for pid in range(10)}, {pid: 10 * (pid + 1) for pid in range(10)}
+    strategy = SeededFedAvg(seed=3, num_clients=10, per_round=4,
+                            federation=Federation(EchoGrid(nodes, examples), nodes, examples, 0, 5))
+    cfg = RunConfig.from_run_config({"num-clients": 10, "fraction-train": 0.4, "seed": 3, "dp": "server-fixed",
+                                     "dp-clipping-norm": 100.0, "dp-noise-multiplier": 1e-9})  # no clip, no noise
+    strategy.privacy = DpFedAvg(cfg)
+    delta, _ = strategy.train_round(1, {"w": torch.zeros(2)}, ConfigRecord())
+    sampled = sample_partitions(3, 1, 10, 4)
+    assert torch.allclose(delta["w"], torch.full((2,), sum(sampled) / 4), atol=1e-6)  # not weighted by 10 (p + 1)
