@@ -77,7 +77,7 @@ class FedAvg:
                  files: SharedFiles | None) -> SeededFedAvg:
         """The server hook: the strategy that runs every round (sampling, records, aggregation)."""
         strategy = SeededFedAvg(*self.strategy_args(cfg, federation, files))
-        strategy.privacy = DpFedAvg(cfg) if cfg.dp != "none" else None
+        strategy.privacy = DpFedAvg(cfg, task.state_shapes(), task.trainable_shapes()) if cfg.dp != "none" else None
         return strategy
 
     @staticmethod

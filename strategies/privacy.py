@@ -7,9 +7,10 @@ accountant (flwr.supercore.privacy_accounting.RdpAccountant over Google's dp-acc
     dp='client-fixed'   each client clips its own update (the server never sees it unclipped)
     then                the mean of the n updates of the round, each weighing the same (Flower's accounted mode
                         requires equal weights; with equal shards it is FedAvg's example-weighted mean), plus
-                        N(0, (sigma C / n)^2) on every entry that travels (sigma: dp-noise-multiplier)
+                        N(0, (sigma C / n)^2) on every entry the clients train (sigma: dp-noise-multiplier)
 
-Under a global mask only the trainable entries travel: the clipping and the noise act on them alone. The noise
+Under a global mask only the trainable entries travel: the clipping and the noise act on them alone. A dense update
+carries every tensor of the model: the noise goes on the ones the clients train (not a frozen head). The noise
 is drawn from (seed, round), so a resumed run adds the noise the uninterrupted one did. Each round is one
 release of the sampled Gaussian mechanism: n of the K clients sampled without replacement; the row's `epsilon`
 is what the run's rounds so far spend at `dp-delta`. What stays outside it: step 0 and mask calibration (every
@@ -19,11 +20,13 @@ client's ridge or logistic sums, Fisher scores, sent as computed), training metr
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from fed_app.config import RunConfig
+from fed_app.flower.wire import Form, Shapes, State, split_flat
 from fed_app.task.seeds import DP_NOISE, generator
 
 
@@ -45,7 +48,10 @@ def clipped(update: dict[str, Tensor], clipping_norm: float) -> tuple[dict[str, 
 class DpFedAvg:
     """The run's DP: who clips, the noise added to each round's mean, and the epsilon spent after a round."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, state_shapes: Shapes | None = None, trainable: Iterable[str] = ()):
+        # A dense update names every tensor of the model, the frozen head's too: the noise goes only on what the
+        # clients train (an entry no client can move carries nothing of theirs, and noise on it is pure damage).
+        self.state_shapes, self.trainable = state_shapes, frozenset(trainable)
         self.mode, self.seed = cfg.dp, cfg.seed
         self.noise_multiplier, self.clipping_norm, self.delta = cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.dp_delta
         self.per_round, self.num_clients = cfg.clients_per_round, cfg.num_clients
@@ -59,9 +65,13 @@ class DpFedAvg:
         """sigma C / n, Flower's compute_stdv."""
         return self.noise_multiplier * self.clipping_norm / self.per_round
 
-    def add_noise_(self, mean: dict[str, Tensor], server_round: int) -> None:
-        """N(0, noise_std^2) added in place to every entry of the round's mean update, drawn from (seed, round)
-        as one flat vector in the update's order (the same numbers whichever form the update took)."""
+    def add_noise_(self, mean: State, server_round: int) -> None:
+        """N(0, noise_std^2) added in place to every entry of the round's mean update that the clients train,
+        drawn from (seed, round) as one flat vector in the update's order (the same numbers whichever form the
+        update took): all of a global mask's flat trainable entries, a dense update's trainable tensors."""
+        if Form.VALUES not in mean and self.state_shapes is not None:
+            named = split_flat(mean[Form.FLAT], self.state_shapes) if Form.FLAT in mean else mean
+            mean = {n: v for n, v in named.items() if n in self.trainable}
         sizes = [v.numel() for v in mean.values()]
         noise = torch.randn(sum(sizes), generator=generator(torch.device("cpu"), self.seed, DP_NOISE, server_round))
         noise.mul_(self.noise_std)

@@ -16,6 +16,7 @@ from fed_app import server_app
 from fed_app.config import ConfigError, RunConfig
 from fed_app.flower.federation import Federation
 from fed_app.flower.loaded_task import load_task
+from fed_app.task.head import head_name
 from masking.calibrate import load_masks
 from strategies.fedavg import SeededFedAvg, sample_partitions, weighted_average
 from strategies.privacy import DpFedAvg, clipped
@@ -125,18 +126,26 @@ def test_each_row_states_the_epsilon_its_rounds_spend_and_a_killed_run_resumes_b
     assert all(0 <= r["clipped"] <= r["clients"] for r in rows(whole)[1:]) and sum(r["clipped"] for r in rows(whole)[1:]) > 0
 
 
-def test_a_sparse_dp_run_noises_only_the_trainable_entries(tmp_path):
-    cfg = fl_cfg(tmp_path, "sparse", dp="client-fixed", optimizer="sparse-sgdm", head="ridge", sparsity=0.8,
-                 **{"calibration-rounds": 1, "fisher-samples": 32, "dp-noise-multiplier": 2.0, "dp-clipping-norm": 0.05,
-                    "num-rounds": 2})
-    run_in_process(cfg)
+def test_dp_noise_reaches_only_what_the_clients_train_sparse_or_dense(tmp_path):
+    settings = {"dp": "client-fixed", "head": "logistic", "dp-noise-multiplier": 0.3, "dp-clipping-norm": 0.05,
+                "num-rounds": 2}
+    sparse = fl_cfg(tmp_path, "sparse", optimizer="sparse-sgdm", sparsity=0.8,
+                    **{"calibration-rounds": 1, "fisher-samples": 32}, **settings)
+    dense = fl_cfg(tmp_path, "dense", lr=0.005, **settings)  # the step-0 head frozen, as in the sparse control
+    for cfg in (sparse, dense):
+        run_in_process(cfg)
+        assert (tmp_path / cfg.run_dir / "DONE").exists()  # it learned through the noise, not diverged
+    initial = load_task(sparse).initial_state()
     masks = load_masks(tmp_path / "sparse" / "mask.pt")
     final = torch.load(tmp_path / "sparse" / "checkpoint.pt", weights_only=False)["model"]
-    initial = load_task(cfg).initial_state()
     for name, mask in masks.items():
         assert torch.equal(final[name][~mask], initial[name][~mask])  # the noise never reached a frozen entry
         assert not mask.any() or not torch.equal(final[name][mask], initial[name][mask])
-    assert (tmp_path / "sparse" / "DONE").exists()  # it learned through the noise, not diverged
+    dense_final = torch.load(tmp_path / "dense" / "checkpoint.pt", weights_only=False)["model"]
+    head = head_name(load_task(dense).model)
+    assert any(not torch.equal(t, initial[n]) for n, t in dense_final.items() if not n.startswith(head))  # trained
+    # the frozen head is step 0's in both runs (the same logistic fit): the noise on the dense update left it alone
+    assert all(torch.equal(t, final[n]) for n, t in dense_final.items() if n.startswith(head))
 
 
 def test_what_dp_cannot_account_for_is_one_sentence_before_any_work():
