@@ -10,6 +10,7 @@ import pandas as pd
 
 from experiments.cost import accuracy_against_cost
 from experiments.figures import client_classes, make_figures, mask_layers, methods_figure
+from experiments.threat_figures import threat_figures
 from experiments.manifest import load_manifest
 from experiments.methods import level_and_method_order, methods_by_level
 from experiments.paired import paired_differences, paired_table
@@ -123,6 +124,7 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
     learned = summary[summary["diverged"].isna()]  # a diverged run's numbers are drawn nowhere
     drawn = df[df["run_id"].isin(learned["run_id"])]
     made = make_figures(drawn, learned, axes, figures)
+    made += threat_figures(summary, axes, figures)  # they show diverged runs as such
     made += client_classes(results_dir, figures)
     made += [p for p in [mask_layers(results_dir, figures, learned["run_id"]), accuracy_against_cost(drawn, axes, figures)]
              if p is not None]

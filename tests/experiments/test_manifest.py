@@ -66,8 +66,15 @@ def test_the_shipped_studies_have_the_sizes_seeds_and_controls_the_protocol_stat
     assert all((c.head, c.freeze_head) == ("logistic", False) for c in baselines)  # one protocol for the baselines
     assert min(r.cfg.lr for r in loaded["centralized_search"].runs) == 0.0001
     # every tuning manifest tunes at the horizon of the studies that take its values
-    assert {r.cfg.num_rounds for n in ("fedavg_lr", "sparse_lr", "remedies_tuning", "noniid_lr")
-            for r in loaded[n].runs} == {200}
+    assert {r.cfg.num_rounds for n in ("fedavg_lr", "sparse_lr", "remedies_tuning", "noniid_lr", "privacy_tuning",
+                                       "robustness_tuning") for r in loaded[n].runs} == {200}
+    # privacy and robustness: each arm (dense, sparse; each rule) at its own values, the same frozen head for all
+    assert counts["privacy_tuning"] == 2 * 2 * 3 * 4 + 2 * 2 * 3 and counts["privacy"] == (2 * 2 * 4 + 2 * 2) * 3
+    assert counts["robustness_tuning"] == 5 * 2 * 3 and counts["robustness"] == 5 * 2 * (1 + 3) * 3
+    assert loaded["privacy"].control == {"dp": "none"} and loaded["robustness"].control == {"aggregation": "fedavg"}
+    threats = [r.cfg for n in ("privacy_tuning", "privacy", "robustness_tuning", "robustness") for r in loaded[n].runs]
+    assert all((c.head, c.freeze_head) == ("logistic", True) for c in threats)
+    assert {c.attack_fraction for c in threats if c.attack != "none"} == {0.2}
     assert {r.cfg.epochs for n in ("sparse_centralized_lr", "sparse_centralized") for r in loaded[n].runs} == {10}
 
 

@@ -281,3 +281,61 @@ def test_a_dp_grid_reports_the_epsilon_each_configuration_spent(tmp_path):
     assert summary.loc["federated-2.0-1", "epsilon"] == 1.25  # at the checkpoint the rule selected
     assert "| epsilon |" in text and "| 9.5 |" in text and "| 1.25 |" in text
     assert "clipped" not in pd.read_csv(tmp_path / "by_config.csv").columns  # a metric, not a configuration key
+
+
+def _threat_summary():
+    """Two optimizers x noise multipliers {1, 4} x seeds {1, 2}, with their runs without DP; sgdm at 4 diverges
+    at seed 2 (and spent less: it stopped early)."""
+    runs = []
+    for opt, base in (("sgdm", 0.60), ("sparse-sgdm", 0.65)):
+        for seed in (1, 2):
+            runs.append({"optimizer": opt, "seed": seed, "dp": "none", "dp_noise_multiplier": None,
+                         "epsilon": None, "test_accuracy": base + 0.1, "diverged": None})
+            for sigma, eps, loss in ((1.0, 8.0, 0.05), (4.0, 1.0, 0.30)):
+                gone = opt == "sgdm" and sigma == 4.0 and seed == 2
+                runs.append({"optimizer": opt, "seed": seed, "dp": "server-fixed", "dp_noise_multiplier": sigma,
+                             "epsilon": 0.4 if gone else eps, "test_accuracy": 0.1 if gone else base - loss + 0.01 * seed,
+                             "diverged": "val_loss stayed above" if gone else None})
+    return pd.DataFrame(runs).assign(kind="federated", run_id=[f"r{i}" for i in range(len(runs))])
+
+
+def test_a_dp_grid_draws_accuracy_against_the_epsilon_spent_beside_each_arm_without_dp(monkeypatch, tmp_path):
+    from experiments import threat_figures
+
+    closed = []
+    monkeypatch.setattr(threat_figures.plt, "close", lambda fig=None: closed.append(fig))
+    summary = _threat_summary()
+    (path,) = threat_figures.threat_figures(summary, ["dp", "dp_noise_multiplier", "optimizer", "seed"], tmp_path)
+    ax = closed[-1].axes[0]
+    assert path.name == "accuracy_against_epsilon.png" and ax.get_xscale() == "log"
+    curves = {c.get_label(): c.lines[0] for c in ax.containers}  # the errorbar plots
+    sgdm, sparse = curves["optimizer=sgdm"], curves["optimizer=sparse-sgdm"]
+    assert list(sgdm.get_xdata()) == [1.0, 8.0] and list(sparse.get_xdata()) == [1.0, 8.0]  # not the diverged 0.4
+    assert list(sgdm.get_ydata()) == pytest.approx([100 * (0.30 + 0.01), 100 * (0.55 + 0.015)])  # seed 1 only at 4
+    assert list(sparse.get_ydata()) == pytest.approx([100 * 0.365, 100 * 0.615])
+    controls = {line.get_label(): line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"}
+    assert controls == pytest.approx({"optimizer=sgdm, no DP": 70.0, "optimizer=sparse-sgdm, no DP": 75.0})
+    assert [t.get_text() for t in ax.texts] == ["1 diverged"]
+
+
+def test_rules_and_attacks_draw_one_heatmap_per_optimizer_with_the_diverged_runs_counted(monkeypatch, tmp_path):
+    from experiments import threat_figures
+
+    closed = []
+    monkeypatch.setattr(threat_figures.plt, "close", lambda fig=None: closed.append(fig))
+    runs = [{"aggregation": rule, "attack": attack, "attack_fraction": None if attack == "none" else 0.2,
+             "optimizer": opt, "seed": seed, "test_accuracy": acc + 0.01 * seed,
+             "diverged": "blew up" if acc == 0 else None}
+            for opt in ("sgdm", "sparse-sgdm") for seed in (1, 2)
+            for rule, attack, acc in (("fedavg", "none", 0.7), ("fedavg", "sign-flip", 0.0), ("median", "none", 0.6),
+                                      ("median", "sign-flip", 0.5))]
+    summary = pd.DataFrame(runs).assign(kind="federated")
+    axes = ["aggregation", "attack", "attack_fraction", "optimizer", "seed"]
+    (path,) = threat_figures.threat_figures(summary, axes, tmp_path)
+    assert path.name == "accuracy_by_rule_and_attack.png"
+    panels = [ax for ax in closed[-1].axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["optimizer=sgdm", "optimizer=sparse-sgdm"]
+    cells = [t.get_text() for t in panels[0].texts]  # rows fedavg, median; columns none, sign-flip 20%
+    assert cells == ["71.5\n±0.7", "2 diverged", "61.5\n±0.7", "51.5\n±0.7"]
+    assert [t.get_text() for t in panels[0].get_xticklabels()] == ["none", "sign-flip 20%"]
+    assert threat_figures.threat_figures(summary[summary["attack"] == "none"], axes, tmp_path) == []
