@@ -61,7 +61,8 @@ def varying(df: pd.DataFrame) -> list[str]:
 def _is_metric(column: str) -> bool:
     return column.startswith(("train_", "val_", "test_", "bytes_", "wall_", "round_time", "learning_rate",
                               "density", "clients", "client_loss", "client_accuracy", "task_", "head_temperature", "head_loss", "head_evaluations",
-                              "head_gradient", "step0_", "profile_", "epsilon", "attackers", "clipped"))
+                              "head_gradient", "step0_", "profile_", "epsilon", "attackers", "clipped",
+                              "clipping_norm"))
 
 
 def checkpoint_row(g: pd.DataFrame, rule: str) -> pd.Series | None:

@@ -22,7 +22,7 @@ ONLY_FOR_KIND: dict[str, frozenset[str]] = {
                             "aggregation", "prox_mu", "client_algorithm", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
                             "server_beta2", "server_tau", "num_malicious_clients", "multi_krum_selected", "trim_beta", "attack",
                             "attack_fraction", "attack_scale", "dp", "dp_noise_multiplier", "dp_clipping_norm",
-                            "dp_delta"}),
+                            "dp_delta", "dp_target_quantile", "dp_clip_lr", "dp_clipped_count_stddev"}),
 }
 SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")
 ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping, e.g. a saved config.json)
@@ -60,6 +60,9 @@ ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping
     "dp_noise_multiplier": lambda c: c["dp"] != "none",
     "dp_clipping_norm": lambda c: c["dp"] != "none",
     "dp_delta": lambda c: c["dp"] != "none",
+    "dp_target_quantile": lambda c: c["dp"].endswith("adaptive"),
+    "dp_clip_lr": lambda c: c["dp"].endswith("adaptive"),
+    "dp_clipped_count_stddev": lambda c: c["dp"].endswith("adaptive"),
 }
 
 # Keys a registered entry declares it reads (its `settings`), by the run-config key that picks the entry: they

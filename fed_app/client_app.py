@@ -76,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
     reply = METHODS.get(cfg.client_algorithm).client_train(
         task, TrainRequest(state, pid, int(config[Key.SERVER_ROUND]), msg.content, masks, folder))
     delta, content = reply.delta, dict(reply.extra)
-    flags = _attack_or_clip_(cfg, task, pid, int(config[Key.SERVER_ROUND]), delta)
+    flags = _attack_or_clip_(cfg, task, pid, int(config[Key.SERVER_ROUND]), delta, config.get(Key.CLIPPING_NORM))
     trained = time.perf_counter()
     payload = {Form.VALUES: gather_trainable(delta, masks)} if masks else model_payload(delta, folder is not None)
     content.update(carry(Key.DELTA, payload, folder))
@@ -88,18 +88,19 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict(content), reply_to=msg)
 
 
-def _attack_or_clip_(cfg: RunConfig, task: LoadedTask, pid: int, server_round: int, delta: dict) -> dict[str, int]:
-    """A malicious client (attack != 'none') replaces its delta by its attack; under dp='client-fixed' an honest one
-    clips it (fed_app/task/attacks.py, strategies/privacy.py). In place: the delta is views of the reply buffer.
-    The reply's flags: whether it attacked, whether it was clipped."""
+def _attack_or_clip_(cfg: RunConfig, task: LoadedTask, pid: int, server_round: int, delta: dict,
+                     clipping_norm: float | None) -> dict[str, int]:
+    """A malicious client (attack != 'none') replaces its delta by its attack; under client-side DP an honest one
+    clips it to the round's `clipping_norm` (fed_app/task/attacks.py, strategies/privacy.py). In place: the delta
+    is views of the reply buffer. The reply's flags: whether it attacked, whether it was clipped."""
     flags = {}
     attacks = task.attacks(pid)
     if cfg.attack != "none":
         flags[Key.ATTACKER] = int(attacks)
         if attacks and cfg.attack in UPDATE_ATTACKS:
             poison_(cfg.attack, cfg.attack_scale, delta, cfg.seed, server_round, pid)
-    if cfg.dp == "client-fixed":
-        scale = 1.0 if attacks else clip_scale(delta, cfg.dp_clipping_norm)  # an attacker does not clip
+    if clipping_norm is not None:  # client-side DP
+        scale = 1.0 if attacks else clip_scale(delta, float(clipping_norm))  # an attacker does not clip
         if scale < 1.0:
             for value in delta.values():
                 value.mul_(scale)

@@ -38,7 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mask_aggregation": ("scores", "vote", "intersection", "union", "vote-rank"),
     "client_algorithm": ("fedavg", "scaffold"),
     "attack": ("none", "sign-flip", "scaled", "gaussian", "label-flip"),
-    "dp": ("none", "server-fixed", "client-fixed"),
+    "dp": ("none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"),
 }
 # Keys whose values may also be names that a module in `plugins` registered (fed_app/registry.py).
 REGISTERED = {"mask_rule": "MASK_RULES", "client_objective": "OBJECTIVES", "aggregation": "AGGREGATIONS",
@@ -97,6 +97,9 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "dp_noise_multiplier": (0.0, True),
     "dp_clipping_norm": (0.0, True),
     "dp_delta": (0.0, True),
+    "dp_target_quantile": (0.0, False),
+    "dp_clip_lr": (0.0, True),
+    "dp_clipped_count_stddev": (0.0, False),
 }
 
 
@@ -115,6 +118,7 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
     "trim_beta": (0.5, True),
     "attack_fraction": (1.0, True),
     "dp_delta": (1.0, True),
+    "dp_target_quantile": (1.0, False),
 }
 
 
@@ -124,7 +128,8 @@ NOT_RESULTS = frozenset({"run_dir", "transport", "tracker", "claim_token", "sess
 # Keys added after run ids were first given, with their defaults: at the default a key stays out of the id.
 ADDED_LATER = {"num_malicious_clients": 0, "multi_krum_selected": 1, "trim_beta": 0.2, "attack": "none",
                "attack_fraction": 0.0, "attack_scale": 10.0, "dp": "none", "dp_noise_multiplier": 1.0,
-               "dp_clipping_norm": 1.0, "dp_delta": 1e-5}
+               "dp_clipping_norm": 1.0, "dp_delta": 1e-5, "dp_target_quantile": 0.5, "dp_clip_lr": 0.2,
+               "dp_clipped_count_stddev": 0.0}
 
 # Keys that the commands set in Flower's run config for the ServerApp (the one way into it), not a run's
 # settings, so not RunConfig's: the claim the command holds on the run (fed_app/runs/claims.py), which the
@@ -218,8 +223,11 @@ class RunConfig:
     # client-level differential privacy, as Flower's wrappers (strategies/privacy.py)
     dp: str = "none"
     dp_noise_multiplier: float = 1.0  # sigma: the noise's std is sigma x dp-clipping-norm / clients a round
-    dp_clipping_norm: float = 1.0  # C: each client's update is scaled down to at most this L2 norm
+    dp_clipping_norm: float = 1.0  # C: each client's update is scaled down to at most this L2 norm (adaptive: at first)
     dp_delta: float = 1e-5  # the delta at which each row's epsilon is stated
+    dp_target_quantile: float = 0.5  # adaptive: the share of updates C should leave unclipped (Andrew et al.)
+    dp_clip_lr: float = 0.2  # adaptive: C <- C exp(-lr (noisy unclipped share - target)) after each round
+    dp_clipped_count_stddev: float = 0.0  # adaptive: the noise on the count of unclipped updates; 0: n / 20 (Flower's)
     # federated method (strategies/method.py: its hooks, checks and the keys it reads): 'fedavg' or 'scaffold'
     client_algorithm: str = "fedavg"
     prox_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to the client objective

@@ -56,3 +56,9 @@ def _check_privacy(cfg: RunConfig) -> None:
         if bad:
             value = getattr(cfg, to_snake(key))
             raise ConfigError(f"run-config dp={cfg.dp!r} does not fit {key}={value!r}: {why}; use {fix}.")
+    count_stddev = cfg.dp_clipped_count_stddev or cfg.clients_per_round / 20
+    if cfg.dp.endswith("adaptive") and cfg.dp_noise_multiplier >= 2 * count_stddev:
+        raise ConfigError(f"run-config dp={cfg.dp!r} splits dp-noise-multiplier={cfg.dp_noise_multiplier} between the "
+                          f"update and the count of unclipped updates, and a count noise of {count_stddev:g} leaves "
+                          f"none for the update; set dp-clipped-count-stddev above {cfg.dp_noise_multiplier / 2:g} "
+                          f"(e.g. {cfg.dp_noise_multiplier:g}) or lower dp-noise-multiplier.")

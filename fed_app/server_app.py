@@ -176,7 +176,7 @@ class Rounds:
         row = {"learning_rate": client_lr(self.cfg, server_round), "train_loss": metrics["train_loss"],
                "clients": metrics["clients"], "task_builds": metrics["task_builds"],
                "bytes_sent": metrics["bytes_sent"], "bytes_received": metrics["bytes_received"]}
-        row.update({k: metrics[k] for k in ("attackers", "clipped") if k in metrics})
+        row.update({k: metrics[k] for k in ("attackers", "clipped", "clipping_norm") if k in metrics})
         if self.strategy.privacy is not None:  # what the rounds so far spend (strategies/privacy.py)
             row["epsilon"] = self.strategy.privacy.epsilon(server_round)
         self.phases = {k: float(v) for k, v in metrics.items() if k.startswith("time_")}

@@ -172,12 +172,15 @@ class SeededFedAvg:
 
     def state_dict(self) -> dict:
         """What the strategy carries from round to round, for the run's checkpoint (beside the model)."""
-        opt = self.server_optimizer
-        return {"server_optimizer": opt.state_dict()} if opt is not None else {}
+        opt, privacy = self.server_optimizer, self.privacy
+        return {**({"server_optimizer": opt.state_dict()} if opt is not None else {}),
+                **({"privacy": privacy.state_dict()} if privacy is not None and privacy.adaptive else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if self.server_optimizer is not None:
             self.server_optimizer.load_state_dict(state["server_optimizer"])
+        if self.privacy is not None and self.privacy.adaptive:
+            self.privacy.load_state_dict(state["privacy"])
 
     def use_masks(self, plan: MaskPlan | None, compact: bool = False) -> None:
         """Train messages carry each partition's mask (one record for a global mask); with `compact`, the
@@ -217,6 +220,8 @@ class SeededFedAvg:
         phase = PHASES[str(config.get(Key.PHASE, ""))]
         pids = sample_partitions(self.seed, server_round, self.num_clients, self.per_round, phase)
         config[Key.SERVER_ROUND] = server_round
+        if self.privacy is not None and not self.privacy.clips_on_server:  # the clients clip at this round's C
+            config[Key.CLIPPING_NORM] = self.privacy.clipping_norm
         base = {**carry(Key.ARRAYS, arrays, self.files.root if self.files else None), Key.CONFIG: config}
         if phase != Phase.TRAIN or not self.mask_records:
             return {p: RecordDict(base) for p in pids}
@@ -266,7 +271,9 @@ class SeededFedAvg:
         answered = time.perf_counter()
         delta, metrics = total.result()
         if self.privacy is not None:
+            metrics["clipping_norm"] = self.privacy.clipping_norm  # this round's C, before an adaptive step
             self.privacy.add_noise_(delta, server_round)
+            self.privacy.end_round_(int(metrics["clipped"]), int(metrics["clients"]), server_round)
         metrics["bytes_sent"], metrics["bytes_received"] = exchange.bytes_sent, exchange.bytes_received
         metrics["time_send"], metrics["time_exchange"] = sent - started, answered - sent  # seconds, by phase
         metrics["time_aggregate"] = time.perf_counter() - answered  # what was left to add after the last reply

@@ -1,10 +1,13 @@
 """Client-level differential privacy for FedAvg (DP-FedAvg, McMahan et al. 2018), term for term as Flower's
 strategy wrappers do it (flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping and
-DifferentialPrivacyClientSideFixedClipping with its client mod), and the privacy it spends, by Flower's own
-accountant (flwr.supercore.privacy_accounting.RdpAccountant over Google's dp-accounting).
+DifferentialPrivacyClientSideFixedClipping with its client mod; the adaptive ones but for C's step, see
+`end_round_`), and the privacy it spends, by Flower's own accountant (flwr.supercore.privacy_accounting's
+RdpAccountant over Google's dp-accounting).
 
     dp='server-fixed'   the server clips every update to L2 norm C (dp-clipping-norm)
     dp='client-fixed'   each client clips its own update (the server never sees it unclipped)
+    dp='*-adaptive'     the same, C moving after each round towards the dp-target-quantile of the update norms
+                        (Andrew et al. 2021; see `end_round_`)
     then                the mean of the n updates of the round, each weighing the same (Flower's accounted mode
                         requires equal weights; with equal shards it is FedAvg's example-weighted mean), plus
                         N(0, (sigma C / n)^2) on every entry the clients train (sigma: dp-noise-multiplier)
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from fed_app.config import RunConfig
 from fed_app.flower.wire import Form, Shapes, State, split_flat
-from fed_app.task.seeds import DP_NOISE, generator
+from fed_app.task.seeds import DP_COUNT, DP_NOISE, generator
 
 
 def clip_scale(update: dict[str, Tensor], clipping_norm: float) -> float:
@@ -55,15 +58,41 @@ class DpFedAvg:
         self.mode, self.seed = cfg.dp, cfg.seed
         self.noise_multiplier, self.clipping_norm, self.delta = cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.dp_delta
         self.per_round, self.num_clients = cfg.clients_per_round, cfg.num_clients
+        self.adaptive = cfg.dp.endswith("adaptive")
+        self.target_quantile, self.clip_lr = cfg.dp_target_quantile, cfg.dp_clip_lr
+        self.count_stddev = cfg.dp_clipped_count_stddev or self.per_round / 20  # Flower's default
+        # Adaptive: sigma is split between the update and the count, so that the two releases together cost what
+        # one Gaussian release at sigma does (Andrew et al., Theorem 1; Flower's compute_adaptive_noise_params).
+        self.update_noise_multiplier = (self.noise_multiplier ** -2 - (2 * self.count_stddev) ** -2) ** -0.5 \
+            if self.adaptive else self.noise_multiplier
 
     @property
     def clips_on_server(self) -> bool:
-        return self.mode == "server-fixed"
+        return self.mode.startswith("server")
 
     @property
     def noise_std(self) -> float:
-        """sigma C / n, Flower's compute_stdv."""
-        return self.noise_multiplier * self.clipping_norm / self.per_round
+        """sigma C / n, Flower's compute_stdv (adaptive: the update's share of sigma, at this round's C)."""
+        return self.update_noise_multiplier * self.clipping_norm / self.per_round
+
+    def end_round_(self, clipped: int, clients: int, server_round: int) -> None:
+        """Adaptive clipping's step after a round's noise: C <- C exp(-lr (b - target)), b the share of the round's
+        updates left unclipped, counted with N(0, count_stddev^2) noise drawn from (seed, round). Too many
+        clipped: b below the target, C grows. (Flower 1.42's wrappers put the clipped share in b's place, which
+        moves C the other way: shrinking it when most updates are clipped; and they noise the mean at the new C,
+        where the updates were clipped at the old one, as the paper does not.) A fixed C does not move."""
+        if not self.adaptive:
+            return
+        g = generator(torch.device("cpu"), self.seed, DP_COUNT, server_round)
+        unclipped = (clients - clipped + float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_stddev)
+        self.clipping_norm *= math.exp(-self.clip_lr * (unclipped / clients - self.target_quantile))
+
+    def state_dict(self) -> dict:
+        """What moves from round to round (an adaptive C), for the run's checkpoint."""
+        return {"clipping_norm": self.clipping_norm}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clipping_norm = float(state["clipping_norm"])
 
     def add_noise_(self, mean: State, server_round: int) -> None:
         """N(0, noise_std^2) added in place to every entry of the round's mean update that the clients train,

@@ -38,6 +38,7 @@ class Key:
     TIME_READ, TIME_TRAIN, TIME_WRITE = "time-read", "time-train", "time-write"  # a train reply's phases (s)
     ATTACKER = "attacker"  # a train reply under attack != 'none': 1 if a malicious client sent it
     CLIPPED = "clipped"  # a train reply under dp != 'none': 1 if its update was clipped
+    CLIPPING_NORM = "clipping-norm"  # the train config under client-side DP: the round's clipping norm C
 
 
 class Form:

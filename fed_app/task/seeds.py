@@ -16,6 +16,7 @@ uninterrupted one would.
     which clients attack (attack != 'none')     (seed, ATTACKERS)
     a Gaussian attacker's noise in round t      (seed, ATTACK_NOISE, t, partition id)
     differential privacy's noise in round t     (seed, DP_NOISE, t)
+    adaptive clipping's count noise in round t  (seed, DP_COUNT, t)
 
 The step-0 stream tags lie above any epoch or round number, so no two kinds of draw share a key.
 """
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 STEP0_HEAD, FISHER_IMAGES, FISHER_LABELS = 2**31 + 1, 2**31 + 2, 2**31 + 3
-ATTACKERS, ATTACK_NOISE, DP_NOISE = 2**31 + 4, 2**31 + 5, 2**31 + 6
+ATTACKERS, ATTACK_NOISE, DP_NOISE, DP_COUNT = 2**31 + 4, 2**31 + 5, 2**31 + 6, 2**31 + 7
 
 
 class Phase(IntEnum):

@@ -100,9 +100,10 @@ def test_the_noise_is_sigma_c_over_n_per_entry_and_drawn_from_seed_and_round(tmp
     assert torch.equal(flat["all"], draws[0])
 
 
-def test_each_row_states_the_epsilon_its_rounds_spend_and_a_killed_run_resumes_bit_for_bit(tmp_path):
-    settings = {"dp": "server-fixed", "dp-noise-multiplier": 1.1, "dp-clipping-norm": 0.5, "num-rounds": 6,
-                "checkpoint-every": 2, "eval-every": 2}
+@pytest.mark.parametrize("dp", ["server-fixed", "client-adaptive"])
+def test_each_row_states_the_epsilon_its_rounds_spend_and_a_killed_run_resumes_bit_for_bit(tmp_path, dp):
+    settings = {"dp": dp, "dp-noise-multiplier": 1.1, "dp-clipping-norm": 0.5, "num-rounds": 6,
+                "checkpoint-every": 2, "eval-every": 2, "dp-clipped-count-stddev": 1.0}
     whole = run_in_process(fl_cfg(tmp_path, "whole", **settings))
     cut = fl_cfg(tmp_path, "cut", **settings)
     with pytest.raises(RuntimeError, match="the federation went away"):
@@ -124,6 +125,8 @@ def test_each_row_states_the_epsilon_its_rounds_spend_and_a_killed_run_resumes_b
     everyone = DpFedAvg(cut.replace(fraction_train=1.0))
     assert privacy.epsilon(6) < everyone.epsilon(6)  # sampling 3 of 10 amplifies the privacy of a round
     assert all(0 <= r["clipped"] <= r["clients"] for r in rows(whole)[1:]) and sum(r["clipped"] for r in rows(whole)[1:]) > 0
+    norms = [r["clipping_norm"] for r in rows(whole)[1:]]  # each round's C: adaptive moves it, resumed alike
+    assert (len(set(norms)) == 6) == (dp == "client-adaptive") and norms[0] == 0.5
 
 
 def test_dp_noise_reaches_only_what_the_clients_train_sparse_or_dense(tmp_path):
@@ -148,6 +151,36 @@ def test_dp_noise_reaches_only_what_the_clients_train_sparse_or_dense(tmp_path):
     assert all(torch.equal(t, final[n]) for n, t in dense_final.items() if n.startswith(head))
 
 
+def test_adaptive_clipping_grows_c_when_most_updates_are_clipped_where_flowers_wrapper_shrinks_it():
+    start, deltas = _updates(3)  # norms about 1.6 to 8, all above C = 1
+    wrapper = flower.DifferentialPrivacyServerSideAdaptiveClipping(flower.FedAvg(), noise_multiplier=0.0,
+                                                                   num_sampled_clients=5, initial_clipping_norm=1.0)
+    wrapper.current_arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
+    replies = []
+    for delta in deltas:
+        sent = Message(RecordDict(), dst_node_id=1, message_type="train")
+        model = ArrayRecord({k: Array(start[k] + delta[k]) for k in SHAPES})
+        replies.append(Message(RecordDict({"arrays": model, "metrics": MetricRecord({"num-examples": 10})}),
+                               reply_to=sent))
+    theirs, _ = wrapper.aggregate_train(1, replies)
+    cfg = RunConfig.from_run_config({"num-clients": 5, "fraction-train": 1.0, "dp": "server-adaptive",
+                                     "dp-clipping-norm": 1.0, "dp-noise-multiplier": 1e-12,
+                                     "dp-clipped-count-stddev": 1e-11})  # the noise negligible, as Flower's 0
+    ours = DpFedAvg(cfg)
+    clipped_updates = [clipped({k: torch.from_numpy(v) for k, v in d.items()}, ours.clipping_norm) for d in deltas]
+    mean = weighted_average([u for u, _ in clipped_updates], [10] * 5)
+    for k in SHAPES:  # the same clipping and mean, at the round's C
+        np.testing.assert_allclose(start[k] + mean[k].numpy(), theirs[k].numpy(), rtol=1e-5, atol=1e-6)
+    ours.end_round_(sum(was for _, was in clipped_updates), 5, 1)
+    assert ours.clipping_norm == pytest.approx(np.exp(0.2 * 0.5))  # none unclipped, target 0.5: C grows
+    assert wrapper.clipping_norm == pytest.approx(np.exp(-0.2 * 0.5))  # Flower's: the clipped share in its place
+    for _ in range(30):  # and settles where half the updates are clipped
+        ours.end_round_(sum(clipped(u, ours.clipping_norm)[1] for u in [{k: torch.from_numpy(v) for k, v in d.items()}
+                                                                      for d in deltas]), 5, 2)
+    norms = sorted(np.sqrt(sum(np.square(v).sum() for v in d.values())) for d in deltas)
+    assert norms[1] <= ours.clipping_norm <= norms[3]
+
+
 def test_what_dp_cannot_account_for_is_one_sentence_before_any_work():
     cases = {
         (("aggregation", "median"),): "dp='server-fixed' does not fit aggregation='median': its noise is calibrated "
@@ -163,6 +196,11 @@ def test_what_dp_cannot_account_for_is_one_sentence_before_any_work():
         with pytest.raises(ConfigError) as err:
             RunConfig.from_run_config({"dp": "server-fixed", **dict(pairs)})
         assert str(err.value) == "run-config " + sentence
+    with pytest.raises(ConfigError) as err:  # 10 clients a round: Flower's count noise 0.5 leaves sigma < 1
+        RunConfig.from_run_config({"dp": "client-adaptive", "num-clients": 100, "fraction-train": 0.1})
+    assert str(err.value) == ("run-config dp='client-adaptive' splits dp-noise-multiplier=1.0 between the update and "
+                              "the count of unclipped updates, and a count noise of 0.5 leaves none for the update; "
+                              "set dp-clipped-count-stddev above 0.5 (e.g. 1) or lower dp-noise-multiplier.")
     with pytest.raises(ConfigError, match=r"dp-noise-multiplier=0.0 is out of range; it must be > 0.0"):
         RunConfig.from_run_config({"dp": "server-fixed", "dp-noise-multiplier": 0.0})
 
