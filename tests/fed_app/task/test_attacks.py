@@ -61,8 +61,8 @@ def test_each_row_counts_the_rounds_attackers_and_the_attack_changes_the_run(tmp
     server_app.run(InProcessGrid(honest), honest)
     theirs = [json.loads(line) for line in (tmp_path / "honest" / "rows.jsonl").read_text().splitlines()]
     assert "attackers" not in theirs[1]
-    if any(r["attackers"] for r in rows[1:]):
-        assert rows[-1]["val_loss"] != theirs[-1]["val_loss"]
+    assert any(r["attackers"] for r in rows[1:])  # seed 42 samples attackers in these rounds
+    assert rows[-1]["val_loss"] != theirs[-1]["val_loss"]
 
 
 def test_settings_that_attack_nobody_are_one_sentence():
