@@ -44,7 +44,10 @@ def test_the_session_folder_hands_over_runs_and_ends_on_stop_or_when_the_command
 @pytest.mark.slow
 def test_runs_in_one_session_end_as_alone_and_a_failed_run_ends_the_session(tmp_path, flower_session):
     first = _cfg(tmp_path, "first", seed=1)
-    second = _cfg(tmp_path, "second", seed=2, partition="noniid", **{"classes-per-client": 20})
+    # the second run also takes client-side adaptive DP and label-flipping attackers through the session
+    second = _cfg(tmp_path, "second", seed=2, partition="noniid", dp="client-adaptive", attack="label-flip",
+                  **{"classes-per-client": 20, "attack-fraction": 0.2, "dp-noise-multiplier": 0.3,
+                     "dp-clipping-norm": 0.5, "dp-clipped-count-stddev": 1.0})
     refused = _cfg(tmp_path, "refused", seed=3)
     after = _cfg(tmp_path, "after", seed=4)
     alone = second.replace(run_dir=str(tmp_path / "alone"))
@@ -62,6 +65,7 @@ def test_runs_in_one_session_end_as_alone_and_a_failed_run_ends_the_session(tmp_
         assert (tmp_path / name / "DONE").exists()
         assert all(r["task_builds"] == 1 for r in _rows(tmp_path / name)[1:])  # each run's task built once
     assert _rows(tmp_path / "second") == _rows(tmp_path / "alone")  # as if the run had been alone
+    assert all({"epsilon", "clipping_norm", "attackers"} <= set(r) for r in _rows(tmp_path / "second")[1:])
     a = torch.load(tmp_path / "second" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "alone" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
