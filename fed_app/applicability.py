@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fed_app.config import CHOICES, RunConfig
+from fed_app.config import RunConfig
+from fed_app.config_values import CHOICES
 from fed_app.registry import AGGREGATIONS, MASK_RULES, METHODS, SERVER_OPTIMIZERS
 
 # Keys that shape only one kind of run, and keys that shape a run only when another key says so.

@@ -1,5 +1,6 @@
-"""RunConfig: every run-config key, its type, default and check (the text of keys and values, and the sentences
-for bad ones, are fed_app/config_text.py's)."""
+"""RunConfig: every run-config key, its type and default, its id and how it is read (the values each key takes:
+fed_app/config_values.py; combinations: config_checks.py; the text of keys and values and the sentences for bad
+ones: config_text.py)."""
 
 from __future__ import annotations
 
@@ -10,117 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from fed_app import registry
 from fed_app.config_checks import check_combinations
 from fed_app.config_text import (ConfigError, bad_pair_message, coerce, to_kebab, to_snake,  # noqa: F401 (re-exported)
                                  unknown_key_message)
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": ("cifar100", "cifar10", "imagefolder", "synthetic", "digits"),
-    "model": ("vit-small-dino", "vit-tiny-test"),
-    "precision": ("auto", "bf16", "fp32"),
-    "device": ("auto", "cpu", "cuda"),
-    "scheduler": ("cosine", "warmup-cosine", "step", "exponential", "constant"),
-    "optimizer": ("sgdm", "sparse-sgdm"),
-    "head": ("none", "train", "logistic", "ridge"),
-    "mask_rule": ("least-sensitive", "most-sensitive", "lowest-magnitude", "highest-magnitude", "random"),
-    "fisher_mode": ("sampled", "empirical", "batch"),
-    "mask_threshold": ("per-layer", "global"),
-    "partition": ("iid", "noniid", "dirichlet"),
-    "on_client_failure": ("retry", "fail"),
-    "transport": ("files", "messages"),
-    "mask_scope": ("global", "local"),
-    "round_scheduler": ("constant", "cosine"),
-    "client_objective": ("cross-entropy",),
-    "aggregation": ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"),
-    "tracker": ("none", "tensorboard", "wandb"),
-    "server_optimizer": ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"),
-    "mask_aggregation": ("scores", "vote", "intersection", "union", "vote-rank"),
-    "client_algorithm": ("fedavg", "scaffold"),
-    "attack": ("none", "sign-flip", "scaled", "gaussian", "label-flip"),
-    "dp": ("none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"),
-}
-# Keys whose values may also be names that a module in `plugins` registered (fed_app/registry.py).
-REGISTERED = {"mask_rule": "MASK_RULES", "client_objective": "OBJECTIVES", "aggregation": "AGGREGATIONS",
-              "client_algorithm": "METHODS", "server_optimizer": "SERVER_OPTIMIZERS"}
-
-# (lowest allowed, whether the lowest is excluded); checked for numeric fields named here.
-LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
-    "val_size": (0, False),
-    "synthetic_train_size": (1, False),
-    "synthetic_test_size": (1, False),
-    "image_size": (8, False),
-    "batch_size": (1, False),
-    "eval_batch_size": (1, False),
-    "lr": (0.0, True),
-    "momentum": (0.0, False),
-    "weight_decay": (0.0, False),
-    "epochs": (1, False),
-    "warmup_epochs": (0, False),
-    "step_size": (1, False),
-    "gamma": (0.0, True),
-    "head_epochs": (1, False),
-    "ridge_lambda": (0.0, False),
-    "logistic_lambda": (0.0, False),
-    "head_iterations": (1, False),
-    "sparsity": (0.0, False),
-    "calibration_rounds": (1, False),
-    "fisher_samples": (1, False),
-    "fisher_chunk": (1, False),
-    "mask_damping": (0.0, False),
-    "num_rounds": (1, False),
-    "local_steps": (1, False),
-    "classes_per_client": (1, False),
-    "dirichlet_alpha": (0.0, True),
-    "num_clients": (1, False),
-    "fraction_train": (0.0, True),
-    "eval_every": (1, False),
-    "test_every": (0, False),
-    "checkpoint_every": (1, False),
-    "max_retries": (0, False),
-    "round_timeout": (0.0, True),
-    "head_rounds": (1, False),
-    "calibration_fraction": (0.0, True),
-    "fraction_evaluate": (0.0, False),
-    "server_lr": (0.0, True),
-    "prox_mu": (0.0, False),
-    "mask_quorum": (0.0, True),
-    "server_momentum": (0.0, False),
-    "server_beta1": (0.0, False),
-    "server_beta2": (0.0, False),
-    "server_tau": (0.0, True),
-    "num_malicious_clients": (0, False),
-    "multi_krum_selected": (1, False),
-    "trim_beta": (0.0, False),
-    "attack_fraction": (0.0, False),
-    "attack_scale": (0.0, True),
-    "dp_noise_multiplier": (0.0, True),
-    "dp_clipping_norm": (0.0, True),
-    "dp_delta": (0.0, True),
-    "dp_target_quantile": (0.0, False),
-    "dp_clip_lr": (0.0, True),
-    "dp_clipped_count_stddev": (0.0, False),
-}
-
-
-# (highest allowed, whether the highest is excluded)
-UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
-    "momentum": (1.0, True),
-    "sparsity": (1.0, True),
-    "fraction_train": (1.0, False),
-    "calibration_fraction": (1.0, False),
-    "fraction_evaluate": (1.0, False),
-    "server_momentum": (1.0, True),
-    "mask_quorum": (1.0, False),
-    "server_beta1": (1.0, True),
-    "server_beta2": (1.0, True),
-    "classes_per_client": (100, False),  # CIFAR-100 and the synthetic set both have 100 classes
-    "trim_beta": (0.5, True),
-    "attack_fraction": (1.0, True),
-    "dp_delta": (1.0, True),
-    "dp_target_quantile": (1.0, False),
-}
-
+from fed_app.config_values import check_values
 
 # Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes
 # (claim_token and session were RunConfig keys once: run folders of then still hold them).
@@ -244,43 +138,8 @@ class RunConfig:
     tracker: str = "none"  # live tracking beside rows.jsonl: none | tensorboard | wandb (fed_app/runs/trackers.py)
 
     def __post_init__(self) -> None:
-        for name, choices in CHOICES.items():
-            value = getattr(self, name)
-            if value in choices or (name in REGISTERED and self._registered(name, value)):
-                continue
-            if name == "model" and _is_timm_model(value):
-                continue
-            more = ", or a name that a module in plugins registers" if name in REGISTERED else ""
-            if name == "model":
-                more = ", or a timm model name with its pretrained tag (e.g. 'vit_small_patch14_dinov2.lvd142m')"
-            raise ConfigError(f"run-config {to_kebab(name)}={value!r} is not one of {', '.join(choices)}{more}; "
-                              f"pick one of those.")
-        for name, (low, strict) in LOWER_BOUNDS.items():
-            value = getattr(self, name)
-            if value < low or (strict and value == low):
-                relation = ">" if strict else ">="
-                raise ConfigError(
-                    f"run-config {to_kebab(name)}={value!r} is out of range; it must be {relation} {low}."
-                )
-        for name, (high, strict) in UPPER_BOUNDS.items():
-            value = getattr(self, name)
-            if value > high or (strict and value == high):
-                relation = "<" if strict else "<="
-                raise ConfigError(
-                    f"run-config {to_kebab(name)}={value!r} is out of range; it must be {relation} {high}."
-                )
+        check_values(self)
         check_combinations(self)
-
-    def _registered(self, name: str, value: str) -> bool:
-        """Whether a module named in `plugins` (imported here, in every process that reads a config) registered
-        `value` for key `name`."""
-        registry.load_builtins()
-        try:
-            registry.load_plugins(self.plugins)
-        except ImportError as err:
-            raise ConfigError(f"run-config plugins={self.plugins!r} cannot be imported ({err}); name modules "
-                              f"importable where the app runs, comma-separated.") from None
-        return getattr(registry, REGISTERED[name]).find(value) is not None
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -341,12 +200,6 @@ class RunConfig:
 def plumbing(run_config: Mapping[str, Any]) -> dict[str, str]:
     """The PLUMBING keys of a run config (Flower's, a session's or a command line's), '' where not set."""
     return {key: str(run_config.get(key, "")) for key in PLUMBING}
-
-
-def _is_timm_model(name: str) -> bool:
-    import timm
-
-    return timm.is_model(name)
 
 
 def share_of(fraction: float, total: int) -> int:
