@@ -4,16 +4,16 @@ the fix before any work. The methods, aggregation rules and server optimizers ch
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING
+from typing import Any
 
 from fed_app import registry
 from fed_app.config_text import ConfigError, to_snake
 
-if TYPE_CHECKING:
-    from fed_app.config import RunConfig
+# a RunConfig: fed_app/config.py imports this module to check itself, so it is not imported back (no circle)
+Config = Any
 
 
-def check_combinations(cfg: RunConfig) -> None:
+def check_combinations(cfg: Config) -> None:
     """Raise ConfigError, in one sentence with the fix, for the first combination of keys a run cannot take."""
     if cfg.optimizer == "sparse-sgdm" and cfg.head == "none":
         raise ConfigError("run-config optimizer='sparse-sgdm' needs a step-0 head, or a random head would be "
@@ -40,7 +40,7 @@ def check_combinations(cfg: RunConfig) -> None:
                           f"installed; pip install -e \".[track]\" (or tracker='none').")
 
 
-def _check_privacy(cfg: RunConfig) -> None:
+def _check_privacy(cfg: Config) -> None:
     """What dp (strategies/privacy.py) cannot account for, each in one sentence."""
     if cfg.dp == "none":
         return

@@ -4,13 +4,13 @@ fed_app/config_checks.py."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from fed_app import registry
 from fed_app.config_text import ConfigError, to_kebab
 
-if TYPE_CHECKING:
-    from fed_app.config import RunConfig
+# a RunConfig: fed_app/config.py imports this module to check itself, so it is not imported back (no circle)
+Config = Any
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": ("cifar100", "cifar10", "imagefolder", "synthetic", "digits"),
@@ -119,7 +119,7 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
 }
 
 
-def check_values(cfg: RunConfig) -> None:
+def check_values(cfg: Config) -> None:
     """Raise ConfigError, in one sentence with the fix, for the first key whose value it cannot take."""
     for name, choices in CHOICES.items():
         value = getattr(cfg, name)
@@ -144,7 +144,7 @@ def check_values(cfg: RunConfig) -> None:
             raise ConfigError(f"run-config {to_kebab(name)}={value!r} is out of range; it must be {relation} {high}.")
 
 
-def _registered(cfg: RunConfig, name: str, value: str) -> bool:
+def _registered(cfg: Config, name: str, value: str) -> bool:
     """Whether a module named in `plugins` (imported here, in every process that reads a config) registered
     `value` for key `name`."""
     registry.load_builtins()
