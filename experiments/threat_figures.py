@@ -28,7 +28,7 @@ def accuracy_against_epsilon(summary: pd.DataFrame, axes: list[str], out: Path) 
     failed = summary["diverged"].notna() if "diverged" in summary else pd.Series(False, index=summary.index)
     private = summary[summary["epsilon"].notna() & ~failed]  # a diverged run stopped early: it spent less
     lost = summary[summary["epsilon"].notna() & failed]
-    others = _distinct(private, [a for a in axes if a not in ("seed", "kind", "dp_noise_multiplier") and not a.startswith("dp")])
+    others = _distinct(private, [a for a in axes if a not in ("seed", "kind") and not a.startswith("dp")])
     groups = list(private.groupby(others, dropna=False)) if others else [((), private)]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (key, g) in enumerate(groups):
@@ -38,8 +38,9 @@ def accuracy_against_epsilon(summary: pd.DataFrame, axes: list[str], out: Path) 
                                                      std=("test_accuracy", "std"), n=("test_accuracy", "count"))
         stats = stats.sort_values("epsilon")
         label = _label(pd.Series(dict(zip(others, key))), others) or "DP"
-        ax.errorbar(stats["epsilon"], 100 * stats["mean"], yerr=100 * stats["std"].fillna(0) if stats["n"].max() > 1 else None,
-                    marker="o", capsize=3, color=colour, label=label)
+        spread = 100 * stats["std"].fillna(0) if stats["n"].max() > 1 else None  # no spread from one seed
+        ax.errorbar(stats["epsilon"], 100 * stats["mean"], yerr=spread, marker="o", capsize=3, color=colour,
+                    label=label)
         gone = lost
         for a, v in zip(others, key):
             gone = gone[gone[a].astype(str) == str(v)]
@@ -98,7 +99,8 @@ def accuracy_by_rule_and_attack(summary: pd.DataFrame, axes: list[str], out: Pat
         ax.set_yticks(range(len(rules)), rules)
         for (i, j), v in np.ndenumerate(mean.values):
             lost = int(failed.values[i, j]) if not np.isnan(failed.values[i, j]) else 0
-            text = "" if np.isnan(v) else f"{100 * v:.1f}" + ("" if np.isnan(std.values[i, j]) else f"\n±{100 * std.values[i, j]:.1f}")
+            spread = std.values[i, j]
+            text = "" if np.isnan(v) else f"{100 * v:.1f}" + ("" if np.isnan(spread) else f"\n±{100 * spread:.1f}")
             text += f"\n{lost} diverged" if lost else ""
             light = not np.isnan(v) and 100 * v > 0.6 * top
             ax.text(j, i, text.strip() or "-", ha="center", va="center", color="k" if light else "w", fontsize=7)

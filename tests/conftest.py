@@ -72,23 +72,25 @@ def background_command(name: str):
 
 
 class Background:
-    """The selected background commands, running; `result(name)` waits for one and gives its outcome."""
+    """The selected background commands, running; `output(name)` waits for one, asserts it succeeded and gives
+    its stdout."""
 
     def __init__(self, root: Path, names: list[str]):
         self.procs, self.folders = {}, {}
         for name in names:
             folder = root / name
             folder.mkdir(parents=True)
-            out, err = open(folder / "stdout.txt", "w"), open(folder / "stderr.txt", "w")
-            self.procs[name] = subprocess.Popen(BACKGROUND[name](folder), cwd=folder, stdout=out, stderr=err,
-                                                text=True)
+            # the child keeps its own copies of the two files; ours close here
+            with open(folder / "stdout.txt", "w") as out, open(folder / "stderr.txt", "w") as err:
+                self.procs[name] = subprocess.Popen(BACKGROUND[name](folder), cwd=folder, stdout=out, stderr=err)
             self.folders[name] = folder
 
-    def result(self, name: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    def output(self, name: str, timeout: float = 900) -> str:
         proc, folder = self.procs[name], self.folders[name]
         proc.wait(timeout=timeout)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, (folder / "stdout.txt").read_text(),
-                                           (folder / "stderr.txt").read_text())
+        out, err = (folder / "stdout.txt").read_text(), (folder / "stderr.txt").read_text()
+        assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{out[-2000:]}{err[-3000:]}"
+        return out
 
     def folder(self, name: str) -> Path:
         return self.folders[name]

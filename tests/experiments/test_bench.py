@@ -29,12 +29,6 @@ def _bench(*args):
     return [sys.executable, "-m", "experiments", "bench", *args]
 
 
-def _stdout(background, name):
-    done = background.result(name)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done.stdout
-
-
 @background_command("bench-round")
 def _bench_round(folder):
     return _bench("round", "--local-steps", "4", "--rounds", "4", "--warmup", "1", "--run-config",
@@ -44,7 +38,7 @@ def _bench_round(folder):
 @pytest.mark.slow
 @pytest.mark.background("bench-round")
 def test_bench_round_prints_limit_flower_and_ratio_for_dense_and_sparse(background):
-    out = _stdout(background, "bench-round")
+    out = background.output("bench-round")
     assert "| J=4, dense |" in out and "| J=4, sparse-sgdm (sparsity 0.9) |" in out
     assert "J=4: sparse / dense upload: 0.091" in out  # 10% of the backbone; the frozen step-0 head stays put
 
@@ -58,7 +52,7 @@ def _bench_stock(folder):
 @pytest.mark.slow
 @pytest.mark.background("bench-stock")
 def test_bench_round_against_the_stock_app_and_by_phase(background):
-    out = _stdout(background, "bench-stock")
+    out = background.output("bench-stock")
     assert "| J=2, dense |" in out and "files / stock" in out  # the stock app ran, beside both transports
     assert "| nodes' partition ids (query round; the server's task builds meanwhile) |" in out
     assert "| start-up (SuperLink, simulation, ServerApp) |" in out
@@ -95,7 +89,7 @@ def _bench_grid(folder):
 @pytest.mark.slow
 @pytest.mark.background("bench-grid")
 def test_bench_grid_measures_once_per_cost_group_and_prints_the_projection(background):
-    out = _stdout(background, "bench-grid")
+    out = background.output("bench-grid")
     assert "| all runs | 4 | 160 |" in out and "projected wall time of the whole manifest:" in out
     assert "| runs that cost alike | start-up (SuperLink, simulation, ServerApp) |" in out
     assert "| all runs | stock Flower app |" in out and "| all runs | fedit, a run of its own |" in out
