@@ -41,7 +41,7 @@ from fed_app.runs.rundir import RunDir
 from fed_app.task.seeds import Phase
 from fed_app.task.train import client_lr
 from strategies.fedavg import PHASES, RoundSum, SeededFedAvg
-from strategies.method import FedAvg, TrainReply, TrainRequest
+from strategies.method import FedAvg, TrainReply, TrainRequest, local_update
 
 if TYPE_CHECKING:  # hints only: a report or a config check need not import timm
     from fed_app.flower.loaded_task import LoadedTask, State
@@ -104,8 +104,8 @@ def scaffold_update(task: LoadedTask, global_state: State, partition_id: int, se
     cfg, shapes = task.cfg, task.trainable_shapes()
     mine = store.load(partition_id, server_round)
     mine = torch.zeros_like(control) if mine is None else mine
-    delta, loss, examples = task.local_update(global_state, partition_id, server_round,
-                                              correction=split_flat(control - mine, shapes), out=task.reply_buffer())
+    delta, loss, examples = local_update(task, global_state, partition_id, server_round,
+                                         correction=split_flat(control - mine, shapes), out=task.reply_buffer())
     moved = torch.cat([delta[n].flatten() for n in shapes])  # y - x over the trainable parameters
     scale = effective_steps(cfg.local_steps, cfg.momentum) * client_lr(cfg, server_round)
     change = -control - moved / scale  # c_i+ - c_i

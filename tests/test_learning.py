@@ -18,6 +18,7 @@ from fed_app.flower.wire import apply_update
 from fed_app.flower.loaded_task import load_task
 from masking.fisher import sample_labels
 from strategies.fedavg import sample_partitions, weighted_average
+from strategies.method import local_update
 
 pytestmark = pytest.mark.slow  # every test here trains on real digits until it learns: seconds to minutes
 
@@ -45,7 +46,7 @@ def fedavg(cfg: RunConfig, rounds: int, state=None, masks=None) -> tuple[dict, l
     for r in range(1, rounds + 1):
         deltas, weights = [], []
         for pid in sample_partitions(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
-            delta, _, examples = task.local_update(state, pid, r, masks)
+            delta, _, examples = local_update(task, state, pid, r, masks)
             deltas.append(delta)
             weights.append(examples)
         state = apply_update(state, weighted_average(deltas, weights), None)

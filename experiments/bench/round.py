@@ -21,6 +21,7 @@ def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
     from masking.calibrate import calibrate
     from fed_app.flower.wire import Form, add_trainable_, gather_trainable
     from strategies.fedavg import sample_partitions, weighted_average
+    from strategies.method import local_update
 
     task = load_task(cfg)
     state = task.initial_state()
@@ -32,7 +33,7 @@ def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
         t = time.perf_counter()
         deltas, weights = [], []
         for pid in sample_partitions(cfg.seed, r, cfg.num_clients, cfg.clients_per_round):
-            delta, _, n = task.local_update(state, pid, r, masks)
+            delta, _, n = local_update(task, state, pid, r, masks)
             deltas.append({Form.VALUES: gather_trainable(delta, masks)} if masks else delta)
             weights.append(n)
         avg = weighted_average(deltas, weights)

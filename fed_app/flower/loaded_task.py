@@ -1,11 +1,11 @@
 """The run's task loaded in one process: device, data splits, model and client shards, built once and
-reused by every message. Clients train and score with it; the server evaluates the global model with it and
-takes the seeded initial model from it. Task code only: no Flower."""
+reused by every message. Clients train (a method's client hook, strategies/method.py) and score with it; the
+server evaluates the global model with it and takes the seeded initial model from it. Task code only: no
+Flower."""
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -18,19 +18,16 @@ import torch
 from torch import Tensor
 
 from fed_app.config import RunConfig
-from fed_app.task.attacks import flipped_labels, malicious_partitions
-from fed_app.task.batches import BatchTransform, batch_stream
+from fed_app.task.attacks import malicious_partitions
+from fed_app.task.batches import BatchTransform
 from fed_app.task.data import Dataset, Split, load_dataset
 from fed_app.task.partition import client_shards
 from fed_app.task.editing import calibrate_masks, fisher_indices, fisher_sums
-from fed_app.task.head import (feature_matrix, freeze_head, head_module, logistic_sums, only_head_trainable,
-                          ridge_statistics, temperature_losses)
+from fed_app.task.head import (feature_matrix, freeze_head, head_module, logistic_sums, ridge_statistics,
+                               temperature_losses)
 from fed_app.task.model import ModelSpec, build_model
-from fed_app.registry import OBJECTIVES
-from fed_app.task.seeds import client_generator
-from fed_app.task.train import (autocast, client_lr, evaluate, make_optimizer, proximal, resolve_device, train_steps,
-                          training_module)
-from fed_app.flower.wire import Form, model_state, split_flat, unpack_masked_state, unpack_masks
+from fed_app.task.train import autocast, evaluate, resolve_device, training_module
+from fed_app.flower.wire import Form, model_state, unpack_masked_state, unpack_masks
 
 log = logging.getLogger(__name__)
 
@@ -86,37 +83,6 @@ class LoadedTask:
 
     def load(self, state: State) -> None:
         self.model.load_state_dict(state)
-
-    def local_update(self, global_state: State, partition_id: int, server_round: int,
-                     masks: dict[str, Tensor] | None = None, head_only: bool = False,
-                     correction: State | None = None, out: Tensor | None = None) -> tuple[State, float, int]:
-        """J optimizer steps on this client's shard from the global model: (delta on CPU, mean loss, examples).
-        With masks: SparseSGDM under them; head_only: only the head trains (step 0 in FL); correction: a tensor
-        per trainable parameter name added to its gradient at every step (SCAFFOLD). The delta is views of one
-        flat buffer: `out` (e.g. reply_buffer()) or a new one."""
-        cfg = self.cfg
-        self.load(global_state)
-        with only_head_trainable(self.model) if head_only else contextlib.nullcontext():
-            lr = cfg.lr if head_only else client_lr(cfg, server_round)
-            optimizer = make_optimizer(cfg, self.model, masks, lr)  # fresh each round, as in FedAvg
-            shard = self.shards[partition_id]
-            generator = client_generator(self.device, cfg.seed, server_round, partition_id, head_only)
-            objective = OBJECTIVES.get(cfg.client_objective)(self.model)  # built from the global model
-            if cfg.prox_mu > 0 and not head_only:
-                objective = proximal(objective, self.model, cfg.prox_mu)
-            if cfg.attack == "label-flip" and self.attacks(partition_id) and not head_only:
-                objective = flipped_labels(objective, self.data.num_classes)
-            added = [(p, correction[n].to(self.device)) for n, p in self.model.named_parameters()
-                     if correction is not None and p.requires_grad]
-            loss = train_steps(self.trainer, optimizer, self.data.train, batch_stream(shard, cfg.batch_size, generator),
-                               cfg.local_steps, self.train_tf, generator, autocast(cfg, self.device),
-                               objective=objective, correction=added)
-        trained = self.model.state_dict()
-        flat = torch.empty(sum(v.numel() for v in trained.values())) if out is None else out
-        delta = split_flat(flat, {k: v.shape for k, v in trained.items()})  # views of one buffer: sent as is
-        for k, v in trained.items():
-            torch.sub(v.detach().cpu(), global_state[k], out=delta[k])
-        return delta, loss, len(shard)
 
     def attacks(self, partition_id: int) -> bool:
         """Whether this partition is one of the run's malicious clients (attack != 'none'; fed_app/task/attacks.py)."""

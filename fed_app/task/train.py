@@ -24,19 +24,6 @@ def cross_entropy(model: torch.nn.Module) -> Objective:
     return F.cross_entropy
 
 
-def proximal(objective: Objective, model: torch.nn.Module, mu: float) -> Objective:
-    """FedProx (Li et al. 2020): `objective` + mu/2 ||w - w_global||^2 over the trainable parameters, with
-    w_global the model as it is now (a local update builds it from the global model)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params]
-
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        drift = sum((p - a).square().sum() for p, a in zip(params, anchor))
-        return objective(logits, labels) + mu / 2 * drift
-
-    return loss
-
-
 def resolve_device(cfg: RunConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but no CUDA GPU is visible; use device='auto' or 'cpu'.")
