@@ -1,4 +1,5 @@
-"""ClientApp: thin adapters between Flower messages and the task loaded once per process (fed_app/flower/loaded_task.py)."""
+"""ClientApp: thin adapters between Flower messages and the run's method (its client hook, strategies/method.py) or the
+task loaded once per process (fed_app/flower/loaded_task.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fed_app.config import ConfigError, RunConfig
-from fed_app.flower.transport import carry, encode, folder_of, take
-from fed_app.flower.wire import Form, Key, gather_trainable, model_payload, model_state, pack_masks
+from fed_app.flower.payload import (Form, Key, carry, encode, folder_of, gather_trainable, model_payload, model_state,
+                                    take)
+from fed_app.flower.mask_plan import pack_masks
 from fed_app.flower.loaded_task import LoadedTask, load_task
 from fed_app.registry import METHODS
 from fed_app.task.attacks import UPDATE_ATTACKS, poison_

@@ -11,8 +11,8 @@ from flwr.app import ConfigRecord, MessageType, RecordDict
 from fed_app.config import RunConfig
 from fed_app.task.head import fit_logistic, fit_temperature, head_name, solve_ridge
 from fed_app.task.seeds import Phase, sample_partitions
-from fed_app.flower.transport import encode, take
-from fed_app.flower.wire import Form, Key, split_flat, unpack_masks
+from fed_app.flower.payload import Form, Key, encode, split_flat, take
+from fed_app.flower.mask_plan import unpack_masks
 from fed_app.flower.loaded_task import State, LoadedTask
 from masking.calibrate import Masks, calibrate
 from strategies.fedavg import SeededFedAvg

@@ -25,8 +25,7 @@ from fed_app.runs.rundir import RunDir
 from fed_app.runs.run_loop import claimed_run, run_steps
 from fed_app.local.session import SESSION_RUN_ENDED, SessionFolder
 from fed_app.task.train import client_lr
-from fed_app.flower.transport import SharedFiles
-from fed_app.flower.wire import Form, Key, flat_state, split_flat
+from fed_app.flower.payload import Form, Key, SharedFiles, flat_state, split_flat
 from fed_app.flower.loaded_task import LoadedTask, State, load_task
 from masking.combine import combine_masks
 from fed_app.registry import METHODS

@@ -17,11 +17,11 @@ from torch import Tensor
 from fed_app.config import RunConfig
 from fed_app.flower.federation import Federation, RoundFailedError
 from fed_app.task.seeds import Phase, sample_partitions
-from fed_app.flower.transport import SharedFiles, TransportError, carry, discard, take
+from fed_app.flower.payload import (Form, Key, SharedFiles, TransportError, add_trainable_, apply_update, carry,
+                                    discard, flat_state, masked_state, model_payload, split_flat, take)
+from fed_app.flower.mask_plan import pack_masks
 from fed_app.flower.mask_plan import MaskPlan
 from fed_app.registry import AGGREGATIONS
-from fed_app.flower.wire import (Form, Key, add_trainable_, apply_update, flat_state, masked_state, model_payload,
-                          pack_masks, split_flat)
 from strategies.privacy import DpFedAvg, clipped
 from strategies.server_opt import ServerOptimizer
 

@@ -28,8 +28,7 @@ from torch import Tensor
 
 from fed_app.config import RunConfig
 from fed_app.flower.federation import Federation
-from fed_app.flower.transport import SharedFiles
-from fed_app.flower.wire import Key, split_flat
+from fed_app.flower.payload import Key, SharedFiles, split_flat
 from fed_app.registry import METHODS, OBJECTIVES, SERVER_OPTIMIZERS
 from fed_app.task.attacks import flipped_labels
 from fed_app.task.batches import batch_stream

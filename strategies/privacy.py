@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fed_app.config import RunConfig
-from fed_app.flower.wire import Form, Shapes, State, split_flat
+from fed_app.flower.payload import Form, Shapes, State, split_flat
 from fed_app.task.seeds import DP_COUNT, DP_NOISE, generator
 
 

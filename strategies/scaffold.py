@@ -34,8 +34,7 @@ from torch import Tensor
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.flower.federation import Federation
-from fed_app.flower.transport import SharedFiles, carry, holds, take
-from fed_app.flower.wire import Form, Key, split_flat
+from fed_app.flower.payload import Form, Key, SharedFiles, carry, holds, split_flat, take
 from fed_app.registry import METHODS
 from fed_app.runs.rundir import RunDir
 from fed_app.task.seeds import Phase

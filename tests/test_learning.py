@@ -14,7 +14,7 @@ from fed_app.config import RunConfig
 from fed_app.task.editing import calibrate_masks, fit_head
 from fed_app.task.head import features
 from fed_app.task.train import autocast
-from fed_app.flower.wire import apply_update
+from fed_app.flower.payload import apply_update
 from fed_app.flower.loaded_task import load_task
 from masking.fisher import sample_labels
 from strategies.fedavg import sample_partitions, weighted_average

@@ -19,7 +19,7 @@ def round_limit(cfg: RunConfig, rounds: int, warmup: int) -> float:
     default threads (all cores), where the simulation runs one single-threaded client per core."""
     from fed_app.flower.loaded_task import load_task
     from masking.calibrate import calibrate
-    from fed_app.flower.wire import Form, add_trainable_, gather_trainable
+    from fed_app.flower.payload import Form, add_trainable_, gather_trainable
     from strategies.fedavg import sample_partitions, weighted_average
     from strategies.method import local_update
 

@@ -14,8 +14,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fed_app.config import ConfigError, RunConfig
-from fed_app.flower.transport import payload_bytes
-from fed_app.flower.wire import Key
+from fed_app.flower.payload import Key, payload_bytes
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from fed_app.task.head import (feature_matrix, freeze_head, head_module, logisti
                                temperature_losses)
 from fed_app.task.model import ModelSpec, build_model
 from fed_app.task.train import autocast, evaluate, resolve_device, training_module
-from fed_app.flower.wire import Form, model_state, unpack_masked_state, unpack_masks
+from fed_app.flower.payload import Form, model_state, unpack_masked_state
+from fed_app.flower.mask_plan import unpack_masks
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,17 @@
 """MaskPlan: which entries each client trains in a sparse federated run, in one shape: a mask per partition id,
 where mask-scope 'global' gives every partition the same object. Saved once, before the round-0 checkpoint,
-and loaded on resume, so calibration is never redone."""
+and loaded on resume, so calibration is never redone. Masks travel, and are saved, as packed bits."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fed_app.config import RunConfig
 from fed_app.runs.rundir import RunDir
 from masking.calibrate import Masks, density_of, load_masks
-from fed_app.flower.wire import pack_masks, unpack_masks
 
 
 @dataclass(frozen=True)
@@ -50,3 +50,16 @@ class MaskPlan:
             return cls.global_mask(load_masks(run_dir.path / "mask.pt"), cfg.num_clients)
         bits = torch.load(run_dir.path / "client_masks.pt", weights_only=False)
         return cls.local_masks({p: unpack_masks(b, shapes) for p, b in bits.items()})
+
+
+def pack_masks(masks: Masks) -> np.ndarray:
+    """All masks, in their dict order, as one packed uint8 bit array."""
+    flat = torch.cat([m.flatten().cpu() for m in masks.values()]).numpy()
+    return np.packbits(flat)
+
+
+def unpack_masks(bits: np.ndarray, shapes: dict[str, torch.Size]) -> Masks:
+    """Inverse of pack_masks for parameters of these shapes (in this order)."""
+    sizes = [int(np.prod(s)) for s in shapes.values()]
+    flat = torch.from_numpy(np.unpackbits(np.asarray(bits, dtype=np.uint8), count=sum(sizes)).astype(bool))
+    return {n: part.view(s) for (n, s), part in zip(shapes.items(), flat.split(sizes))}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fed_app import server_app
-from fed_app.flower.transport import SharedFiles
+from fed_app.flower.payload import SharedFiles
 from fed_app.errors import UserError
 from fed_app.local.local_federation import LocalFederation
 from fed_app.runs.profile import PROFILE

@@ -14,7 +14,7 @@ from fed_app.task.editing import calibrate_masks, fit_head
 from fed_app.task.head import freeze_head, set_head
 from fed_app.task.model import build_model
 from masking.calibrate import load_masks
-from fed_app.flower.wire import unpack_masks
+from fed_app.flower.mask_plan import unpack_masks
 from masking.combine import combine_masks
 
 from ..conftest import TINY

@@ -5,7 +5,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fed_app.flower.transport import SharedFiles, carry, folder_of, take
+from fed_app.flower.payload import SharedFiles, carry, folder_of, take
 from fed_app.flower.federation import Federation
 from strategies.fedavg import RoundFailedError, SeededFedAvg, masked_average, sample_partitions, weighted_average
 
@@ -129,7 +129,7 @@ class RemoteClients(FileClients):
     def answer(self, messages):
         if any("arrays-file" in m.content for m in messages):
             self.contents += [m.content for m in messages]
-            return [Message(Error(code=0, reason=f"<class 'fed_app.flower.transport.TransportError'>:<'no {m.content}'>"),
+            return [Message(Error(code=0, reason=f"<class 'fed_app.flower.payload.TransportError'>:<'no {m.content}'>"),
                             reply_to=m) for m in messages]
         return super().answer(messages)
 
@@ -158,7 +158,7 @@ class QueryClients(PushPullGrid):
     def answer(self, messages):
         self.contents += [m.content for m in messages]
         if self.remote and any("arrays-file" in m.content for m in messages):
-            return [Message(Error(code=0, reason="<class 'fed_app.flower.transport.TransportError'>:<'no file'>"),
+            return [Message(Error(code=0, reason="<class 'fed_app.flower.payload.TransportError'>:<'no file'>"),
                             reply_to=m) for m in messages]
         return [Message(RecordDict({"metrics": MetricRecord({
             "value": sum(float(t.sum()) for t in take(m.content, "arrays").values())  # flat or by name alike
