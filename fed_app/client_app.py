@@ -10,6 +10,7 @@ import time
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import Tensor
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.flower.payload import (Form, Key, carry, encode, folder_of, gather_trainable, model_payload, model_state,
@@ -75,12 +76,16 @@ def train(msg: Message, context: Context) -> Message:
     state = task.global_state(take(msg.content, Key.ARRAYS), masks)
     folder = folder_of(msg.content)
     read = time.perf_counter()
-    reply = METHODS.get(cfg.client_algorithm).client_train(
-        task, TrainRequest(state, pid, int(config[Key.SERVER_ROUND]), msg.content, masks, folder))
+    request = TrainRequest(state, pid, int(config[Key.SERVER_ROUND]), msg.content, masks, folder)
+    reply = METHODS.get(cfg.client_algorithm).client_train(task, request)
     delta, content = reply.delta, dict(reply.extra)
-    flags = _attack_or_clip_(cfg, task, pid, int(config[Key.SERVER_ROUND]), delta, config.get(Key.CLIPPING_NORM))
+    sent = {Form.VALUES: gather_trainable(delta, masks)} if masks else delta
+    flags = {}
+    if not request.head_only:  # step 0's head rounds are outside the attacks and DP (fed_app/task/attacks.py)
+        flags = _attack_or_clip_(cfg, task, pid, request.server_round, trained_entries(task, sent),
+                                 config.get(Key.CLIPPING_NORM))
     trained = time.perf_counter()
-    payload = {Form.VALUES: gather_trainable(delta, masks)} if masks else model_payload(delta, folder is not None)
+    payload = sent if masks else model_payload(delta, folder is not None)
     content.update(carry(Key.DELTA, payload, folder))
     metrics = MetricRecord({Key.TRAIN_LOSS: reply.loss, Key.NUM_EXAMPLES: reply.examples, Key.PARTITION_ID: pid,
                             Key.TASK_BUILDS: task.builds, Key.TIME_READ: read - started,
@@ -90,11 +95,21 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict(content), reply_to=msg)
 
 
-def _attack_or_clip_(cfg: RunConfig, task: LoadedTask, pid: int, server_round: int, delta: dict,
+def trained_entries(task: LoadedTask, sent: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What a client trained, as it travels: a mask's flat trainable entries, or the dense update's trainable
+    tensors (views). Not a frozen head: an attacker's noise there would reach a part of the model that the
+    masked arm's attacker cannot, and a Gaussian attacker's scale would count entries that nobody trains."""
+    if Form.VALUES in sent:
+        return sent
+    return {n: sent[n] for n in task.trainable_shapes()}
+
+
+def _attack_or_clip_(cfg: RunConfig, task: LoadedTask, pid: int, server_round: int, delta: dict[str, Tensor],
                      clipping_norm: float | None) -> dict[str, int]:
-    """A malicious client (attack != 'none') replaces its delta by its attack; under client-side DP an honest one
-    clips it to the round's `clipping_norm` (fed_app/task/attacks.py, strategies/privacy.py). In place: the delta
-    is views of the reply buffer. The reply's flags: whether it attacked, whether it was clipped."""
+    """A malicious client (attack != 'none') replaces `delta`, what it trained (`trained_entries`), by its attack;
+    under client-side DP an honest one clips it to the round's `clipping_norm` (fed_app/task/attacks.py,
+    strategies/privacy.py). In place: the reply carries these tensors. The reply's flags: whether it attacked,
+    whether it was clipped."""
     flags = {}
     attacks = task.attacks(pid)
     if cfg.attack != "none":

@@ -19,8 +19,7 @@ from fed_app.flower.federation import Federation, RoundFailedError
 from fed_app.task.seeds import Phase, sample_partitions
 from fed_app.flower.payload import (Form, Key, SharedFiles, TransportError, add_trainable_, apply_update, carry,
                                     discard, flat_state, masked_state, model_payload, split_flat, take)
-from fed_app.flower.mask_plan import pack_masks
-from fed_app.flower.mask_plan import MaskPlan
+from fed_app.flower.mask_plan import MaskPlan, pack_masks
 from fed_app.registry import AGGREGATIONS
 from strategies.privacy import DpFedAvg, clipped
 from strategies.server_opt import ServerOptimizer

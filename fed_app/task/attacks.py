@@ -8,7 +8,9 @@ resume. What a malicious client sends instead of its honest update:
     gaussian     noise, s times its update's root mean square per entry, drawn from (seed, round, client)
     label-flip   its honest update, trained on its shard with every label y read as C - 1 - y
 
-Under a mask only the trainable entries travel, so an attack moves only those too.
+An attack acts on what the client trains, as it travels (fed_app/client_app.py `trained_entries`): under a
+mask its trainable entries, in a dense run its trainable tensors, never a frozen head; the root mean square
+is theirs. Step 0's head rounds (head='train') are outside the attacks.
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from fed_app import server_app
+from fed_app.client_app import trained_entries
 from fed_app.config import ConfigError, RunConfig
+from fed_app.flower.loaded_task import load_task
+from fed_app.flower.payload import Form
 from fed_app.task.attacks import flipped_labels, malicious_partitions, poison_
 from fed_app.task.seeds import sample_partitions
 
@@ -77,3 +80,26 @@ def test_settings_that_attack_nobody_are_one_sentence():
         with pytest.raises(ConfigError) as err:
             RunConfig.from_run_config(dict(pairs))
         assert str(err.value) == "run-config " + sentence
+
+
+def test_an_attack_acts_on_what_the_client_trains_as_it_travels(tmp_path):
+    task = load_task(fl_cfg(tmp_path, "entries", head="logistic"))
+    delta = task.initial_state()
+    dense = trained_entries(task, delta)
+    assert list(dense) == list(task.trainable_shapes()) and "head.weight" not in dense  # the head is frozen
+    assert all(dense[n] is delta[n] for n in dense)  # views: the attack changes what is sent
+    sparse = {Form.VALUES: torch.randn(7)}
+    assert trained_entries(task, sparse) is sparse  # under a mask: the flat trainable entries, all of them
+
+
+@pytest.mark.usefixtures("server_app_identity")
+def test_a_gaussian_attacker_in_a_dense_run_leaves_the_frozen_head_as_step_0_fitted_it(tmp_path):
+    runs = {}
+    for name, attack in (("honest", {}), ("gaussian", {"attack": "gaussian", "attack-fraction": 0.3})):
+        cfg = fl_cfg(tmp_path, name, head="logistic", **{"num-rounds": 2, "eval-every": 1}, **attack)
+        server_app.run(InProcessGrid(cfg), cfg)
+        runs[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"]
+    honest, attacked = runs["honest"], runs["gaussian"]
+    assert torch.equal(attacked["head.weight"], honest["head.weight"])  # fitted at step 0, then frozen
+    assert torch.equal(attacked["head.bias"], honest["head.bias"])
+    assert not torch.equal(attacked["blocks.0.attn.qkv.weight"], honest["blocks.0.attn.qkv.weight"])  # it attacked
