@@ -4,6 +4,7 @@ fed_app/config_checks.py."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fed_app import registry
@@ -36,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_algorithm": ("fedavg", "scaffold"),
     "attack": ("none", "sign-flip", "scaled", "gaussian", "label-flip"),
     "dp": ("none", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive"),
+    "dp_randomness": ("seeded", "os"),
 }
 # Keys whose values may also be names that a module in `plugins` registered (fed_app/registry.py).
 REGISTERED = {"mask_rule": "MASK_RULES", "client_objective": "OBJECTIVES", "aggregation": "AGGREGATIONS",
@@ -97,6 +99,7 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "dp_target_quantile": (0.0, False),
     "dp_clip_lr": (0.0, True),
     "dp_clipped_count_stddev": (0.0, False),
+    "dp_max_epsilon": (0.0, False),
 }
 
 
@@ -121,6 +124,9 @@ UPPER_BOUNDS: dict[str, tuple[float, bool]] = {
 
 def check_values(cfg: Config) -> None:
     """Raise ConfigError, in one sentence with the fix, for the first key whose value it cannot take."""
+    for name, value in vars(cfg).items():  # NaN passes every bound (each comparison is False); Inf most
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"run-config {to_kebab(name)}={value!r} is not a finite number; give a finite value.")
     for name, choices in CHOICES.items():
         value = getattr(cfg, name)
         if value in choices or (name in REGISTERED and _registered(cfg, name, value)):
