@@ -90,7 +90,7 @@ def shown_table(table: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
         shown["upload MiB (step 0)"] = [f"{t / 2**20:.1f} ({z / 2**20:.1f})" if t > 0 else "" for t, z in
                                         zip(table["upload_total_mean"], table["upload_step0_mean"])]
     if "epsilon_mean" in table and table["epsilon_mean"].notna().any():  # dp != 'none', at each run's dp-delta
-        shown["epsilon"] = [_cell(round(e, 3)) for e in table["epsilon_mean"]]
+        shown["epsilon (fine-tuning rounds)"] = [_cell(round(e, 3)) for e in table["epsilon_mean"]]
     if "diverged" in table and table["diverged"].any():
         shown["diverged"] = table["diverged"].map(lambda d: f"{d} diverged" if d else "")
     return shown
@@ -168,6 +168,10 @@ def write_report(results_dir: Path, rule: str = "final") -> Path:
         lines += ["Every configuration ran one seed: its numbers carry no spread, and no difference here is shown "
                   "beyond the noise of one run.", ""]
     lines += ["## Results by configuration", "", markdown_table(shown_table(table, axes)), ""]
+    if "epsilon_mean" in table and table["epsilon_mean"].notna().any():
+        lines += [f"epsilon: what the run's fine-tuning rounds spend at its dp-delta, by Flower's RDP accountant at "
+                  f"replace-one sensitivity 2C (strategies/privacy.py); step 0, the Fisher scores, the mask and tuning "
+                  f"are outside it (each client's step-0 sums and Fisher scores reach the server as computed).", ""]
     lines += ["## Figures", ""] + [f"![{p.stem}]({figures.name}/{p.name})" for p in made]
     report = results_dir / f"report{suffix}.md"
     report.write_text("\n".join(lines) + "\n")

@@ -65,7 +65,8 @@ def accuracy_against_epsilon(summary: pd.DataFrame, axes: list[str], out: Path) 
     spent = sorted(set(private["epsilon"].round(2)))
     ax.set_xticks(spent, [f"{e:g}" for e in spent])  # the epsilons the grid spent, not a log scale's minor labels
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("epsilon spent (at each run's dp-delta; lower is more private)")
+    ax.set_xlabel("epsilon spent by the fine-tuning rounds (at each run's dp-delta; lower is more private;\n"
+                  "step 0, the Fisher scores, the mask and tuning are not counted)")
     n = sorted(set(private.groupby([*others, "dp_noise_multiplier"], dropna=False).size().tolist()))
     ax.set_ylabel("test accuracy (%)" + (", one seed" if n == [1] else f", mean ± std, n={n[-1]} seeds"))
     ax.grid(alpha=0.3)

@@ -23,7 +23,8 @@ ONLY_FOR_KIND: dict[str, frozenset[str]] = {
                             "aggregation", "prox_mu", "client_algorithm", "server_optimizer", "server_lr", "server_momentum", "server_beta1",
                             "server_beta2", "server_tau", "num_malicious_clients", "multi_krum_selected", "trim_beta", "attack",
                             "attack_fraction", "attack_scale", "dp", "dp_noise_multiplier", "dp_clipping_norm",
-                            "dp_delta", "dp_target_quantile", "dp_clip_lr", "dp_clipped_count_stddev"}),
+                            "dp_delta", "dp_target_quantile", "dp_clip_lr", "dp_clipped_count_stddev",
+                            "dp_max_epsilon", "dp_randomness"}),
 }
 SENSITIVITY_RULES = ("least-sensitive", "most-sensitive")
 ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping, e.g. a saved config.json)
@@ -61,6 +62,8 @@ ONLY_WHEN: dict[str, Any] = {  # key -> condition on the run's values (a mapping
     "dp_noise_multiplier": lambda c: c["dp"] != "none",
     "dp_clipping_norm": lambda c: c["dp"] != "none",
     "dp_delta": lambda c: c["dp"] != "none",
+    "dp_max_epsilon": lambda c: c.get("dp", "none") != "none",
+    "dp_randomness": lambda c: c.get("dp", "none") != "none",
     "dp_target_quantile": lambda c: c["dp"].endswith("adaptive"),
     "dp_clip_lr": lambda c: c["dp"].endswith("adaptive"),
     "dp_clipped_count_stddev": lambda c: c["dp"].endswith("adaptive"),

@@ -18,12 +18,13 @@ from fed_app.config_values import check_values
 
 # Keys that do not change a run's numbers: left out of its id, and free to differ when a run resumes
 # (claim_token and session were RunConfig keys once: run folders of then still hold them).
-NOT_RESULTS = frozenset({"run_dir", "transport", "tracker", "claim_token", "session"})
+NOT_RESULTS = frozenset({"run_dir", "transport", "tracker", "claim_token", "session",
+                         "dp_max_epsilon"})  # a budget says where a run stops, not what its rounds compute
 # Keys added after run ids were first given, with their defaults: at the default a key stays out of the id.
 ADDED_LATER = {"num_malicious_clients": 0, "multi_krum_selected": 1, "trim_beta": 0.2, "attack": "none",
                "attack_fraction": 0.0, "attack_scale": 10.0, "dp": "none", "dp_noise_multiplier": 1.0,
                "dp_clipping_norm": 1.0, "dp_delta": 1e-5, "dp_target_quantile": 0.5, "dp_clip_lr": 0.2,
-               "dp_clipped_count_stddev": 0.0}
+               "dp_clipped_count_stddev": 0.0, "dp_max_epsilon": 0.0, "dp_randomness": "seeded"}
 
 # Keys that the commands set in Flower's run config for the ServerApp (the one way into it), not a run's
 # settings, so not RunConfig's: the claim the command holds on the run (fed_app/runs/claims.py), which the
@@ -122,6 +123,8 @@ class RunConfig:
     dp_target_quantile: float = 0.5  # adaptive: the share of updates C should leave unclipped (Andrew et al.)
     dp_clip_lr: float = 0.2  # adaptive: C <- C exp(-lr (noisy unclipped share - target)) after each round
     dp_clipped_count_stddev: float = 0.0  # adaptive: the noise on the count of unclipped updates; 0: n / 20 (Flower's)
+    dp_max_epsilon: float = 0.0  # a run stops before the round that would spend more (0: no budget)
+    dp_randomness: str = "seeded"  # the noise and the cohorts: from (seed, round), or 'os' (not replayable)
     # federated method (strategies/method.py: its hooks, checks and the keys it reads): 'fedavg' or 'scaffold'
     client_algorithm: str = "fedavg"
     prox_mu: float = 0.0  # FedProx: mu/2 ||w - w_global||^2 added to the client objective

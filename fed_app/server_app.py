@@ -30,6 +30,7 @@ from fed_app.flower.loaded_task import LoadedTask, State, load_task
 from masking.combine import combine_masks
 from fed_app.registry import METHODS
 from strategies.fedavg import SeededFedAvg
+from strategies.privacy import EPSILON_COVERS
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,9 @@ class Rounds:
                                 and _frozen_as_initial(self.global_state, plan.shared, self.task.initial_state()))
 
     def step(self, server_round: int) -> dict:
+        privacy = self.strategy.privacy
+        if privacy is not None:  # dp-max-epsilon: stop before a round that would spend more (checkpoints())
+            privacy.check_budget(server_round)
         config = ConfigRecord({Key.CHECKPOINTED: self.kept})  # what the clients' own state must keep
         self.global_state, metrics = self.strategy.advance(server_round, self.global_state, config)
         self.current = server_round
@@ -176,8 +180,8 @@ class Rounds:
                "clients": metrics["clients"], "task_builds": metrics["task_builds"],
                "bytes_sent": metrics["bytes_sent"], "bytes_received": metrics["bytes_received"]}
         row.update({k: metrics[k] for k in ("attackers", "clipped", "clipping_norm") if k in metrics})
-        if self.strategy.privacy is not None:  # what the rounds so far spend (strategies/privacy.py)
-            row["epsilon"] = self.strategy.privacy.epsilon(server_round)
+        if privacy is not None:  # what the rounds so far spend (strategies/privacy.py)
+            row.update(epsilon=privacy.epsilon(server_round), epsilon_covers=EPSILON_COVERS)
         self.phases = {k: float(v) for k, v in metrics.items() if k.startswith("time_")}
         return row
 
@@ -199,7 +203,10 @@ class Rounds:
         return row
 
     def checkpoints(self, server_round: int) -> bool:
-        return server_round % self.cfg.checkpoint_every == 0
+        """Every checkpoint-every rounds, and the last round within dp-max-epsilon (the run stops after it)."""
+        privacy = self.strategy.privacy
+        return server_round % self.cfg.checkpoint_every == 0 or (privacy is not None
+                                                                  and privacy.exceeds(server_round + 1))
 
     def state(self) -> dict:
         self.kept, self.checkpointed = self.checkpointed, self.current

@@ -217,7 +217,9 @@ class SeededFedAvg:
         """Each sampled partition's train record: the model `arrays` (inside the record, or written once as a
         file they all reference), the config, and its mask if any."""
         phase = PHASES[str(config.get(Key.PHASE, ""))]
-        pids = sample_partitions(self.seed, server_round, self.num_clients, self.per_round, phase)
+        pids = (self.privacy.sample(self.num_clients, self.per_round) if self.privacy is not None
+                and phase == Phase.TRAIN else None)  # dp-randomness='os': a cohort nobody can replay
+        pids = pids or sample_partitions(self.seed, server_round, self.num_clients, self.per_round, phase)
         config[Key.SERVER_ROUND] = server_round
         if self.privacy is not None and not self.privacy.clips_on_server:  # the clients clip at this round's C
             config[Key.CLIPPING_NORM] = self.privacy.clipping_norm

@@ -1,8 +1,8 @@
 """Client-level differential privacy for FedAvg (DP-FedAvg, McMahan et al. 2018), term for term as Flower's
 strategy wrappers do it (flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping and
 DifferentialPrivacyClientSideFixedClipping with its client mod; the adaptive ones but for C's step, see
-`end_round_`), and the privacy it spends, by Flower's own accountant (flwr.supercore.privacy_accounting's
-RdpAccountant over Google's dp-accounting).
+`end_round_`), and the privacy it spends, by Flower's own accountant (flwr.serverapp.RdpAccountant over Google's
+dp-accounting), at the sensitivity replace-one adjacency gives a sum of clipped updates (see `epsilon`).
 
     dp='server-fixed'   the server clips every update to L2 norm C (dp-clipping-norm)
     dp='client-fixed'   each client clips its own update (the server never sees it unclipped)
@@ -14,23 +14,43 @@ RdpAccountant over Google's dp-accounting).
 
 Under a global mask only the trainable entries travel: the clipping and the noise act on them alone. A dense update
 carries every tensor of the model: the noise goes on the ones the clients train (not a frozen head). The noise
-is drawn from (seed, round), so a resumed run adds the noise the uninterrupted one did. Each round is one
-release of the sampled Gaussian mechanism: n of the K clients sampled without replacement; the row's `epsilon`
-is what the run's rounds so far spend at `dp-delta`. What stays outside it: step 0 and mask calibration (every
-client's ridge or logistic sums, Fisher scores, sent as computed), training metrics and client evaluation.
+is drawn from (seed, round), so a resumed run adds the noise the uninterrupted one did: simulated DP, which holds
+only against someone without the seed (config.json names it; with it the noise can be subtracted and each round's
+cohort is known, which voids the amplification by sampling). dp-randomness='os' draws the noise and the training
+cohorts from the operating system's random source instead: nothing can replay them, and a resumed run goes on
+with fresh draws (its numbers differ from an uninterrupted run's; both are runs of the same mechanism).
+
+Each round is one release of the sampled Gaussian mechanism: n of the K clients sampled without replacement; the
+row's `epsilon` is what the run's fine-tuning rounds so far spend at `dp-delta` (EPSILON_COVERS), and
+`dp-max-epsilon` stops a run before the round that would spend more. What stays outside it: step 0 and mask
+calibration (every client's ridge or logistic sums, Fisher scores, sent as computed), the mask itself, the
+tuning that chose the run's values, training metrics and client evaluation.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import secrets
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-from fed_app.config import RunConfig
+from fed_app.config import ConfigError, RunConfig
+from fed_app.errors import UserError
 from fed_app.flower.payload import Form, Shapes, State, split_flat
 from fed_app.task.seeds import DP_COUNT, DP_NOISE, generator
+
+# Replace-one adjacency (the one dp-accounting's without-replacement sampling takes): a neighbouring federation
+# swaps one client's clipped update, +C for -C at worst, so the sum moves by 2C. The accountant's noise multiplier
+# is the noise's std over that sensitivity: sigma C / 2C = sigma / 2 (google/differential-privacy#378).
+REPLACE_ONE_SENSITIVITY = 2.0
+EPSILON_COVERS = "the fine-tuning rounds only; step 0, the Fisher scores, the mask and tuning are outside it"
+
+
+class PrivacyBudgetError(UserError, RuntimeError):
+    """The next round would spend more than dp-max-epsilon: the run stops before it, its checkpoint kept."""
 
 
 def clip_scale(update: dict[str, Tensor], clipping_norm: float) -> float:
@@ -58,6 +78,7 @@ class DpFedAvg:
         self.mode, self.seed = cfg.dp, cfg.seed
         self.noise_multiplier, self.clipping_norm, self.delta = cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.dp_delta
         self.per_round, self.num_clients = cfg.clients_per_round, cfg.num_clients
+        self.seeded, self.max_epsilon = cfg.dp_randomness == "seeded", cfg.dp_max_epsilon
         self.adaptive = cfg.dp.endswith("adaptive")
         self.target_quantile, self.clip_lr = cfg.dp_target_quantile, cfg.dp_clip_lr
         self.count_stddev = cfg.dp_clipped_count_stddev or self.per_round / 20  # Flower's default
@@ -65,6 +86,11 @@ class DpFedAvg:
         # one Gaussian release at sigma does (Andrew et al., Theorem 1; Flower's compute_adaptive_noise_params).
         self.update_noise_multiplier = (self.noise_multiplier ** -2 - (2 * self.count_stddev) ** -2) ** -0.5 \
             if self.adaptive else self.noise_multiplier
+        if self.max_epsilon and self.epsilon(1) > self.max_epsilon:
+            raise ConfigError(f"run-config dp-max-epsilon={self.max_epsilon:g} is less than one round spends "
+                              f"({self.epsilon(1):.3g} at dp-noise-multiplier={self.noise_multiplier:g}, "
+                              f"{self.per_round} of {self.num_clients} clients); raise dp-max-epsilon or "
+                              f"dp-noise-multiplier.")
 
     @property
     def clips_on_server(self) -> bool:
@@ -83,7 +109,7 @@ class DpFedAvg:
         where the updates were clipped at the old one, as the paper does not.) A fixed C does not move."""
         if not self.adaptive:
             return
-        g = generator(torch.device("cpu"), self.seed, DP_COUNT, server_round)
+        g = self._generator(DP_COUNT, server_round)
         unclipped = (clients - clipped + float(torch.randn((), generator=g, dtype=torch.float64)) * self.count_stddev)
         self.clipping_norm *= math.exp(-self.clip_lr * (unclipped / clients - self.target_quantile))
 
@@ -102,21 +128,55 @@ class DpFedAvg:
             named = split_flat(mean[Form.FLAT], self.state_shapes) if Form.FLAT in mean else mean
             mean = {n: v for n, v in named.items() if n in self.trainable}
         sizes = [v.numel() for v in mean.values()]
-        noise = torch.randn(sum(sizes), generator=generator(torch.device("cpu"), self.seed, DP_NOISE, server_round))
+        noise = torch.randn(sum(sizes), generator=self._generator(DP_NOISE, server_round))
         noise.mul_(self.noise_std)
         for value, part in zip(mean.values(), noise.split(sizes)):
             value.add_(part.view(value.shape).to(value.device, value.dtype))
 
-    def epsilon(self, releases: int) -> float:
-        """The epsilon at dp-delta that `releases` rounds spend: n of K sampled without replacement each round,
-        Gaussian noise multiplier sigma (Flower's RDP accountant; replace-one neighbouring, as it requires)."""
-        # imported by a dp run only: the accountant's import (dp-accounting, 0.25 s) stays out of every other process
-        from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
-                                                       SamplingMethod)
-        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+    def _generator(self, stream: int, server_round: int) -> torch.Generator:
+        """The round's noise stream: from (seed, stream, round), or from the operating system (dp-randomness='os')."""
+        if self.seeded:
+            return generator(torch.device("cpu"), self.seed, stream, server_round)
+        return torch.Generator().manual_seed(secrets.randbits(63))
 
-        accountant = RdpAccountant(PrivacyConfig(target_delta=self.delta, population_size=self.num_clients,
-                                                 neighboring_relation=NeighboringRelation.REPLACE_ONE,
-                                                 sampling_method=SamplingMethod.WITHOUT_REPLACEMENT))
-        accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, self.per_round, self.num_clients), releases)
-        return accountant.get_epsilon(self.delta)
+    def sample(self, num_clients: int, per_round: int) -> list[int] | None:
+        """A training round's cohort from the operating system's random source (dp-randomness='os'); None when
+        seeded (the strategy draws it from (seed, round))."""
+        if self.seeded:
+            return None
+        return sorted(secrets.SystemRandom().sample(range(num_clients), per_round))
+
+    def check_budget(self, server_round: int) -> None:
+        """Raise PrivacyBudgetError, in one sentence, if this round would take the run past dp-max-epsilon."""
+        if self.exceeds(server_round):
+            raise PrivacyBudgetError(
+                f"round {server_round} would spend epsilon {self.epsilon(server_round):.3g} at "
+                f"dp-delta={self.delta:g}, more than dp-max-epsilon={self.max_epsilon:g}; the run stops after round "
+                f"{server_round - 1} with its checkpoint: raise dp-max-epsilon and run the same command to go on, or "
+                f"set num-rounds={server_round - 1} (a new run).")
+
+    def exceeds(self, server_round: int) -> bool:
+        """Whether the rounds up to this one spend more than dp-max-epsilon (0: no budget)."""
+        return bool(self.max_epsilon) and self.epsilon(server_round) > self.max_epsilon
+
+    def epsilon(self, releases: int) -> float:
+        """The epsilon at dp-delta that `releases` rounds spend (EPSILON_COVERS)."""
+        return spent_epsilon(self.noise_multiplier, self.per_round, self.num_clients, self.delta, releases)
+
+
+@functools.lru_cache(maxsize=4096)
+def spent_epsilon(noise_multiplier: float, per_round: int, num_clients: int, delta: float, releases: int) -> float:
+    """The epsilon at `delta` of `releases` rounds of the sampled Gaussian mechanism: `per_round` of `num_clients`
+    sampled without replacement, noise std `noise_multiplier` x C on a sum whose replace-one sensitivity is 2C
+    (Flower's RDP accountant, handed sigma / 2; an adaptive run's two releases split sigma so that together they
+    cost one at sigma, Andrew et al. Theorem 1, and the count's replace-one sensitivity, 1, halves it alike)."""
+    # imported by a dp run only: the accountant's import (dp-accounting, 0.25 s) stays out of every other process
+    from flwr.serverapp import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant,
+                                SamplingMethod)
+
+    accountant = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=num_clients,
+                                             neighboring_relation=NeighboringRelation.REPLACE_ONE,
+                                             sampling_method=SamplingMethod.WITHOUT_REPLACEMENT))
+    event = GaussianPrivacyEvent(noise_multiplier / REPLACE_ONE_SENSITIVITY, per_round, num_clients)
+    accountant.compose(event, releases)
+    return accountant.get_epsilon(delta)

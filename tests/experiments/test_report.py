@@ -279,7 +279,7 @@ def test_a_dp_grid_reports_the_epsilon_each_configuration_spent(tmp_path):
     text = write_report(tmp_path).read_text()
     summary = pd.read_csv(tmp_path / "summary.csv").set_index("run_id")
     assert summary.loc["federated-2.0-1", "epsilon"] == 1.25  # at the checkpoint the rule selected
-    assert "| epsilon |" in text and "| 9.5 |" in text and "| 1.25 |" in text
+    assert "| epsilon (fine-tuning rounds) |" in text and "| 9.5 |" in text and "| 1.25 |" in text
     assert "clipped" not in pd.read_csv(tmp_path / "by_config.csv").columns  # a metric, not a configuration key
 
 
