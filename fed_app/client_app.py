@@ -15,6 +15,7 @@ from torch import Tensor
 from fed_app.config import ConfigError, RunConfig
 from fed_app.flower.payload import (Form, Key, carry, encode, folder_of, gather_trainable, model_payload, model_state,
                                     take)
+from fed_app.flower.replies import reply_tag
 from fed_app.flower.mask_plan import pack_masks
 from fed_app.flower.loaded_task import LoadedTask, load_task
 from fed_app.registry import METHODS
@@ -86,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
                                  config.get(Key.CLIPPING_NORM))
     trained = time.perf_counter()
     payload = sent if masks else model_payload(delta, folder is not None)
-    content.update(carry(Key.DELTA, payload, folder))
+    content.update(carry(Key.DELTA, payload, folder, reply_tag(msg.content)))  # where the server said
     metrics = MetricRecord({Key.TRAIN_LOSS: reply.loss, Key.NUM_EXAMPLES: reply.examples, Key.PARTITION_ID: pid,
                             Key.TASK_BUILDS: task.builds, Key.TIME_READ: read - started,
                             Key.TIME_TRAIN: trained - read, Key.TIME_WRITE: time.perf_counter() - trained})

@@ -12,6 +12,7 @@ from fed_app.config import RunConfig
 from fed_app.task.head import fit_logistic, fit_temperature, head_name, solve_ridge
 from fed_app.task.seeds import Phase, sample_partitions
 from fed_app.flower.payload import Form, Key, encode, split_flat, take
+from fed_app.flower.replies import take_reply
 from fed_app.flower.mask_plan import unpack_masks
 from fed_app.flower.loaded_task import State, LoadedTask
 from masking.calibrate import Masks, calibrate
@@ -35,9 +36,9 @@ def federated_head(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, sta
             record = RecordDict({Key.ARRAYS: encode({Key.WEIGHT: weight, Key.BIAS: bias})})
             replies = strategy.federation.exchange(0, f"{MessageType.QUERY}.logistic",
                                                    {p: record for p in everyone}).replies
-            total = {k: v.clone() for k, v in take(replies[0].content, Key.SUMS).items()}
-            for reply in replies[1:]:  # in partition order: the same float sums every time
-                for k, v in take(reply.content, Key.SUMS).items():
+            total = {k: v.clone() for k, v in take_reply(replies[0].content, Key.SUMS, None, "").items()}
+            for reply in replies[1:]:  # in partition order: the same float sums every time (inside the messages)
+                for k, v in take_reply(reply.content, Key.SUMS, None, "").items():
                     total[k] += v
             return total
 

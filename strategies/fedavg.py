@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import torch
@@ -18,7 +19,8 @@ from fed_app.config import RunConfig
 from fed_app.flower.federation import Federation, RoundFailedError
 from fed_app.task.seeds import Phase, sample_partitions
 from fed_app.flower.payload import (Form, Key, SharedFiles, TransportError, add_trainable_, apply_update, carry,
-                                    discard, flat_state, masked_state, model_payload, split_flat, take)
+                                    discard, flat_state, masked_state, model_payload, split_flat)
+from fed_app.flower.replies import BadReplyError, check_tensors, take_reply
 from fed_app.flower.mask_plan import MaskPlan, pack_masks
 from fed_app.registry import AGGREGATIONS
 from strategies.privacy import DpFedAvg, clipped
@@ -112,6 +114,19 @@ class RoundSum:
         self.local = strategy.plan is not None and strategy.plan.shared is None  # mask-scope 'local'
         self.total = strategy.aggregator(sum(self.weights.values()), masked=self.local)
         self.metrics: list[MetricRecord] = []
+        self.checked: dict[int, dict[str, Tensor]] = {}  # partition -> its update, checked, until it is added
+
+    def check(self, pid: int, reply: Message) -> None:
+        """Raise BadReplyError unless partition `pid`'s reply can count: its metrics name it, and its update is
+        where the server said (fed_app/flower/replies.py) and has the names, shapes and dtypes the round's form
+        gives (`SeededFedAvg.reply_form`), every value finite."""
+        metrics = reply.content.get(Key.METRICS)
+        if not isinstance(metrics, MetricRecord) or metrics.get(Key.PARTITION_ID) != pid:
+            raise BadReplyError(f"its metrics do not name partition {pid}")
+        files = self.strategy.files
+        delta = take_reply(reply.content, Key.DELTA, files.root if files else None, self.strategy.reply_tags[pid])
+        check_tensors(delta, self.strategy.reply_form(pid, flat=isinstance(delta, dict) and Form.FLAT in delta))
+        self.checked[pid] = delta
 
     def add(self, reply: Message) -> None:
         content = reply.content
@@ -120,7 +135,9 @@ class RoundSum:
         if weight != self.examples[pid]:
             raise RoundFailedError(f"client {pid} trained on {weight} images but its node reported "
                                    f"{self.examples[pid]}; the federation's data changed mid-run, start it again.")
-        delta = take(content, Key.DELTA, delete=True)
+        if pid not in self.checked:  # added without an exchange's check (a caller of its own)
+            self.check(pid, reply)
+        delta = self.checked.pop(pid)
         privacy = self.strategy.privacy
         if privacy is not None and privacy.clips_on_server:
             delta, was_clipped = clipped(delta, privacy.clipping_norm)
@@ -168,6 +185,9 @@ class SeededFedAvg:
         self.compact = False  # send only what can differ from the seeded initial model
         self.server_optimizer = server_optimizer  # None: the mean delta is added as it is (FedAvg)
         self.privacy: DpFedAvg | None = None  # dp != 'none': clipping and noise (strategies/privacy.py)
+        self.reply_tags: dict[int, str] = {}  # partition -> the name its train reply's files must have
+        self.form: dict[str, tuple[torch.Size, torch.dtype]] = {}  # the round's model: a dense reply's tensors
+        self.training = self.masked_form = False  # a train round (not step 0's head); one under masks
 
     def state_dict(self) -> dict:
         """What the strategy carries from round to round, for the run's checkpoint (beside the model)."""
@@ -200,6 +220,7 @@ class SeededFedAvg:
         shared = self.plan.shared if self.plan is not None and training else None
         compact = shared is not None and self.compact
         payload = masked_state(state, shared) if compact else model_payload(state, self.files is not None)
+        self.training, self.form = training, {n: (t.shape, t.dtype) for n, t in state.items()}
         update, metrics = self.train_round(server_round, payload, config)
         started = time.perf_counter()
         if self.server_optimizer is not None and training:  # dense runs only (RunConfig checks)
@@ -224,9 +245,24 @@ class SeededFedAvg:
         if self.privacy is not None and not self.privacy.clips_on_server:  # the clients clip at this round's C
             config[Key.CLIPPING_NORM] = self.privacy.clipping_norm
         base = {**carry(Key.ARRAYS, arrays, self.files.root if self.files else None), Key.CONFIG: config}
-        if phase != Phase.TRAIN or not self.mask_records:
-            return {p: RecordDict(base) for p in pids}
-        return {p: RecordDict({**base, Key.MASK: self.mask_records[p]}) for p in pids}
+        self.reply_tags = {p: uuid.uuid4().hex for p in pids}  # the only file names the replies may use
+        masks = phase == Phase.TRAIN and bool(self.mask_records)
+        self.masked_form = masks  # the replies: the masks' trainable entries
+        self.form = self.form or {n: (t.shape, t.dtype) for n, t in arrays.items()}  # a caller without advance
+        return {p: RecordDict({**base, Key.REPLY: ConfigRecord({Key.TAG: self.reply_tags[p]}),
+                               **({Key.MASK: self.mask_records[p]} if masks else {})}) for p in pids}
+
+    def reply_form(self, pid: int, flat: bool) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """The tensors a train reply of this round must hold, as the client builds them (client_app.train): a
+        mask's trainable entries (flat float32), or the dense update, `flat` (as files carry it: one float32
+        vector of the model's size) or by name (as messages do; a round that fell back from files mid-way may
+        send either)."""
+        if self.masked_form:
+            count = sum(int(m.sum()) for m in self.plan.per_partition[pid].values())
+            return {Form.VALUES: (torch.Size([count]), torch.float32)}
+        if flat and Form.FLAT not in self.form:
+            return {Form.FLAT: (torch.Size([sum(s.numel() for s, _ in self.form.values())]), torch.float32)}
+        return self.form
 
     def send_model(self, server_round: int, message_type: str, state: dict[str, Tensor], pids: list[int]):
         """The model `state` to these partitions, the same record for all (step-0 and calibration queries,
@@ -262,7 +298,8 @@ class SeededFedAvg:
         total = self.round_sum({p: self.federation.examples[p] for p in records})
         try:
             with one_torch_thread():  # the replies are added up while clients train
-                exchange = self.federation.exchange(server_round, MessageType.TRAIN, records, consume=total.add)
+                exchange = self.federation.exchange(server_round, MessageType.TRAIN, records, consume=total.add,
+                                                    check=total.check)
         except RoundFailedError as err:
             if not self._files_unreadable(err):
                 raise

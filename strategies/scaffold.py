@@ -35,6 +35,7 @@ from torch import Tensor
 from fed_app.config import ConfigError, RunConfig
 from fed_app.flower.federation import Federation
 from fed_app.flower.payload import Form, Key, SharedFiles, carry, holds, split_flat, take
+from fed_app.flower.replies import check_tensors, reply_tag, take_reply
 from fed_app.registry import METHODS
 from fed_app.runs.rundir import RunDir
 from fed_app.task.seeds import Phase
@@ -119,10 +120,24 @@ class ControlSum(RoundSum):
     def __init__(self, strategy: SeededScaffold, examples: dict[int, int]):
         super().__init__(strategy, examples)
         self.changes: Tensor | None = None
+        self.checked_changes: dict[int, Tensor] = {}
+
+    def check(self, pid: int, reply: Message) -> None:
+        """RoundSum's check, and in a train round the control change: flat over the trainable entries, finite."""
+        super().check(pid, reply)
+        if self.strategy.training:  # step 0's head rounds carry none
+            files = self.strategy.files
+            change = take_reply(reply.content, Key.CONTROL_DELTA, files.root if files else None,
+                                self.strategy.reply_tags[pid])
+            check_tensors(change, {Form.FLAT: (self.strategy.control.shape, torch.float32)})
+            self.checked_changes[pid] = change[Form.FLAT]
 
     def add(self, reply: Message) -> None:
-        if holds(reply.content, Key.CONTROL_DELTA):  # train rounds; step 0's head rounds carry none
-            change = take(reply.content, Key.CONTROL_DELTA, delete=True)[Form.FLAT]
+        pid = int(reply.content[Key.METRICS][Key.PARTITION_ID])
+        if pid not in self.checked:
+            self.check(pid, reply)
+        if pid in self.checked_changes:
+            change = self.checked_changes.pop(pid)
             self.changes = change.clone() if self.changes is None else self.changes.add_(change)
         super().add(reply)
 
@@ -184,7 +199,8 @@ class Scaffold(FedAvg):
             task, request.state, request.partition_id, request.server_round,
             take(request.content, Key.CONTROL)[Form.FLAT], ControlStore.for_config(task.cfg),
             int(config[Key.CHECKPOINTED]))
-        return TrainReply(delta, loss, examples, carry(Key.CONTROL_DELTA, {Form.FLAT: change}, request.folder))
+        return TrainReply(delta, loss, examples, carry(Key.CONTROL_DELTA, {Form.FLAT: change}, request.folder,
+                                                       reply_tag(request.content)))
 
     def finish(self, cfg: RunConfig) -> None:
         ControlStore.for_config(cfg).remove()  # no resume will read the clients' c_i again

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from fed_app.config import ConfigError, RunConfig
 from fed_app.flower.payload import Key, payload_bytes
+from fed_app.flower.replies import BadReplyError
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,15 @@ class Federation:
         return cls(grid, nodes, examples, retries, cfg.round_timeout, cfg)
 
     def exchange(self, server_round: int, message_type: str, records: dict[int, RecordDict],
-                 consume: Callable[[Message], None] | None = None) -> Exchange:
+                 consume: Callable[[Message], None] | None = None,
+                 check: Callable[[int, Message], None] | None = None) -> Exchange:
         """Send each partition its record; resend to one whose reply is an error or does not come within
         round-timeout, up to max-retries times; every reply, in partition order. Replies are polled every
         10 to 50 ms (POLL_MIN_S after a reply, backing off to POLL_MAX_S; Flower's own send_and_receive sleeps 3 s
         between polls on the deployment engine and 0.1 s in the simulation) and handed to `consume` in partition
         order as soon as each one and every earlier one have come: the server adds up updates while later
-        clients still train."""
+        clients still train. `check(pid, reply)` sees each reply first: a BadReplyError (fed_app/flower/replies.py)
+        fails that client as an error reply does, and it never reaches `consume`."""
         order = sorted(records)
         tries = dict.fromkeys(order, 0)
         waiting: dict[str, tuple[int, float]] = {}  # message id -> (partition, when it is given up on)
@@ -108,6 +111,8 @@ class Federation:
                 pid, _ = waiting.pop(reply.metadata.reply_to_message_id)
                 if reply.has_error():
                     again.append((pid, reply.error.reason))
+                elif (refused := _refusal(check, pid, reply)) is not None:
+                    again.append((pid, refused))
                 else:
                     replies[pid] = reply
             now = time.monotonic()
@@ -155,6 +160,17 @@ class Federation:
     def _messages(self, records: dict[int, RecordDict], message_type: str) -> list[Message]:
         return [Message(RecordDict({**record, **self.run}), self.nodes[p], message_type)
                 for p, record in records.items()]
+
+
+def _refusal(check: Callable[[int, Message], None] | None, pid: int, reply: Message) -> str | None:
+    """Why `check` refuses the reply of partition `pid`, or None when it counts."""
+    if check is None:
+        return None
+    try:
+        check(pid, reply)
+    except BadReplyError as err:
+        return f"its reply was refused: {err}"
+    return None
 
 
 def run_record(cfg: RunConfig | None) -> dict[str, ConfigRecord]:

@@ -62,6 +62,7 @@ class Key:
     ATTACKER = "attacker"  # a train reply under attack != 'none': 1 if a malicious client sent it
     CLIPPED = "clipped"  # a train reply under dp != 'none': 1 if its update was clipped
     CLIPPING_NORM = "clipping-norm"  # the train config under client-side DP: the round's clipping norm C
+    REPLY, TAG = "reply", "tag"  # a train request: the name (field TAG) the server issued for its reply's files
 
 
 class Form:
@@ -181,12 +182,12 @@ def payload_bytes(record) -> int:
     return 0
 
 
-def carry(key: str, tensors: dict[str, Tensor], folder: Path | None) -> dict:
+def carry(key: str, tensors: dict[str, Tensor], folder: Path | None, tag: str = "") -> dict:
     """Message content for `tensors` under `key`: an ArrayRecord, or (with a folder) a reference to a file
-    holding them."""
+    holding them, named `<key>-<tag>.pt` (a reply: the tag its request issued, see reply_tag) or a fresh name."""
     if folder is None:
         return {key: encode(tensors)}
-    path = folder / f"{key}-{uuid.uuid4().hex}.pt"
+    path = folder / f"{key}-{tag or uuid.uuid4().hex}.pt"
     tmp = path.with_name(path.name + ".part")
     with torch.utils.serialization.config.patch("save.compute_crc32", False):  # 40% of the write on a 2-core CPU
         torch.save(tensors, tmp)

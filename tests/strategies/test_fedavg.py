@@ -6,6 +6,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fed_app.flower.payload import SharedFiles, carry, folder_of, take
+from fed_app.flower.replies import reply_tag
 from fed_app.flower.federation import Federation
 from strategies.fedavg import RoundFailedError, SeededFedAvg, masked_average, sample_partitions, weighted_average
 
@@ -97,7 +98,7 @@ class FileClients(PushPullGrid):
             self.contents.append(msg.content)
             delta = {"w": take(msg.content, "arrays")["w"] + pid}
             metrics = MetricRecord({"train_loss": float(pid), "num-examples": pid + 1, "partition-id": pid})
-            replies.append(Message(RecordDict({**carry("delta", delta, folder_of(msg.content)), "metrics": metrics}),
+            replies.append(Message(RecordDict({**carry("delta", delta, folder_of(msg.content), reply_tag(msg.content)), "metrics": metrics}),
                                    reply_to=msg))
         return replies
 

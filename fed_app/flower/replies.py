@@ -1,0 +1,70 @@
+"""What the server accepts from a client's reply, checked before it counts: a payload file only where the server
+said to write it, tensors only of the model's names, shapes and dtypes, values only finite. A reply that fails is a
+failed client (fed_app/flower/federation.py: resent up to max-retries, then the round fails in one sentence); it
+is never averaged, clipped or written. The client side reads what the server sent with payload.take."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from torch import Tensor
+
+from fed_app.flower.payload import FILE_SUFFIX, Key, decode
+
+
+class BadReplyError(ValueError):
+    """A client's reply that cannot count: a file it may not name, tensors that do not fit the model, non-finite
+    values. The client is failed for the round (fed_app/flower/federation.py: resent, then the round fails)."""
+
+
+def reply_tag(request: RecordDict) -> str:
+    """The name the server issued for the files of the reply to `request` ('' when it issued none)."""
+    return str(request[Key.REPLY][Key.TAG]) if Key.REPLY in request else ""
+
+
+def take_reply(content: RecordDict, key: str, folder: Path | None, tag: str) -> dict[str, Tensor]:
+    """The tensors under `key` of a client's reply, as `take` gives them, but trusting nothing the reply says: a
+    file reference only with transport='files' (`folder`), only for the name the request issued (`tag`), inside
+    that folder, a regular file of this user's and not a link (a FIFO or a link to the run's checkpoint is
+    refused, never read or deleted); then deleted. Raises BadReplyError."""
+    if key in content:
+        if not isinstance(content[key], ArrayRecord):
+            raise BadReplyError(f"its {key!r} is a {type(content[key]).__name__}, not an ArrayRecord")
+        return decode(content[key])
+    if key + FILE_SUFFIX not in content:
+        raise BadReplyError(f"it carries no {key!r}")
+    named = str(content[key + FILE_SUFFIX].get("path", ""))
+    if folder is None or not tag or named != str(folder / f"{key}-{tag}.pt"):
+        raise BadReplyError(f"it names the file {named!r}, which is not the one the server issued for it")
+    path = Path(named)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise BadReplyError(f"the file it names, {named!r}, is not there") from None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or path.parent.resolve() != folder.resolve():
+        raise BadReplyError(f"the file it names, {named!r}, is not a regular file of this user's in {folder}")
+    try:
+        return torch.load(path, weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - whatever a crafted file makes the reader raise, it does not count
+        raise BadReplyError(f"the file it names cannot be read as tensors ({type(err).__name__})") from None
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def check_tensors(tensors: object, expected: dict[str, tuple[torch.Size, torch.dtype]]) -> None:
+    """Raise BadReplyError unless `tensors` holds exactly the expected names, each of its shape and dtype, every
+    value finite (a NaN norm clips nothing and a NaN mean poisons the model before any guard sees it)."""
+    if not isinstance(tensors, dict) or list(tensors) != list(expected):
+        names = list(tensors)[:4] if isinstance(tensors, dict) else type(tensors).__name__
+        raise BadReplyError(f"it sends tensors {names}, not {list(expected)[:4]}")
+    for name, (shape, dtype) in expected.items():
+        value = tensors[name]
+        if not isinstance(value, Tensor) or value.shape != shape or value.dtype != dtype:
+            found = (tuple(value.shape), value.dtype) if isinstance(value, Tensor) else type(value).__name__
+            raise BadReplyError(f"its {name!r} is {found}, not {(tuple(shape), dtype)}")
+        if not bool(torch.isfinite(value).all()):
+            raise BadReplyError(f"its {name!r} holds NaN or Inf")
