@@ -21,6 +21,7 @@ from experiments.report import write_report
 from fed_app.errors import UserError
 
 ROUNDS, EPOCHS = 10, 2  # num-rounds / ROUNDS (200 -> 20), epochs and step sizes / EPOCHS (10 -> 5)
+PER_ROUND = 5  # clients a round: num-clients x fraction-train below
 CLASSES = 10  # digits: classes-per-client above this is clipped to it (Nc=50 runs as Nc=10)
 # The miniature's data, model and federation, over every manifest's base: K=20 clients of ~62 images, 5 a round
 BASE = {"dataset": "digits", "model": "vit-tiny-test", "val-size": 200, "device": "cpu", "augment": False,
@@ -40,6 +41,8 @@ def shrink(raw: dict[str, Any], weights: str) -> dict[str, Any]:
             return max(1, round(value / EPOCHS))
         if key == "classes-per-client":
             return min(value, CLASSES)
+        if key == "num-malicious-clients":  # the study's f of 10 a round, as the same share of 5 (Krum: n >= 2f + 3)
+            return round(value * PER_ROUND / 10)
         return value
 
     base = {k: scaled(k, v) for k, v in (raw.get("base") or {}).items()}

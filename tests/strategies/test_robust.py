@@ -71,6 +71,18 @@ def test_bad_robust_settings_are_one_sentence_before_any_work():
         (("aggregation", "median"), ("optimizer", "sparse-sgdm"), ("head", "ridge"), ("mask-scope", "local")):
             "aggregation='median' needs every client's update at full size, and mask-scope='local' sends each "
             "client its own entries; use mask-scope='global' or aggregation='fedavg'.",
+        (("aggregation", "krum"), ("num-malicious-clients", 2)):
+            "aggregation='krum' with num-malicious-clients=2 needs at least 7 clients a round (2f + 3), and "
+            "num-clients=100 with fraction-train=0.05 samples 5; raise fraction-train or lower num-malicious-clients.",
+        (("aggregation", "multi-krum"), ("num-malicious-clients", 2)):
+            "aggregation='multi-krum' with num-malicious-clients=2 needs at least 7 clients a round (2f + 3), and "
+            "num-clients=100 with fraction-train=0.05 samples 5; raise fraction-train or lower num-malicious-clients.",
+        (("aggregation", "trimmed-mean"), ("num-malicious-clients", 2)):
+            "aggregation='trimmed-mean' with trim-beta=0.2 cuts 1 of the 5 clients a round from each end, fewer "
+            "than num-malicious-clients=2 (and at least one); raise trim-beta to at least 0.4.",
+        (("aggregation", "trimmed-mean"), ("num-clients", 15), ("fraction-train", 0.2)):  # n=3: 0.2 cuts nobody
+            "aggregation='trimmed-mean' with trim-beta=0.2 cuts 0 of the 3 clients a round from each end, fewer "
+            "than num-malicious-clients=0 (and at least one); raise trim-beta to at least 0.333.",
     }
     for pairs, sentence in cases.items():
         with pytest.raises(ConfigError) as err:
@@ -88,3 +100,16 @@ def test_a_run_with_a_robust_rule_goes_through_the_real_server_and_clients_and_u
         assert [r["round"] for r in rows] == [0, 1, 2, 3, 4] and all(r["clients"] == 5 for r in rows[1:])
         models[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"]
     assert any(not torch.equal(models["median"][k], models["fedavg"][k]) for k in models["fedavg"])
+
+
+def test_pairwise_distances_in_chunks_equal_the_float64_ones_within_a_memory_bound(monkeypatch):
+    from strategies import robust
+
+    updates = torch.randn(6, 1001)
+    exact = torch.cdist(updates.double(), updates.double()).square()
+    monkeypatch.setattr(robust, "CHUNK_BYTES", 8 * 6 * 100)  # 100 columns at a time: 11 chunks, the last short
+    chunks = []
+    real = torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda a, b: chunks.append(a.shape) or real(a, b))
+    torch.testing.assert_close(robust.squared_distances(updates), exact, rtol=1e-10, atol=1e-9)
+    assert len(chunks) == 11 and max(shape[1] for shape in chunks) == 100  # never a 6 x 1001 float64 copy
