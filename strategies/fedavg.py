@@ -18,8 +18,8 @@ from torch import Tensor
 from fed_app.config import RunConfig
 from fed_app.flower.federation import Federation, RoundFailedError
 from fed_app.task.seeds import Phase, sample_partitions
-from fed_app.flower.payload import (Form, Key, SharedFiles, TransportError, add_trainable_, apply_update, carry,
-                                    discard, flat_state, masked_state, model_payload, split_flat)
+from fed_app.flower.payload import (Form, Key, PayloadRoomError, SharedFiles, TransportError, add_trainable_,
+                                    apply_update, carry, discard, flat_state, masked_state, model_payload, split_flat)
 from fed_app.flower.replies import BadReplyError, check_tensors, take_reply
 from fed_app.flower.mask_plan import MaskPlan, pack_masks
 from fed_app.registry import AGGREGATIONS
@@ -269,7 +269,11 @@ class SeededFedAvg:
         client evaluation): it goes the way train payloads go, so with transport='files' it is written once for
         all of them, not copied into every message (step 0 of a ridge head asks all K clients twice)."""
         folder = self.files.root if self.files else None
-        content = carry(Key.ARRAYS, model_payload(state, folder is not None), folder)
+        try:
+            content = carry(Key.ARRAYS, model_payload(state, folder is not None), folder)
+        except PayloadRoomError as err:  # a full /dev/shm
+            self._messages_from_now_on(err)
+            return self.send_model(server_round, message_type, state, pids)
         try:
             return self.federation.exchange(server_round, message_type, {p: RecordDict(content) for p in pids})
         except RoundFailedError as err:
@@ -281,19 +285,28 @@ class SeededFedAvg:
 
     def _files_unreadable(self, err: RoundFailedError) -> bool:
         """Whether clients failed because they cannot read the server's files (another machine); if so, models
-        go inside the messages from now on and the exchange is to be redone."""
-        if self.files is None or TransportError.__name__ not in str(err):
+        go inside the messages from now on and the exchange is to be redone. So too when clients had no room to
+        write their updates (PayloadRoomError, a TransportError)."""
+        if self.files is None or not any(e.__name__ in str(err) for e in (TransportError, PayloadRoomError)):
             return False
-        log.warning("%s; sending models inside the messages from now on", err)
-        self.files = None
+        self._messages_from_now_on(err)
         return True
+
+    def _messages_from_now_on(self, err: Exception) -> None:
+        log.warning("%s; sending models inside the messages from now on", err)
+        self.files.empty()  # what the failed exchange left there holds room a full /dev/shm lacks
+        self.files = None
 
     def train_round(self, server_round: int, arrays: dict[str, Tensor],
                     config: ConfigRecord) -> tuple[dict[str, Tensor], MetricRecord]:
         """One FedAvg round over the sampled clients (retrying failures), aggregated as the replies come; its
         metrics include the payload bytes it moved each way and the seconds of each phase."""
         started = time.perf_counter()
-        records = self.configure_train(server_round, arrays, config)
+        try:
+            records = self.configure_train(server_round, arrays, config)
+        except PayloadRoomError as err:  # a full /dev/shm
+            self._messages_from_now_on(err)
+            return self.train_round(server_round, arrays, config)
         sent = time.perf_counter()
         total = self.round_sum({p: self.federation.examples[p] for p in records})
         try:

@@ -20,21 +20,18 @@ from __future__ import annotations
 import functools
 import io
 import math
-import os
-import shutil
-import tempfile
 import uuid
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.utils.serialization
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.constant import SType
 from torch import Tensor
 
 from fed_app.errors import override_hint
+from fed_app.flower.payload_files import PayloadRoomError, SharedFiles, TransportError, write_private  # noqa: F401
 
 State = dict[str, Tensor]
 Masks = dict[str, Tensor]
@@ -166,11 +163,6 @@ def add_trainable_(state: dict[str, Tensor], values: Tensor, masks: Masks) -> No
 # How a payload travels: inside the message, or as a file the message references.
 
 FILE_SUFFIX = "-file"  # content key of a file reference: "arrays-file" stands in for "arrays"
-SHM = Path("/dev/shm")
-
-
-class TransportError(RuntimeError):
-    """A payload file that this process cannot read: the client runs on another machine."""
 
 
 def payload_bytes(record) -> int:
@@ -184,14 +176,12 @@ def payload_bytes(record) -> int:
 
 def carry(key: str, tensors: dict[str, Tensor], folder: Path | None, tag: str = "") -> dict:
     """Message content for `tensors` under `key`: an ArrayRecord, or (with a folder) a reference to a file
-    holding them, named `<key>-<tag>.pt` (a reply: the tag its request issued, see reply_tag) or a fresh name."""
+    holding them, readable by this user only, named `<key>-<tag>.pt` (a reply: the tag its request issued, see
+    replies.reply_tag) or a fresh name."""
     if folder is None:
         return {key: encode(tensors)}
     path = folder / f"{key}-{tag or uuid.uuid4().hex}.pt"
-    tmp = path.with_name(path.name + ".part")
-    with torch.utils.serialization.config.patch("save.compute_crc32", False):  # 40% of the write on a 2-core CPU
-        torch.save(tensors, tmp)
-    os.replace(tmp, path)  # a reader never sees a partial file, so the checksum guards nothing here
+    write_private(path, tensors)
     return {key + FILE_SUFFIX: ConfigRecord({"path": str(path),
                                              "bytes": sum(t.numel() * t.element_size() for t in tensors.values())})}
 
@@ -272,29 +262,3 @@ def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
         return (), True, np.dtype(object), 0  # another version: left to Flower's reader
     shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
     return shape, fortran, dtype, stream.tell()
-
-
-class SharedFiles:
-    """A private folder for one run's payload files: /dev/shm when it has room, else the temp folder.
-    Removed by close(); folders left by a killed server of the same run are removed on creation."""
-
-    def __init__(self, tag: str, room_bytes: int):
-        base = self.base_for(room_bytes)
-        for stale in base.glob(f"fedit-{tag}-*"):
-            if not _alive(stale.name.rsplit("-", 1)[-1]):
-                shutil.rmtree(stale, ignore_errors=True)
-        self.root = base / f"fedit-{tag}-{os.getpid()}"
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    @staticmethod
-    def base_for(room_bytes: int) -> Path:
-        if SHM.is_dir() and os.access(SHM, os.W_OK) and shutil.disk_usage(SHM).free > room_bytes:
-            return SHM
-        return Path(tempfile.gettempdir())
-
-    def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _alive(pid: str) -> bool:
-    return pid.isdigit() and Path(f"/proc/{pid}").exists()

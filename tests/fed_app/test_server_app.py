@@ -66,7 +66,7 @@ def test_sigkill_mid_run_then_rerun_ends_with_the_uninterrupted_rows_and_weights
         assert not (tmp_path / "cut" / "DONE").exists(), "the run finished before it could be killed"
         sim.run(cut, num_supernodes=10, timeout=300)
     _assert_same_run(tmp_path / "cut", tmp_path / "whole")
-    assert not list(SharedFiles.base_for(0).glob(f"fedit-{cut.run_id()}-*"))  # the killed server's folder too
+    assert not list(SharedFiles.base_for(0).glob(f"fedit-payload-*-{cut.run_id()}"))  # the killed server's folder too
 
 
 @pytest.mark.usefixtures("server_app_identity")

@@ -1,16 +1,20 @@
 """SeededFedAvg: sampling is a function of (seed, round); failed clients are retried, never silently dropped;
 aggregation is example-weighted (masked: over the clients that train an entry); files and messages agree."""
 
+import contextlib
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from fed_app.flower import payload_files
 from fed_app.flower.payload import SharedFiles, carry, folder_of, take
 from fed_app.flower.replies import reply_tag
 from fed_app.flower.federation import Federation
 from strategies.fedavg import RoundFailedError, SeededFedAvg, masked_average, sample_partitions, weighted_average
 
 from ..conftest import PushPullGrid
+from ..fed_app.flower.test_payload_files import files_cannot_grow_past
 
 NODES = {pid: 1000 + pid for pid in range(10)}
 EXAMPLES = {pid: pid + 1 for pid in range(10)}  # what the clients below report training on
@@ -209,3 +213,45 @@ def test_weighted_average_of_deltas_matches_a_hand_computation():
               {"w": torch.tensor([3.0, -2.0]), "b": torch.tensor([6.0])}]
     avg = weighted_average(deltas, [1, 3])  # (1*d1 + 3*d2) / 4
     assert torch.allclose(avg["w"], torch.tensor([2.5, -1.0])) and torch.allclose(avg["b"], torch.tensor([4.5]))
+
+
+class FullClients(FileClients):
+    """Clients whose /dev/shm is full for partition `full` alone: an update it would write as a file fails as the
+    ClientApp's does (Flower names the exception's class in the error's reason); the others, and it inside
+    messages, answer as usual."""
+
+    def __init__(self, nodes, full):
+        super().__init__(nodes)
+        self.full = full
+
+    def answer(self, messages):
+        replies = []
+        for m in messages:
+            if self.pid_of[m.metadata.dst_node_id] != self.full or "arrays-file" not in m.content:
+                replies += super().answer([m])
+                continue
+            self.contents.append(m.content)
+            try:
+                with files_cannot_grow_past(100_000):
+                    carry("delta", {"w": torch.zeros(1_000_000)}, folder_of(m.content))  # 4 MB
+            except Exception as ex:
+                replies.append(Message(Error(code=0, reason=str(type(ex)) + ":<'" + str(ex) + "'>"), reply_to=m))
+        return replies
+
+
+@pytest.mark.parametrize("full", ["server", "clients"])
+def test_when_dev_shm_is_full_the_round_goes_inside_messages_and_leaves_no_file(tmp_path, monkeypatch, caplog, full):
+    monkeypatch.setattr(payload_files, "SHM", tmp_path)  # a /dev/shm of the test's own
+    files = SharedFiles("test-full", 10**6)
+    sampled = sample_partitions(3, 1, 10, 4)
+    grid = FullClients(NODES, full=sampled[0]) if full == "clients" else FileClients(NODES)
+    strategy = _strategy(grid, max_retries=1, files=files)
+    model = {"w": torch.arange(3.0)} if full == "clients" else {"w": torch.zeros(1_000_000)}
+    with files_cannot_grow_past(100_000) if full == "server" else contextlib.nullcontext():
+        delta, metrics = strategy.train_round(1, model, ConfigRecord())
+    expected = model["w"] + sum((p + 1) * p for p in sampled) / sum(p + 1 for p in sampled)
+    assert torch.allclose(delta["w"], expected) and metrics["clients"] == 4
+    assert strategy.files is None and "arrays" in grid.contents[-1]  # later rounds send models in messages
+    assert "no room for the payload file" in caplog.text and "sending models inside the messages" in caplog.text
+    assert list(files.root.iterdir()) == []  # no partial file; no model, nor the others' updates, left taking room
+    files.close()

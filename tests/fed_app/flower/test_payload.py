@@ -116,7 +116,7 @@ def test_a_client_on_another_machine_is_told_to_use_messages(tmp_path):
 
 def test_a_killed_servers_payload_folder_is_removed_by_the_next_one():
     dead = SharedFiles("test-stale", 10**6)
-    stale = dead.root.with_name("fedit-test-stale-999999999")  # no such process
+    stale = dead.root.with_name("fedit-payload-999999999-1-abcdefgh-test-stale")  # no such process
     dead.root.rename(stale)
     (stale / "arrays-x.pt").write_bytes(b"0" * 10)
     fresh = SharedFiles("test-stale", 10**6)
