@@ -4,6 +4,7 @@ processes. Used by `make run` (fed_app/launch.py), the experiment runner, the be
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -52,12 +53,13 @@ class LocalFederation:
     _count = 0
 
     def __init__(self, base: Path, extra_env: dict[str, str] | None = None):
-        # one FLWR_HOME per federation (<base>/<host>-<pid>-<n>): stop() ends exactly this one's processes even
-        # when several commands share `base`; the leftovers of a command that was SIGKILLed are reaped here
+        # one FLWR_HOME per federation (<base>/<host>-<pid>-<n>-<identity tag>): stop() ends exactly this one's
+        # processes even when several commands share `base` (the tag: two containers of one host name may both
+        # run as pid 7); the leftovers of a command that was SIGKILLed are reaped here
         base = Path(base).resolve()
         reap_orphans(base)
         LocalFederation._count += 1
-        self.home = base / f"{socket.gethostname()}-{os.getpid()}-{LocalFederation._count}"
+        self.home = base / f"{socket.gethostname()}-{os.getpid()}-{LocalFederation._count}-{identity_tag()}"
         self.app_copies: dict[Path, Path] = {}  # app folder -> its packed files' copy (app_copy)
         self.extra_env = dict(extra_env or {})  # e.g. CUDA_VISIBLE_DEVICES: the device this federation is pinned to
         # Flower's local SuperLink listens on fixed ports by default and `flwr run` reuses any SuperLink
@@ -138,21 +140,29 @@ class LocalFederation:
 
 
 def reap_orphans(base: Path) -> list[int]:
-    """Kill the Flower processes of federations under `base` whose command (this host, its pid) is gone, and
-    remove their FLWR_HOMEs: what a SIGKILLed runner leaves behind."""
-    host = socket.gethostname()
+    """Kill the Flower processes of federations under `base` whose command is gone, and remove their FLWR_HOMEs:
+    what a SIGKILLed runner leaves behind. Only the homes of this host identity (their name's tag): another
+    container or cloned VM of this host name has pids of its own, alive where ours are not."""
+    if not procfs.host_identity():
+        return []  # a host that cannot tell its pid spaces apart leaves every home alone
+    host, tag = socket.gethostname(), identity_tag()
 
     def orphaned(home: Path) -> bool:
-        if home.parent != base or not home.name.startswith(host + "-"):
+        if home.parent != base or not home.name.startswith(host + "-") or not home.name.endswith("-" + tag):
             return False
         pid = home.name[len(host) + 1:].split("-")[0]
         return pid.isdigit() and not Path(f"/proc/{pid}").exists()
 
     killed = _kill_under(orphaned)
-    for home in base.glob(f"{host}-*") if base.exists() else []:
+    for home in base.glob(f"{host}-*-{tag}") if base.exists() else []:
         if orphaned(home):
             shutil.rmtree(home, ignore_errors=True)
     return killed
+
+
+def identity_tag() -> str:
+    """A short digest of procfs.host_identity() (whose pids this process sees) for file names."""
+    return hashlib.sha256(procfs.host_identity().encode()).hexdigest()[:12] if procfs.host_identity() else "unknown"
 
 
 def _kill_under(chosen, wait: float = 10.0) -> list[int]:

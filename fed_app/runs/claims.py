@@ -2,11 +2,13 @@
 ever trained twice at once, by two runners on one machine or by runners on machines sharing the results.
 
 The claim is the file `CLAIM`, created with O_CREAT|O_EXCL (atomic on local disks and on NFS v3+), holding
-its owner: host, pid, the process's start time (so a reused pid is not taken for the owner) and a token. The
-owner touches it every `heartbeat` seconds. It is stale when its owner is known dead (same host: no such
-process) or its heartbeat is older than `timeout` (another host: machines' clocks must agree to well within
-it). A stale claim is taken over by one taker at a time (`CLAIM.takeover`, itself O_EXCL) and the run resumes
-from its checkpoint. A process that was handed a claim (run-config `claim-token`) adopts it instead."""
+its owner: host, pid, the process's start time (so a reused pid is not taken for the owner), its host identity
+(host name, boot id, pid namespace: whose pids those are) and a token. The owner touches it every `heartbeat`
+seconds, through passing errors, and stops the run once it is truly lost. It is stale when its owner is known
+dead (same host identity: no such process) or, for any other owner, its heartbeat is older than `timeout` by
+the file system's own clock (a probe file's mtime), whatever this machine's clock says. A stale claim is taken
+over by one taker at a time (`CLAIM.takeover`, itself O_EXCL) and the run resumes from its checkpoint. A
+process that was handed a claim (run-config `claim-token`) adopts it instead."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ class ClaimedError(UserError, RuntimeError):
 
 
 class ClaimLostError(RuntimeError):
-    """This process's claim was taken over or removed: it must stop writing the run."""
+    """This process's claim was taken over, removed or left without a heartbeat: it must stop writing the run."""
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,25 @@ class Owner:
     started: str  # the process's start time in clock ticks since boot (/proc/<pid>/stat), '' if unknown
     token: str
     since: float
+    host_id: str = ""  # procfs.host_identity(): whose pid space `pid` and `started` belong to ('' in old claims)
 
     @classmethod
     def me(cls) -> Owner:
-        return cls(socket.gethostname(), os.getpid(), procfs.start_time(os.getpid()), uuid.uuid4().hex, time.time())
+        return cls(socket.gethostname(), os.getpid(), procfs.start_time(os.getpid()), uuid.uuid4().hex, time.time(),
+                   procfs.host_identity())
+
+    @classmethod
+    def parse(cls, text: str) -> Owner | None:
+        try:
+            values = json.loads(text)
+            return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        except (ValueError, TypeError, AttributeError):
+            return None
+
+    def here(self) -> bool:
+        """Whether its pid and start time name a process of this one's pid space (same host identity, not just
+        the same host name), so that /proc can say if it lives."""
+        return bool(self.host_id and self.started) and self.host_id == procfs.host_identity()
 
     def describe(self) -> str:
         return f"{self.host} pid {self.pid} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.since))}"
@@ -60,6 +77,7 @@ class Claim:
     def __init__(self, folder: Path, owner: Owner, adopted: bool = False, heartbeat: float = HEARTBEAT_S):
         self.file = Path(folder) / "CLAIM"
         self.owner, self.adopted = owner, adopted
+        self.lost = ""  # once the heartbeat finds the claim truly lost: the sentence the run stops with
         self._stop = threading.Event()
         self._beat = None
         if not adopted:  # an adopted claim beats in the process that took it
@@ -71,24 +89,63 @@ class Claim:
         return self.owner.token
 
     def _heartbeat(self, every: float) -> None:
+        """Touch the claim every `every` s. A touch that fails is retried (a file server's hiccup passes); the
+        beat ends only when the claim is truly lost: it names another owner, or no touch worked for TIMEOUT_S."""
+        beaten = time.monotonic()
         while not self._stop.wait(every):
             try:
-                if read_owner(self.file) != self.owner:
-                    log.error("the claim on %s was taken over; this process stops writing it", self.file.parent)
-                    return
-                os.utime(self.file)
-            except OSError:
+                self._touch()
+                beaten = time.monotonic()
+            except ClaimLostError as err:
+                self.lost = str(err)
+            except OSError as err:
+                if time.monotonic() - beaten <= TIMEOUT_S:
+                    log.warning("the heartbeat on %s failed (%s); retrying in %g s", self.file, err, every)
+                else:
+                    self.lost = (f"no heartbeat could be written on {self.file} for {TIMEOUT_S:g} s ({err}); "
+                                 f"this run stops, since another runner may take it over now")
+            if self.lost:
+                log.error("%s", self.lost)
                 return
 
+    def _touch(self) -> None:
+        held = self._read()
+        if held is None:
+            raise OSError(f"{self.file} is unreadable")  # retried: a file server's hiccup passes
+        if held != self.owner:
+            raise ClaimLostError(self._lost_to(held))
+        os.utime(self.file)  # no times given: on NFS the server's clock sets it, as it sets the probe's
+
+    def _read(self) -> Owner | None:
+        """The claim's owner now; None if it cannot be read this instant; ClaimLostError if it is gone."""
+        try:
+            return Owner.parse(self.file.read_text())
+        except FileNotFoundError:
+            raise ClaimLostError(self._lost_to(None)) from None
+        except OSError:
+            return None
+
+    def _lost_to(self, held: Owner | None) -> str:
+        now = f"now names {held.describe()}" if held is not None else "was removed"
+        return f"the claim on {self.file.parent} {now}; this run stops here so that only one command runs it"
+
     def check(self) -> None:
-        """Raise ClaimLostError unless the claim is still this one's and its owner alive: called before each
-        row, so a run whose command died (or was taken over) stops instead of writing beside its successor."""
-        held = read_owner(self.file)
-        if held is None or held.token != self.owner.token:
-            raise ClaimLostError(f"the claim on {self.file.parent} is no longer this run's; stopping")
-        if self.adopted and is_stale(held, self.file):
+        """Raise ClaimLostError (its one sentence) once the claim is truly lost: called before each row, so a run
+        whose command died, was taken over or went silent stops instead of writing beside its successor."""
+        if self.lost:
+            raise ClaimLostError(self.lost)
+        held = self._read()
+        if held is not None and held.token != self.owner.token:
+            raise ClaimLostError(self._lost_to(held))
+        if held is None or not self.adopted:
+            return  # unreadable this instant: the heartbeat's window judges a claim that stays so
+        if held.here() and procfs.start_time(held.pid) != held.started:
             raise ClaimLostError(f"the command that claimed {self.file.parent} ({held.describe()}) is gone; "
                                  f"stopping so that the run can be resumed")
+        age = heartbeat_age(self.file)
+        if age is not None and age > TIMEOUT_S:  # its command is stuck or cut off: other hosts take it over now
+            raise ClaimLostError(f"the claim on {self.file.parent} had no heartbeat for {age:.0f} s (its command: "
+                                 f"{held.describe()}); stopping so that another command can take the run over")
 
     def release(self) -> None:
         self._stop.set()
@@ -123,12 +180,8 @@ def take(folder: Path, token: str = "") -> Claim | None:
         try:
             fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            held = read_owner(file)
-            if held is not None and not is_stale(held, file):
+            if _stands(file):
                 return None
-            if held is None and time.time() - _mtime(file) < TIMEOUT_S:
-                return None  # being written this instant, or unreadable: not ours to judge yet
-            _take_over(file, held)
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(owner), f)
@@ -138,11 +191,28 @@ def take(folder: Path, token: str = "") -> Claim | None:
     return None
 
 
+def _stands(file: Path) -> bool:
+    """Whether the claim `file` stands (its owner lives, or it cannot be judged yet); one that does not is
+    taken over (removed) on the way, for the caller to try again."""
+    held = read_owner(file)
+    if held is None:
+        if not file.exists():
+            return False  # released meanwhile
+        age = heartbeat_age(file)
+        if age is None or age < TIMEOUT_S:
+            return True  # being written this instant, or unreadable: not ours to judge yet
+    elif not is_stale(held, file):
+        return True
+    _take_over(file, held)
+    return False
+
+
 def busy_message(folder: Path) -> str:
     held = holder(folder)
     who = held.describe() if held else "another command"
     return (f"run {folder} is being run by {who}; wait for it to finish or stop that command (a claim whose owner "
-            f"died is taken over: at once on the same host, after {TIMEOUT_S:.0f} s of silence from another)")
+            f"died is taken over: at once by a command of the same host, boot and pid namespace, after "
+            f"{TIMEOUT_S:.0f} s without a heartbeat by any other)")
 
 
 def holder(folder: Path) -> Owner | None:
@@ -153,28 +223,52 @@ def holder(folder: Path) -> Owner | None:
 
 def read_owner(file: Path) -> Owner | None:
     try:
-        return Owner(**json.loads(file.read_text()))
-    except (OSError, ValueError, TypeError):
+        return Owner.parse(file.read_text())
+    except OSError:
         return None
 
 
 def is_stale(owner: Owner, file: Path) -> bool:
-    """Dead owner (same host: no such process, or a different one under its pid), or no heartbeat for TIMEOUT_S."""
-    if owner.host == socket.gethostname() and owner.started:
+    """Whether a claim may be taken over. An owner of this host identity (procfs.host_identity) is judged by
+    its process: gone, or another under its pid. Any other, even one of this host name (a container, a cloned
+    VM), by its heartbeat alone: none for TIMEOUT_S, by the file system's clock. A live heartbeat is never stale."""
+    if owner.here():
         return procfs.start_time(owner.pid) != owner.started
-    return time.time() - _mtime(file) > TIMEOUT_S
+    age = heartbeat_age(file)
+    return age is not None and age > TIMEOUT_S
+
+
+def heartbeat_age(file: Path) -> float | None:
+    """Seconds since `file` was last touched, by the clock of the file system that holds it (a probe touched
+    beside it now), not this machine's, which may be minutes off the file server's; None if it cannot be told."""
+    try:
+        now = _probe(file.parent)
+        with open(file, "rb") as f:  # an open revalidates the attributes NFS caches (close-to-open)
+            return now - os.fstat(f.fileno()).st_mtime
+    except OSError:
+        return None
 
 
 def writable(folder: Path) -> None:
     """Create `folder` if needed and check that a claim can be written there, in one sentence if not."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".claim-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        _probe(folder)
     except OSError as err:
         raise ClaimedError(f"cannot write a claim in {folder} ({err.strerror}); point --results (or run-dir) at "
                            f"a folder this user can write") from None
+
+
+def _probe(folder: Path) -> float:
+    """The file system's clock now: the mtime of a probe file touched in `folder` (and removed)."""
+    probe = folder / f".claim-probe-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"")
+        os.utime(probe)  # as the heartbeat touches a claim: on NFS the server's clock sets both
+        return probe.stat().st_mtime
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def _take_over(file: Path, seen: Owner | None) -> None:
@@ -183,23 +277,15 @@ def _take_over(file: Path, seen: Owner | None) -> None:
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        if time.time() - _mtime(lock) > TIMEOUT_S:
+        age = heartbeat_age(lock)
+        if age is not None and age > TIMEOUT_S:
             lock.unlink(missing_ok=True)
         return
     os.close(fd)
     try:
         if read_owner(file) == seen:  # nobody took it over meanwhile
-            log.warning("taking over %s from %s, which is gone", file.parent,
+            log.warning("taking over %s from %s, which is gone or silent", file.parent,
                         seen.describe() if seen else "an unreadable claim")
             file.unlink(missing_ok=True)
     finally:
         lock.unlink(missing_ok=True)
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-

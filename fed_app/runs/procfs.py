@@ -1,10 +1,12 @@
 """What Linux's /proc says of a process, read in one place: its state, start time and CPU seconds (from
-/proc/<pid>/stat), its command line and its FLWR_HOME (which Flower federation started it). A process that
-is gone reads as None."""
+/proc/<pid>/stat), its command line and its FLWR_HOME (which Flower federation started it), and which pid
+space the pids are of (`host_identity`). A process that is gone reads as None."""
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 from pathlib import Path
 
 TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -60,3 +62,16 @@ def flwr_home(pid: int) -> Path | None:
         return None
     home = next((v[len(b"FLWR_HOME="):] for v in env if v.startswith(b"FLWR_HOME=")), None)
     return Path(os.fsdecode(home)) if home is not None else None
+
+
+@functools.cache
+def host_identity() -> str:
+    """Whose pids this process sees: host name, boot id and pid namespace, '' if /proc cannot tell. Two
+    containers with host networking, or two clones of one VM, share a host name but not this: a pid (and its
+    start time) means the same process only to a process of the same identity."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{socket.gethostname()} {boot} {namespace}"

@@ -1,14 +1,19 @@
-"""The same app on Flower's deployment engine: a real flower-superlink and flower-supernodes on localhost."""
+"""The same app on Flower's deployment engine: a real flower-superlink and flower-supernodes on localhost; the
+leftovers of a SIGKILLed command reaped, and only this host identity's."""
 
+import hashlib
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from fed_app.config import RunConfig
-from fed_app.local.local_federation import LocalFederation, free_port
+from fed_app.local.local_federation import LocalFederation, free_port, reap_orphans
+from fed_app.runs import procfs
 
 from ...conftest import TINY
 
@@ -37,3 +42,24 @@ def test_two_rounds_on_a_superlink_with_two_supernodes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["clients"] == 2 for r in rows[1:])
     assert "test_accuracy" in rows[-1] and (tmp_path / "run" / "DONE").exists()
+
+
+def test_reap_orphans_leaves_alone_what_another_host_identity_of_this_host_name_made(tmp_path):
+    code = ("import sys; from fed_app.local.local_federation import LocalFederation; "
+            "h = LocalFederation(sys.argv[1]).home; h.mkdir(); print(h.name)")
+    made = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    mine = tmp_path / made.stdout.strip()  # made here by a command that is gone (SIGKILLed)
+    host, boot, _ = procfs.host_identity().split(" ")
+    other = hashlib.sha256(f"{host} {boot} pid:[1]".encode()).hexdigest()[:12]  # a container of this host name
+    theirs = tmp_path / f"{mine.name.rsplit('-', 1)[0]}-{other}"  # its runner had the same pid in its own space
+    theirs.mkdir()
+    # processes of both, visible here as a container's are from its host: theirs alive and not ours to kill
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    procs = [subprocess.Popen(sleep, env={**os.environ, "FLWR_HOME": str(home)}) for home in (mine, theirs)]
+    try:
+        assert reap_orphans(tmp_path) == [procs[0].pid]
+        assert procs[1].poll() is None and theirs.is_dir() and not mine.exists()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

@@ -1,9 +1,13 @@
-"""procfs reads what /proc says of a process: its CPU seconds, start time, command line and FLWR_HOME."""
+"""procfs reads what /proc says of a process: its CPU seconds, start time, command line and FLWR_HOME; and
+whose pids this process sees (its host identity)."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
+
+import pytest
 
 from fed_app.runs import procfs
 
@@ -31,3 +35,15 @@ def test_start_time_command_line_and_flwr_home_name_one_process(tmp_path):
     finally:
         child.communicate(b"")
     assert procfs.start_time(child.pid) == "" and procfs.command_line(child.pid) == ""
+
+
+def test_the_host_identity_tells_another_pid_namespace_of_this_host_name_and_boot_apart():
+    code = "from fed_app.runs import procfs; print(procfs.host_identity())"
+    inside = subprocess.run(["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc",
+                             sys.executable, "-c", code], capture_output=True, text=True)
+    if inside.returncode != 0:
+        pytest.skip(f"no unprivileged pid namespace here: {inside.stderr.strip()[-200:]}")
+    host, boot, namespace = procfs.host_identity().split(" ")
+    assert host == socket.gethostname() and len(boot) == 36 and namespace.startswith("pid:[")
+    theirs = inside.stdout.strip().split(" ")
+    assert theirs[:2] == [host, boot] and theirs[2] != namespace  # a container's pids: not ours to judge
