@@ -54,7 +54,7 @@ AGGREGATIONS = Registry("aggregation rule", "aggregation")
 METHODS = Registry("federated method", "client-algorithm", instances=True)
 SERVER_OPTIMIZERS = Registry("server optimizer", "server-optimizer")
 BUILTINS = ("strategies.method", "strategies.scaffold", "strategies.server_opt", "masking.calibrate",
-            "fed_app.task.train", "strategies.fedavg", "strategies.robust")
+            "fed_app.task.train", "strategies.mean", "strategies.robust")
 
 
 def load_plugins(modules: str) -> None:

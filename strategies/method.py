@@ -35,7 +35,8 @@ from fed_app.task.batches import batch_stream
 from fed_app.task.head import only_head_trainable
 from fed_app.task.seeds import client_generator
 from fed_app.task.train import Objective, autocast, client_lr, make_optimizer, train_steps
-from strategies.fedavg import SeededFedAvg, aggregation_rule
+from strategies.fedavg import SeededFedAvg
+from strategies.mean import aggregation_rule
 from strategies.privacy import DpFedAvg
 
 if TYPE_CHECKING:  # hints only: a report or a config check need not import timm

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from fed_app.registry import AGGREGATIONS, MASK_RULES, METHODS, OBJECTIVES
 from masking.calibrate import MaskRule
-from strategies.fedavg import SeededFedAvg, WeightedSum
+from strategies.fedavg import SeededFedAvg
+from strategies.mean import WeightedSum
 from strategies.method import FedAvg
 
 PROX_MU = 0.1

@@ -9,7 +9,7 @@ from flwr.serverapp import strategy as flower
 
 from fed_app import server_app
 from fed_app.config import ConfigError, RunConfig
-from strategies.fedavg import aggregation_rule
+from strategies.mean import aggregation_rule
 
 from ..conftest import InProcessGrid, fl_cfg
 
