@@ -262,7 +262,9 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
                 _FLAGGED.add((name, note))
                 log.warning("%s: the best of manifest %s is at the edge of its grid: %s to its grid and rerun it.",
                             where, name, note)
-        return {k: _plain(best[k.replace("-", "_")], k) for k in keys}
+        # a key that does not apply to the best configuration (dp-clipping-norm of the arm without DP) is empty
+        # there: the run keeps its own value (a NaN in its config was once taken for one)
+        return {k: _plain(best[k.replace("-", "_")], k) for k in keys if best[k.replace("-", "_")] == best[k.replace("-", "_")]}  # NaN != NaN
 
     return pick
 

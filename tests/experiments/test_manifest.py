@@ -168,6 +168,26 @@ seeds: [1]
     assert {r.cfg.head: r.cfg.head_rounds for r in study.runs}["train"] == 3
 
 
+def test_a_tuned_key_that_does_not_apply_to_the_best_run_leaves_the_runs_own_value(tmp_path):
+    """privacy_tuning's arm without DP has no dp-clipping-norm: its control takes its lr and keeps its own C (a NaN
+    was once taken for one, and is now refused as a value)."""
+    results = tmp_path / "results"
+    tune = load_manifest(_write(tmp_path, """
+name: tune
+kind: federated
+grid:
+  - {dp: [server-fixed], dp-clipping-norm: [0.1, 1.0], lr: [0.01, 0.1]}
+  - {dp: [none], lr: [0.01, 0.1]}
+seeds: [1]
+""", "tune.yaml"), results)
+    _finish(results, tune, lambda c: (0.9 if c.lr == 0.1 and c.dp_clipping_norm in (0.1, 1.0) else 0.5, 0.5))
+    text = ("name: study\nkind: federated\ntuned-from: {manifest: tune, keys: [lr, dp-clipping-norm], match: [dp]}\n"
+            "grid: {dp: [server-fixed, none]}\n")
+    study = load_manifest(_write(tmp_path, text, "study.yaml"), results)
+    assert {r.cfg.dp: (r.cfg.lr, r.cfg.dp_clipping_norm) for r in study.runs} == {"server-fixed": (0.1, 0.1),
+                                                                                  "none": (0.1, 1.0)}
+
+
 def test_tuned_from_gives_each_rule_its_own_lr_and_the_dense_control_its_own(tmp_path):
     results = tmp_path / "results"
     tune = load_manifest(_write(tmp_path, """
