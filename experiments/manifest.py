@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,8 +104,7 @@ def load_manifest(path: str | Path, results: str | Path = "results", resolve_tun
     if unknown:
         raise ManifestError(f"{where}: unknown key '{sorted(unknown)[0]}'; the keys are {', '.join(sorted(TOP_KEYS))}.")
     name, kind = raw.get("name"), raw.get("kind")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ManifestError(f"{where}: 'name' must be a folder name such as noniid_grid, not {name!r}.")
+    _check_name(where, "'name'", name)
     if kind not in KINDS and kind is not None:
         raise ManifestError(f"{where}: kind={kind!r} is not one of {', '.join(KINDS)}; pick one.")
     base = raw.get("base") or {}
@@ -224,6 +224,7 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
         raise ManifestError(f"{where}: 'tuned-from' must be a mapping like {{manifest: fedavg_lr, keys: [lr]}} "
                             f"(optionally match: [optimizer], for: {{optimizer: [sgdm]}}), or a list of them.")
     name, keys, match = spec["manifest"], spec["keys"], spec.get("match", [])
+    _check_name(where, "tuned-from's manifest", name)
     saved = results / name / "manifest.yaml"
     command = f"run `python -m experiments run experiments/manifests/{name}.yaml` first, or set {keys[0]} in base"
     if not saved.exists():
@@ -270,6 +271,14 @@ def tuned_values(where: str, spec: Any, results: Path) -> Callable[[dict[str, An
 
 
 _FLAGGED: set[tuple[str, str]] = set()
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one folder inside the results folder: no '..', no '/'
+
+
+def _check_name(where: str, what: str, name: Any) -> None:
+    """A manifest's name is the folder of its runs under the results folder: it must stay one folder inside it."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ManifestError(f"{where}: {what} must be a folder name of letters, digits, '_', '-' and '.' (not "
+                            f"first) such as noniid_grid, not {name!r}.")
 
 
 def _plain(value: Any, key: str) -> Any:

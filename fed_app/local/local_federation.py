@@ -20,7 +20,7 @@ from typing import Any
 
 from fed_app.local.app_files import copy_app
 from fed_app.runs import procfs
-from fed_app.config import RunConfig, to_kebab
+from fed_app.config import ConfigError, RunConfig, to_kebab
 from fed_app.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,19 @@ class FlowerRunError(UserError, RuntimeError):
     """A Flower run that did not finish successfully."""
 
 
-def toml_value(value: Any) -> str:
+def toml_value(value: Any, key: str = "") -> str:
+    """`value` as TOML text that Flower's --run-config reads back unchanged. Flower splits the text at quotes (a
+    quoted value cannot hold its own quote, escaped or not): a string goes as a literal '...' (no escapes at all)
+    unless it holds a ', then as a basic "..." string with JSON's escapes (TOML's); one with both is refused."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return "'" + value + "'"
+        if "'" not in value and all(c == "\t" or " " <= c != "\x7f" for c in value):  # what a literal may hold
+            return "'" + value + "'"
+        if '"' not in value:
+            return json.dumps(value)
+        raise ConfigError(f"run-config {key}={value!r} holds both quote characters, which Flower's --run-config "
+                          f"cannot carry; give a value without ' or without \".")
     return repr(value)
 
 
@@ -44,7 +52,7 @@ def run_config_arg(cfg: RunConfig, **plumbing: str) -> str:
     """The whole config as `--run-config` text, so the run never depends on pyproject defaults drifting; with
     the commands' plumbing keys (config.PLUMBING: claim_token, session) that are set."""
     values = {**cfg.to_run_config(), **{to_kebab(k): v for k, v in plumbing.items() if v}}
-    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+    return " ".join(f"{k}={toml_value(v, k)}" for k, v in values.items())
 
 
 class LocalFederation:

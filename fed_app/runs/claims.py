@@ -74,9 +74,11 @@ class Owner:
 class Claim:
     """A held claim on `folder`: heartbeat while held, released (removed) on `release()` or leaving `with`."""
 
-    def __init__(self, folder: Path, owner: Owner, adopted: bool = False, heartbeat: float = HEARTBEAT_S):
+    def __init__(self, folder: Path, owner: Owner, adopted: bool = False, heartbeat: float = HEARTBEAT_S,
+                 created: tuple[Path, ...] = ()):
         self.file = Path(folder) / "CLAIM"
         self.owner, self.adopted = owner, adopted
+        self.created = created  # the folders the claim made, deepest first: removed on release if left empty
         self.lost = ""  # once the heartbeat finds the claim truly lost: the sentence the run stops with
         self._stop = threading.Event()
         self._beat = None
@@ -153,8 +155,9 @@ class Claim:
             self._beat.join()
             if read_owner(self.file) == self.owner:
                 self.file.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):  # a run that failed before writing anything leaves no folder
-                    self.file.parent.rmdir()
+                with contextlib.suppress(OSError):  # a run that failed before writing anything leaves no folder,
+                    for folder in self.created or (self.file.parent,):  # nor any the claim made for it
+                        folder.rmdir()
 
     def __enter__(self) -> Claim:
         return self
@@ -174,7 +177,7 @@ def take(folder: Path, token: str = "") -> Claim | None:
             raise ClaimedError(f"claim-token={token!r} does not name the claim on {folder}; it is set by the "
                                f"commands that claim runs (make run, python -m experiments run); leave it empty.")
         return Claim(folder, held, adopted=True)
-    writable(folder)
+    created = writable(folder)
     for _ in range(3):
         owner = Owner.me()
         try:
@@ -187,7 +190,7 @@ def take(folder: Path, token: str = "") -> Claim | None:
             json.dump(asdict(owner), f)
             f.flush()
             os.fsync(f.fileno())
-        return Claim(folder, owner)
+        return Claim(folder, owner, created=created)
     return None
 
 
@@ -249,14 +252,17 @@ def heartbeat_age(file: Path) -> float | None:
         return None
 
 
-def writable(folder: Path) -> None:
-    """Create `folder` if needed and check that a claim can be written there, in one sentence if not."""
+def writable(folder: Path) -> tuple[Path, ...]:
+    """Create `folder` if needed and check that a claim can be written there, in one sentence if not; the folders
+    it made, deepest first."""
+    created = tuple(p for p in (folder, *folder.parents) if not p.exists())
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _probe(folder)
     except OSError as err:
         raise ClaimedError(f"cannot write a claim in {folder} ({err.strerror}); point --results (or run-dir) at "
                            f"a folder this user can write") from None
+    return created
 
 
 def _probe(folder: Path) -> float:

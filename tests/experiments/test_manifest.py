@@ -287,3 +287,12 @@ def test_every_shipped_manifest_dry_runs_on_a_fresh_clone_naming_the_tuning_stil
     first = pending[0]
     assert (f"pending: {', '.join(first.keys)} from the best of manifest {first.manifest}, not tuned yet; run "
             f"`python -m experiments run experiments/manifests/{first.manifest}.yaml` first") in text
+
+
+@pytest.mark.parametrize("text", ["name: ..\nkind: federated\n", "name: ../elsewhere\nkind: federated\n",
+                                  "name: .hidden\nkind: federated\n", "name: /abs\nkind: federated\n",
+                                  "name: ok\nkind: federated\ntuned-from: {manifest: '..', keys: [lr]}\n"])
+def test_a_manifest_or_tuning_name_that_would_leave_the_results_folder_is_one_sentence(tmp_path, text):
+    with pytest.raises(ManifestError, match=r"must be a folder name of letters, digits"):
+        load_manifest(_write(tmp_path, text), tmp_path / "results")
+    assert not (tmp_path / "results").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.yaml"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fed_app.config import RunConfig
-from fed_app.local.local_federation import LocalFederation, free_port, reap_orphans
+from fed_app.config import ConfigError, RunConfig, parse_overrides
+from fed_app.local.local_federation import LocalFederation, free_port, reap_orphans, run_config_arg
 from fed_app.runs import procfs
 
 from ...conftest import TINY
@@ -63,3 +63,15 @@ def test_reap_orphans_leaves_alone_what_another_host_identity_of_this_host_name_
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("root", ["/data/o'brien", 'a "quoted" dir', "back\\slash", "tab\there", "ünïcode", "/a b",
+                                  "new\nline", ""])
+def test_every_string_reaches_flower_as_it_was_given(root):
+    cfg = RunConfig.from_run_config({**TINY, "data-root": root})
+    assert RunConfig.from_run_config(parse_overrides(run_config_arg(cfg))) == cfg  # Flower's own parser
+
+
+def test_a_string_flower_cannot_carry_is_one_sentence():
+    with pytest.raises(ConfigError, match=r"run-config data-root=.* holds both quote characters"):
+        run_config_arg(RunConfig.from_run_config({**TINY, "data-root": "it's \"here\""}))

@@ -200,3 +200,12 @@ def test_a_runner_in_another_pid_namespace_of_this_host_keeps_its_live_claim(tmp
     finally:
         other.communicate("")
     assert not (tmp_path / "CLAIM").exists()  # released by its owner, not taken
+
+
+def test_a_claim_released_before_anything_was_written_leaves_no_folder_it_made_at_any_level(tmp_path):
+    (tmp_path / "results").mkdir()
+    keep = tmp_path / "results" / "kept.txt"
+    keep.write_text("the user's")
+    claim = claims.take(tmp_path / "results" / "federated" / "abc123")  # make run's folder: results/federated/<id>
+    claim.release()
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["kept.txt"]  # no empty federated/
