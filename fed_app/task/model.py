@@ -129,7 +129,7 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 def _unsafe(file: Path) -> str:
     """What a weights file holds that a weights-only load refuses, by name (read from the pickle, never run)."""
     try:
-        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(file) if n != "argparse.Namespace"]
+        names = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(file)) - {"argparse.Namespace"})
     except Exception:  # noqa: BLE001 - only the sentence's detail: a file too damaged to list is still refused
         names = []
     return ", ".join(names[:3]) or "objects"
