@@ -12,11 +12,12 @@ import random
 import pytest
 import torch
 
-from fed_app import centralized
+from fed_app import centralized, server_app
 from fed_app.config import RunConfig
 from fed_app.runs.files import read_torch
 from fed_app.runs.rundir import DamagedRunError, RunDir, UnreadableError
 
+from ...conftest import InProcessGrid, fl_cfg
 from .test_damaged_runs import SMALL, _model, _rows, _same_model
 
 
@@ -120,17 +121,28 @@ def test_every_cut_and_bit_flip_of_a_real_checkpoint_loads_or_is_damage(tmp_path
     assert damaged > len(copies) // 3  # most cuts and many flips are damage; the rest load
 
 
+def _stop_before_done(monkeypatch):
+    """The process stops (as if killed) after the final row and checkpoint, before DONE."""
+    def stop(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "mark_done", stop)
+
+
+def _tear_last_row(run_dir):
+    text = (run_dir / "rows.jsonl").read_text()
+    (run_dir / "rows.jsonl").write_text(text[: text.rindex("\n", 0, -1) + 1 + 20])
+
+
 def test_a_row_torn_after_the_final_checkpoint_is_redone_from_the_checkpoint_before_it(tmp_path, monkeypatch, caplog):
     cfg = {**SMALL, "epochs": 3}
     whole = centralized.run(RunConfig.from_run_config({**cfg, "run-dir": str(tmp_path / "whole")}))
     cut = RunConfig.from_run_config({**cfg, "run-dir": str(tmp_path / "cut")})
-    with monkeypatch.context() as patch:  # stops after the final row and checkpoint, before DONE
-        patch.setattr(RunDir, "mark_done", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with monkeypatch.context() as patch:
+        _stop_before_done(patch)
         with pytest.raises(KeyboardInterrupt):
             centralized.run(cut)
-    rows_file = tmp_path / "cut" / "rows.jsonl"
-    text = rows_file.read_text()
-    rows_file.write_text(text[: text.rindex("\n", 0, -1) + 1 + 20])  # the last row (epoch 3) torn
+    _tear_last_row(tmp_path / "cut")  # epoch 3's row
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 3
     with caplog.at_level(logging.WARNING, logger="fed_app.runs.rundir"):
         centralized.run(cut)
@@ -144,3 +156,22 @@ def test_a_checkpoint_without_rows_behind_it_starts_the_run_over(tmp_path):
     run = _run(tmp_path / "run")
     run.rows_file.write_text("")  # the rows are gone: no checkpoint can be resumed without leaving rows missing
     assert run.resume("epoch") is None
+
+
+@pytest.mark.usefixtures("server_app_identity")
+def test_a_federated_row_torn_after_the_final_checkpoint_is_redone_from_the_checkpoint_before_it(tmp_path,
+                                                                                                monkeypatch):
+    """Checkpoints at rounds 2 and 4 of 4 (FedAdam's moments in them): row 4 torn, rounds 3 and 4 are redone."""
+    settings = {"server-optimizer": "fedadam", "server-lr": 0.01}
+    whole = fl_cfg(tmp_path, "whole", **settings)
+    server_app.run(InProcessGrid(whole), whole)
+    cut = fl_cfg(tmp_path, "cut", **settings)
+    with monkeypatch.context() as patch:
+        _stop_before_done(patch)
+        with pytest.raises(KeyboardInterrupt):
+            server_app.run(InProcessGrid(cut), cut)
+    _tear_last_row(tmp_path / "cut")
+    server_app.run(InProcessGrid(cut), cut)
+    assert (tmp_path / "cut" / "DONE").exists()
+    assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
+    assert _same_model(_model(tmp_path / "cut"), _model(tmp_path / "whole"))
