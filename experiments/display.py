@@ -74,9 +74,9 @@ def checkpoint_step(run: Run) -> str:
     key = "epoch" if run.kind == "centralized" else "round"
     try:
         checkpoint = torch.load(Path(run.cfg.run_dir) / "checkpoint.pt", map_location="cpu", mmap=True,
-                                weights_only=False)
+                                weights_only=True)  # tensors and plain values only: a pickle may run code
         return f"{key} {checkpoint[key]}"
-    except Exception:  # cut short: the run itself falls back to the checkpoint before it, and says so
+    except Exception:  # damaged or unreadable: the run itself says what it does with it; here only a label
         return "its last readable checkpoint"
 
 

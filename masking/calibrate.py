@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -144,10 +145,10 @@ def mask_stats(masks: Masks) -> list[dict]:
     return rows + [{"name": "total", "numel": total, "trainable": trainable, "density": trainable / total}]
 
 
-def save_masks(masks: Masks, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({n: m.cpu() for n, m in masks.items()}, tmp)
-    tmp.replace(path)
+def save_masks(masks: Masks, out: BinaryIO) -> None:
+    """The masks (name -> bool tensor) as torch.save bytes into `out`: the run's folder writes them to disk
+    whole, fsynced, with its full-disk sentence (fed_app/runs/rundir.py; masking imports nothing of fed_app)."""
+    torch.save({n: m.cpu() for n, m in masks.items()}, out)
 
 
 def load_masks(path: Path, device: torch.device | str = "cpu") -> Masks:

@@ -37,6 +37,7 @@ from fed_app.flower.federation import Federation
 from fed_app.flower.payload import Form, Key, SharedFiles, carry, holds, split_flat, take
 from fed_app.flower.replies import check_tensors, reply_tag, take_reply
 from fed_app.registry import METHODS
+from fed_app.runs.files import atomic_torch_save, read_torch
 from fed_app.runs.rundir import RunDir
 from fed_app.task.seeds import Phase
 from fed_app.task.train import client_lr
@@ -69,7 +70,7 @@ class ControlStore:
         """c_i as round `server_round` starts: the newest version written before it (None: never trained)."""
         versions = self.versions(partition_id)
         earlier = [r for r in versions if r < server_round]
-        return torch.load(versions[max(earlier)], weights_only=True) if earlier else None
+        return read_torch(versions[max(earlier)]) if earlier else None
 
     def save(self, partition_id: int, server_round: int, control: Tensor, checkpointed: int) -> None:
         """Write round `server_round`'s c_i+, replacing versions from that round on (left by a run that stopped
@@ -77,9 +78,8 @@ class ControlStore:
         folder = self.root / str(partition_id)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"control-{server_round}.pt"
-        tmp = folder / f".control-{server_round}-{os.getpid()}.tmp"
-        torch.save(control.cpu(), tmp)
-        os.replace(tmp, path)  # a reader never sees a partial version
+        # whole or not at all, fsynced, a full disk one sentence; a reader never sees a partial version
+        atomic_torch_save(control.cpu(), path, tmp=folder / f".control-{server_round}-{os.getpid()}.tmp")
         versions = self.versions(partition_id)
         in_force = max((r for r in versions if r <= checkpointed), default=None)
         for r, file in versions.items():

@@ -11,7 +11,7 @@ import torch
 
 from fed_app.config import RunConfig
 from fed_app.runs.rundir import RunDir
-from masking.calibrate import Masks, density_of, load_masks
+from masking.calibrate import Masks, density_of
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class MaskPlan:
         if self.shared is not None:
             run_dir.save_mask(self.shared)
         else:
-            run_dir.save_client_masks({p: pack_masks(m) for p, m in self.per_partition.items()})
+            run_dir.save_client_masks({p: torch.from_numpy(pack_masks(m)) for p, m in self.per_partition.items()})
 
     @classmethod
     def load(cls, run_dir: RunDir, shapes: dict[str, torch.Size], cfg: RunConfig) -> MaskPlan | None:
@@ -47,8 +47,8 @@ class MaskPlan:
         if cfg.optimizer != "sparse-sgdm":
             return None
         if cfg.mask_scope == "global":
-            return cls.global_mask(load_masks(run_dir.path / "mask.pt"), cfg.num_clients)
-        bits = torch.load(run_dir.path / "client_masks.pt", weights_only=False)
+            return cls.global_mask(run_dir.load_mask(), cfg.num_clients)
+        bits = run_dir.load_client_masks()
         return cls.local_masks({p: unpack_masks(b, shapes) for p, b in bits.items()})
 
 
@@ -58,8 +58,9 @@ def pack_masks(masks: Masks) -> np.ndarray:
     return np.packbits(flat)
 
 
-def unpack_masks(bits: np.ndarray, shapes: dict[str, torch.Size]) -> Masks:
-    """Inverse of pack_masks for parameters of these shapes (in this order)."""
+def unpack_masks(bits: np.ndarray | torch.Tensor, shapes: dict[str, torch.Size]) -> Masks:
+    """Inverse of pack_masks for parameters of these shapes (in this order); the bits as an array or a tensor."""
     sizes = [int(np.prod(s)) for s in shapes.values()]
+    bits = bits.cpu().numpy() if torch.is_tensor(bits) else bits
     flat = torch.from_numpy(np.unpackbits(np.asarray(bits, dtype=np.uint8), count=sum(sizes)).astype(bool))
     return {n: part.view(s) for (n, s), part in zip(shapes.items(), flat.split(sizes))}

@@ -1,39 +1,33 @@
 """A run's directory: config.json, append-only rows.jsonl, atomic checkpoint.pt (and the one before it), DONE or
-DIVERGED marker.
+DIVERGED marker; and which checkpoint a run resumes from.
 
-A damaged folder recovers or says why not: a checkpoint that cannot be read (a copy cut short) gives way to the
+A damaged folder recovers or says why not: a checkpoint that is damaged (cut short, corrupt, or holding more than
+tensors and plain values: nothing is unpickled that could run code) is kept as `<name>.bad` and gives way to the
 one before it, which is kept until the next is safely written; a torn last line of rows.jsonl (a write cut short)
-is dropped with a warning; a write that finds the disk full stops the run with one sentence, its files as they
-were, and the same command resumes once there is room."""
+is dropped with a warning, and a checkpoint ahead of the rows gives way too, so the missing rows are redone; a
+file the disk will not give back (EIO, EACCES) stops the run with one sentence, nothing changed; a write that
+finds the disk full stops the run with one sentence, its files as they were, and the same command resumes once
+there is room. How each file is written and read is fed_app/runs/files.py."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import io
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fed_app.config import NOT_RESULTS, ConfigError, RunConfig, to_kebab
-from fed_app.errors import UserError
+from fed_app.runs.files import (DamagedRunError, DiskFullError, UnreadableError, atomic_torch_save,
+                                atomic_write_bytes, fsync_dir, read_torch, readable, room_for, set_aside, torch_bytes,
+                                write_whole)
+
+__all__ = ["DamagedRunError", "DiskFullError", "RunDir", "UnreadableError", "read_rows"]
 
 log = logging.getLogger(__name__)
-
-FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room: the disk, the user's quota, the file-size limit
-
-
-class DiskFullError(UserError, OSError):
-    """A run's file could not be written for want of room; the message says what is kept and how to go on."""
-
-
-class DamagedRunError(UserError, RuntimeError):
-    """A run's files cannot be read in a way fedit can recover from; the message names the file."""
 
 
 class RunDir:
@@ -93,7 +87,8 @@ class RunDir:
     def append_row(self, row: dict[str, Any]) -> None:
         """One line, on disk (fsync); a write that fails part-way is cut back off, so no half row is left."""
         data = (json.dumps(row) + "\n").encode()
-        with _room_for(self.rows_file):
+        created = not self.rows_file.exists()
+        with room_for(self.rows_file):
             fd = os.open(self.rows_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             size = os.fstat(fd).st_size
             try:
@@ -106,37 +101,52 @@ class RunDir:
                 raise
             finally:
                 os.close(fd)
+        if created:  # the file's name is on disk too
+            fsync_dir(self.path)
 
     def rows(self) -> list[dict[str, Any]]:
         return read_rows(self.rows_file)
 
-    def keep_rows(self, key: str, upto: int) -> None:
-        """Drop rows written after the last checkpoint (row[key] > upto), atomically."""
+    def keep_rows(self, key: str, upto: int, rows: list[dict[str, Any]] | None = None) -> None:
+        """Drop rows written after the last checkpoint (row[key] > upto), atomically (`rows`: those read just now)."""
         if not self.rows_file.exists():
             return
-        kept = [r for r in self.rows() if r[key] <= upto]
+        kept = [r for r in (self.rows() if rows is None else rows) if r[key] <= upto]
         atomic_write_bytes(self.rows_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def save_mask(self, masks: dict[str, torch.Tensor]) -> None:
         """mask.pt (name -> bool tensor, True = trainable) and its per-layer densities, mask_stats.json."""
         from masking.calibrate import mask_stats, save_masks
 
-        save_masks(masks, self.path / "mask.pt")
+        buffer = io.BytesIO()
+        save_masks(masks, buffer)
+        atomic_write_bytes(self.path / "mask.pt", buffer.getbuffer())
         atomic_write_bytes(self.path / "mask_stats.json", json.dumps(mask_stats(masks), indent=1).encode())
+
+    def load_mask(self) -> dict[str, torch.Tensor]:
+        """mask.pt as save_mask wrote it; a damaged one is a DamagedRunError."""
+        return {n: m.to(torch.bool) for n, m in read_torch(self.path / "mask.pt").items()}
 
     def save_shards(self, counts) -> None:
         """shards.json: each client's image count per class (a (clients, classes) table), for the report."""
         atomic_write_bytes(self.path / "shards.json", json.dumps({"class_counts": counts.tolist()}).encode())
 
-    def save_client_masks(self, bits: dict[int, Any]) -> None:
-        """client_masks.pt: partition id -> packed mask bits (mask-scope 'local')."""
-        _atomic_torch_save(bits, self.path / "client_masks.pt")
+    def save_client_masks(self, bits: dict[int, torch.Tensor]) -> None:
+        """client_masks.pt: partition id -> packed mask bits, a uint8 tensor (mask-scope 'local')."""
+        atomic_torch_save(bits, self.path / "client_masks.pt")
+
+    def load_client_masks(self) -> dict[int, torch.Tensor]:
+        """client_masks.pt; one written before the bits were tensors holds numpy arrays of uint8, read by name."""
+        bits = read_torch(self.path / "client_masks.pt", allow=_NUMPY_UINT8)
+        return {p: torch.as_tensor(b) for p, b in bits.items()}
 
     def resume(self, key: str) -> dict[str, Any] | None:
-        """The last checkpoint (None when fresh), with the rows written after it dropped: the one restore
-        step of every run, keyed by its step column ('epoch' or 'round')."""
-        ckpt = self.load_checkpoint()
-        self.keep_rows(key, -1 if ckpt is None else ckpt[key])
+        """The last checkpoint that the rows reach (None when fresh), with the rows written after it dropped: the
+        one restore step of every run, keyed by its step column ('epoch' or 'round'). A checkpoint past the last
+        intact row (that row torn) gives way to the one before it, so the missing rows are redone."""
+        rows = self.rows()
+        ckpt = self.load_checkpoint(key, upto=_intact(rows, key))
+        self.keep_rows(key, -1 if ckpt is None else ckpt[key], rows)
         if ckpt is not None:
             log.info("resuming %s after %s %d", self.path, key, ckpt[key])
         return ckpt
@@ -145,30 +155,72 @@ class RunDir:
         """checkpoint.pt, written whole beside the last one before the last one steps aside (checkpoint.prev.pt):
         at every moment one complete checkpoint is on disk."""
         tmp = self.checkpoint_file.with_name(self.checkpoint_file.name + ".tmp")
-        _write_whole(tmp, _torch_bytes(state), self.checkpoint_file)
+        write_whole(tmp, torch_bytes(state), self.checkpoint_file)
         if self.checkpoint_file.exists():
             os.replace(self.checkpoint_file, self.previous_file)
         os.replace(tmp, self.checkpoint_file)
+        fsync_dir(self.path)
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        """The newest checkpoint that can be read: checkpoint.pt, else the one before it (then made the current
-        one, so that the next save keeps it); None when there is none."""
+    def load_checkpoint(self, key: str | None = None, upto: int | None = None) -> dict[str, Any] | None:
+        """The newest checkpoint that is whole (and at `key` <= `upto`, when given): checkpoint.pt, else the one
+        before it (then made the current one, so that the next save keeps it); None when there is none. A
+        damaged one is kept as `<name>.bad`; a disk that will not read is an UnreadableError, nothing changed."""
+        passed = False
         for path in (self.checkpoint_file, self.previous_file):
             if not path.exists():
                 continue
             try:
-                checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as err:  # a file cut short: torch's zip reader, pickle, EOF... name the cause
-                log.warning("%s cannot be read (%s: %s); trying the checkpoint before it", path,
-                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                checkpoint = _checkpoint(path, key)
+            except DamagedRunError as err:
+                bad = set_aside(path)
+                log.warning("%s cannot be read (%s); it is kept as %s, trying the checkpoint before it", path,
+                            err.cause, bad.name)
+                passed = True
+                continue
+            if upto is not None and checkpoint[key] > upto:
+                log.warning("%s is at %s %d but %s is whole only up to %s %d; trying the checkpoint before it",
+                            path, key, checkpoint[key], self.rows_file.name, key, upto)
+                passed = True
                 continue
             if path == self.previous_file:
                 os.replace(self.previous_file, self.checkpoint_file)
+                fsync_dir(self.path)
                 log.warning("resuming %s from its previous checkpoint", self.path)
             return checkpoint
-        if self.checkpoint_file.exists() or self.previous_file.exists():
-            log.warning("no checkpoint of %s can be read; the run starts over", self.path)
+        if passed:
+            log.warning("no checkpoint of %s can be resumed from; the run starts over", self.path)
         return None
+
+
+def _checkpoint(path: Path, key: str | None) -> dict[str, Any]:
+    """A checkpoint as save_checkpoint wrote it (a dict, with its step under `key`), else a DamagedRunError."""
+    checkpoint = read_torch(path)
+    if not isinstance(checkpoint, dict) or (key is not None and not isinstance(checkpoint.get(key), int)):
+        raise DamagedRunError(f"{path} is not a checkpoint fedit wrote; delete that run's folder to run it again.",
+                              f"no {key or 'dict'} in it")
+    return checkpoint
+
+
+def _intact(rows: list[dict[str, Any]], key: str) -> int:
+    """The last step s whose rows 0..s are all there (-1: none): a checkpoint past it would leave rows missing."""
+    last = -1
+    for row in rows:
+        if row.get(key) != last + 1:
+            break
+        last += 1
+    return last
+
+
+def _numpy_uint8() -> list:
+    """numpy's names in a pickled uint8 array (no code runs: the array is rebuilt from its raw bytes)."""
+    import numpy as np
+    from numpy._core.multiarray import _reconstruct
+
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint8))]
+
+
+_NUMPY_UINT8 = _numpy_uint8()
 
 
 def read_rows(rows_file: Path) -> list[dict[str, Any]]:
@@ -176,7 +228,8 @@ def read_rows(rows_file: Path) -> list[dict[str, Any]]:
     file without it), any other unreadable line is a DamagedRunError."""
     if not rows_file.exists():
         return []
-    lines = rows_file.read_text().splitlines()
+    with readable(rows_file):
+        lines = rows_file.read_text().splitlines()
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -189,45 +242,3 @@ def read_rows(rows_file: Path) -> list[dict[str, Any]]:
                                       f"run it again.") from None
             log.warning("the last line of %s is cut short (a write interrupted); it is left out", rows_file)
     return rows
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    _write_whole(tmp, data, path)
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write_bytes(path, _torch_bytes(obj))
-
-
-def _torch_bytes(obj: Any) -> memoryview:
-    """torch.save's bytes, written by Python afterwards: torch's own file writer turns a full disk into a bare
-    RuntimeError ('unexpected pos'), Python's into an OSError with its errno."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getbuffer()
-
-
-def _write_whole(tmp: Path, data: bytes | memoryview, path: Path) -> None:
-    """`data` in `tmp`, on disk (fsync), for `path`: a full disk is a DiskFullError and no `tmp` is left."""
-    with _room_for(path, tmp), open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def _room_for(path: Path, tmp: Path | None = None) -> Iterator[None]:
-    """Writing `path` (through `tmp`): a disk full, a quota or a file-size limit reached is one sentence, with the
-    half-written temporary file removed and `path` as it was."""
-    try:
-        yield
-    except OSError as err:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        if err.errno not in FULL:
-            raise
-        raise DiskFullError(f"{path} could not be written ({os.strerror(err.errno)}); the run stops here with its "
-                            f"files as they were and its last checkpoint kept: make room on that disk (or raise "
-                            f"the file-size limit) and run the same command to resume.") from None

@@ -3,7 +3,8 @@ weights file, or random), and a tiny ViT for tests."""
 
 from __future__ import annotations
 
-import logging
+import argparse
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,6 @@ from timm.models.vision_transformer import VisionTransformer
 from fed_app.config import RunConfig
 from fed_app.errors import UserError, override_hint
 from fed_app.task.head import head_name
-
-log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the tiny test ViT's normalization (pretrained models use timm's own)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,11 +105,14 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
             f"model-weights={path!r} is not a file; pass the absolute path of a .pth file, "
             f"'' to download, or 'random'."
         )
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception:  # DINO's training checkpoints pickle their argparse args
-        log.warning("%s needs full unpickling (it holds more than tensors); loading it anyway", file)
-        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    try:  # tensors and plain values only: a pickle may run code. DINO's checkpoints keep their argparse args
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelWeightsError(
+            f"model-weights={path!r} holds {_unsafe(file)} besides tensors, which fedit does not unpickle (that "
+            f"could run code); pass a file of tensors, e.g. one saved with torch.save(model.state_dict(), path)."
+        ) from None
     for key in ("teacher", "state_dict", "model"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
@@ -122,6 +124,15 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         if torch.is_tensor(v) and not k.startswith(DINO_HEAD):  # a model's own classifier: see without_head
             state[k] = v
     return state
+
+
+def _unsafe(file: Path) -> str:
+    """What a weights file holds that a weights-only load refuses, by name (read from the pickle, never run)."""
+    try:
+        names = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(file)) - {"argparse.Namespace"})
+    except Exception:  # noqa: BLE001 - only the sentence's detail: a file too damaged to list is still refused
+        names = []
+    return ", ".join(names[:3]) or "objects"
 
 
 def without_head(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

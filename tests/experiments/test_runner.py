@@ -203,6 +203,6 @@ def test_sigterm_stops_the_runner_and_its_federation_and_the_rerun_ends_as_the_u
     assert "round 10/10" in rerun.stdout and "INFO:" not in rerun.stdout  # each row logged once, plainly
     reference = run_in_process(load_manifest(manifest, tmp_path / "reference").runs[0].cfg)
     assert _rows(run_dir, {"round_time"}) == _rows(reference, {"round_time"})
-    a = torch.load(reference / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(reference / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -72,7 +72,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_rows_and_weights(tmp
     def load(run_dir):
         rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
                 for line in (run_dir / "rows.jsonl").read_text().splitlines()]
-        return rows, torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+        return rows, torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
 
     rows_a, weights_a = load(tmp_path / "whole")
     rows_b, weights_b = load(killed)

@@ -16,7 +16,7 @@ from ..conftest import fl_cfg, run_in_process
 def test_the_federated_logistic_head_equals_the_centralized_fit_and_only_the_head_travels(tmp_path):
     cfg = fl_cfg(tmp_path, "run", head="logistic", lr=0.01, **{"num-rounds": 1, "head-iterations": 30})
     run = run_in_process(cfg)
-    final = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    final = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     row0 = json.loads((run / "rows.jsonl").read_text().splitlines()[0])
 
     data = load_dataset(cfg, torch.device("cpu"))

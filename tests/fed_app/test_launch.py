@@ -69,8 +69,8 @@ def test_sighup_stops_every_process_and_releases_the_claim_and_the_rerun_ends_as
     output, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, output[-3000:]
     assert _rows(cut) == _rows(uninterrupted)
-    a = torch.load(uninterrupted / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(cut / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(cut / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

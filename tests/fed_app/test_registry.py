@@ -87,8 +87,8 @@ def test_a_method_registered_from_outside_runs_its_client_and_server_hooks(tmp_p
     fedavg = fl_cfg(tmp_path, "fedavg", **{"prox-mu": 0.01})
     server_app.run(InProcessGrid(fedavg), fedavg)
     assert _rows(tmp_path / "plugin") == _rows(tmp_path / "fedavg")
-    a = torch.load(tmp_path / "plugin" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "fedavg" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "plugin" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "fedavg" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[n], b[n]) for n in a)
     with pytest.raises(ConfigError, match=r"client-algorithm='nope' is not one of fedavg, scaffold, or a name that"):
         fl_cfg(tmp_path, "x", **{"client-algorithm": "nope"})

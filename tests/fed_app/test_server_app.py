@@ -88,8 +88,8 @@ def test_a_sparse_run_stopped_mid_round_resumes_with_its_mask_to_the_uninterrupt
 
 def _assert_same_run(cut, whole):
     assert _rows(cut) == _rows(whole)
-    a = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(cut / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(cut / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

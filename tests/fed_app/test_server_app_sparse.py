@@ -29,7 +29,7 @@ def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_froze
     cfg = RunConfig.from_run_config({**SPARSE_FL, "run-dir": str(tmp_path / "run")})
     flower_session.run(cfg)
     run = tmp_path / "run"
-    final = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    final = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     fed_masks = load_masks(run / "mask.pt")
 
     # the centralized counterparts on the union of the shards (= the whole training split)
@@ -83,13 +83,13 @@ def test_local_masks_each_client_its_own_and_entries_frozen_everywhere_never_mov
     freeze_head(model)
     shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    bits = torch.load(run / "client_masks.pt", weights_only=False)
+    bits = torch.load(run / "client_masks.pt", weights_only=True)
     masks = {p: unpack_masks(b, shapes) for p, b in bits.items()}
     assert sorted(masks) == list(range(10))
     for m in masks.values():
         assert sum(int(x.sum()) for x in m.values()) == pytest.approx(0.2 * sum(x.numel() for x in m.values()), abs=1)
     assert not all(torch.equal(masks[0][n], masks[1][n]) for n in shapes)  # own data, own mask
-    final = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    final = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     for name in shapes:
         frozen_everywhere = ~torch.stack([masks[p][name] for p in masks]).any(0)
         assert torch.equal(final[name][frozen_everywhere], init[name][frozen_everywhere]), name
@@ -105,7 +105,7 @@ def test_head_rounds_train_the_head_and_no_backbone_entry(tmp_path, flower_sessi
     flower_session.run(cfg)
     model, _ = build_model(cfg, 100)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
+    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
     masks = load_masks(tmp_path / "run" / "mask.pt")
     assert "head.weight" not in masks and not torch.equal(final["head.weight"], init["head.weight"])
     for name, mask in masks.items():  # head rounds moved no backbone entry; sparse rounds only trainable ones
@@ -125,7 +125,7 @@ def test_a_voted_global_mask_is_the_clients_own_masks_combined_and_frozen_entrie
     freeze_head(model)
     shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    bits = torch.load(tmp_path / "own" / "client_masks.pt", weights_only=False)
+    bits = torch.load(tmp_path / "own" / "client_masks.pt", weights_only=True)
     clients = [unpack_masks(bits[p], shapes) for p in sorted(bits)]  # the same calibration, client by client
     mask = load_masks(tmp_path / "voted" / "mask.pt")
     expected = combine_masks(clients, "vote", 0.3)
@@ -134,6 +134,6 @@ def test_a_voted_global_mask_is_the_clients_own_masks_combined_and_frozen_entrie
     assert 0.2 < density < 1.0  # 3 of 10 votes keep more than one client's 20%
     rows = [json.loads(line) for line in (tmp_path / "voted" / "rows.jsonl").read_text().splitlines()]
     assert rows[0]["density"] == pytest.approx(density)
-    final = torch.load(tmp_path / "voted" / "checkpoint.pt", weights_only=False)["model"]
+    final = torch.load(tmp_path / "voted" / "checkpoint.pt", weights_only=True)["model"]
     for name in shapes:
         assert torch.equal(final[name][~mask[name]], init[name][~mask[name]]), name

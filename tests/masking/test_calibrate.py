@@ -108,7 +108,8 @@ def test_multi_round_rescoring_differs_from_one_shot():
 
 def test_masks_round_trip_through_a_file_with_stats(tmp_path):
     masks = {"a": torch.tensor([True, False, True, True]), "b": torch.zeros(2, 2, dtype=torch.bool)}
-    save_masks(masks, tmp_path / "mask.pt")
+    with open(tmp_path / "mask.pt", "wb") as f:
+        save_masks(masks, f)
     loaded = load_masks(tmp_path / "mask.pt")
     assert all(torch.equal(masks[n], loaded[n]) for n in masks)
     stats = mask_stats(loaded)

@@ -115,8 +115,8 @@ def test_each_row_states_the_epsilon_its_rounds_spend_and_a_killed_run_resumes_b
                 for line in (folder / "rows.jsonl").read_text().splitlines()]
 
     assert rows(tmp_path / "cut") == rows(whole)
-    a = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     spent = [r["epsilon"] for r in rows(whole)[1:]]
     assert all(x < y for x, y in zip(spent, spent[1:]))  # every round spends more
@@ -140,11 +140,11 @@ def test_dp_noise_reaches_only_what_the_clients_train_sparse_or_dense(tmp_path):
         assert (tmp_path / cfg.run_dir / "DONE").exists()  # it learned through the noise, not diverged
     initial = load_task(sparse).initial_state()
     masks = load_masks(tmp_path / "sparse" / "mask.pt")
-    final = torch.load(tmp_path / "sparse" / "checkpoint.pt", weights_only=False)["model"]
+    final = torch.load(tmp_path / "sparse" / "checkpoint.pt", weights_only=True)["model"]
     for name, mask in masks.items():
         assert torch.equal(final[name][~mask], initial[name][~mask])  # the noise never reached a frozen entry
         assert not mask.any() or not torch.equal(final[name][mask], initial[name][mask])
-    dense_final = torch.load(tmp_path / "dense" / "checkpoint.pt", weights_only=False)["model"]
+    dense_final = torch.load(tmp_path / "dense" / "checkpoint.pt", weights_only=True)["model"]
     head = head_name(load_task(dense).model)
     assert any(not torch.equal(t, initial[n]) for n, t in dense_final.items() if not n.startswith(head))  # trained
     # the frozen head is step 0's in both runs (the same logistic fit): the noise on the dense update left it alone

@@ -98,7 +98,7 @@ def test_a_run_with_a_robust_rule_goes_through_the_real_server_and_clients_and_u
         cfg = fl_cfg(tmp_path, name, aggregation=name, **{"fraction-train": 0.5})
         rows = server_app.run(InProcessGrid(cfg), cfg).rows()
         assert [r["round"] for r in rows] == [0, 1, 2, 3, 4] and all(r["clients"] == 5 for r in rows[1:])
-        models[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"]
+        models[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
     assert any(not torch.equal(models["median"][k], models["fedavg"][k]) for k in models["fedavg"])
 
 

@@ -65,13 +65,13 @@ def paper_scaffold(cfg):
 def test_scaffold_run_equals_the_papers_algorithm_written_by_hand(tmp_path):
     cfg = fl_cfg(tmp_path, "scaffold", **PAPER)
     server_app.run(InProcessGrid(cfg), cfg)
-    done = torch.load(tmp_path / "scaffold" / "checkpoint.pt", weights_only=False)
+    done = torch.load(tmp_path / "scaffold" / "checkpoint.pt", weights_only=True)
     x, c, _ = paper_scaffold(cfg)
     assert all(torch.allclose(done["model"][n], x[n], atol=1e-5) for n in x)
     assert torch.allclose(done["server_control"], c, atol=1e-5) and c.abs().max() > 1e-3  # c did move
     fedavg_cfg = fl_cfg(tmp_path, "fedavg", **{**PAPER, "client-algorithm": "fedavg"})
     server_app.run(InProcessGrid(fedavg_cfg), fedavg_cfg)
-    plain = torch.load(tmp_path / "fedavg" / "checkpoint.pt", weights_only=False)["model"]
+    plain = torch.load(tmp_path / "fedavg" / "checkpoint.pt", weights_only=True)["model"]
     assert max((plain[n] - x[n]).abs().max() for n in x) > 1e-3  # the correction changes the run
     assert not (tmp_path / "scaffold" / "client_state").exists()  # done: the clients' c_i are let go
 
@@ -87,7 +87,7 @@ def test_a_scaffold_run_stopped_mid_round_resumes_bit_for_bit_from_the_clients_v
     cut = fl_cfg(tmp_path, "cut", **PAPER)
     with pytest.raises(RuntimeError, match="went away"):  # 3 clients a round: stops inside round 4
         server_app.run(InProcessGrid(cut, fail_after=3 * 3 + 2), cut)
-    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert checkpoint["round"] == 2
     store = ControlStore.for_config(cut)
     later = {pid: max(store.versions(pid)) for pid in range(10) if store.versions(pid)}
@@ -98,8 +98,8 @@ def test_a_scaffold_run_stopped_mid_round_resumes_bit_for_bit_from_the_clients_v
     assert torch.allclose(checkpoint["server_control"], mean, atol=1e-6)
     server_app.run(InProcessGrid(cut), cut)
     assert _rows(tmp_path / "cut") == _rows(tmp_path / "whole")
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
     assert torch.equal(a["server_control"], b["server_control"])
 

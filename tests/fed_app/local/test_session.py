@@ -66,7 +66,7 @@ def test_runs_in_one_session_end_as_alone_and_a_failed_run_ends_the_session(tmp_
         assert all(r["task_builds"] == 1 for r in _rows(tmp_path / name)[1:])  # each run's task built once
     assert _rows(tmp_path / "second") == _rows(tmp_path / "alone")  # as if the run had been alone
     assert all({"epsilon", "clipping_norm", "attackers"} <= set(r) for r in _rows(tmp_path / "second")[1:])
-    a = torch.load(tmp_path / "second" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "alone" / "checkpoint.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "second" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "alone" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "refused" / "rows.jsonl").exists()

@@ -29,7 +29,7 @@ def _rows(run_dir):
 
 
 def _model(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
 
 
 def _same_model(a, b):
@@ -66,7 +66,7 @@ def test_a_centralized_run_with_a_cut_checkpoint_and_a_torn_row_resumes_to_the_u
         _stop_at_row(patch, "epoch", 3)  # checkpoints at epochs 0, 1, 2 were written
         with pytest.raises(KeyboardInterrupt):
             centralized.run(cut)
-    assert torch.load(tmp_path / "cut" / "checkpoint.prev.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "cut" / "checkpoint.prev.pt", weights_only=True)["epoch"] == 1
     _damage(tmp_path / "cut", "epoch")
     with caplog.at_level(logging.WARNING, logger="fed_app.runs.rundir"):
         centralized.run(cut)
@@ -96,7 +96,7 @@ def _disk_fills_then_resumes(command, run_dir, limit, whole, key):
                       f"with its files as they were and its last checkpoint kept: make room on that disk (or raise "
                       f"the file-size limit) and run the same command to resume."]
     assert not (run_dir / "checkpoint.pt.tmp").exists() and not (run_dir / "DONE").exists()
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)[key] == 0  # the last good one, readable
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)[key] == 0  # the last good one, readable
     again = subprocess.run(command, capture_output=True, text=True)  # room again: the same command
     assert again.returncode == 0, again.stderr[-2000:]
     assert _rows(run_dir) == _rows(whole) and _same_model(_model(run_dir), _model(whole))
@@ -122,7 +122,7 @@ def test_a_scaffold_run_with_a_cut_checkpoint_and_a_torn_row_resumes_to_the_unin
     cut = fl_cfg(tmp_path, "cut", **settings)
     with pytest.raises(RuntimeError, match="went away"):  # 5 clients a round: stops inside round 4
         server_app.run(InProcessGrid(cut, fail_after=3 * 5 + 4), cut)
-    assert torch.load(tmp_path / "cut" / "checkpoint.prev.pt", weights_only=False)["round"] == 2
+    assert torch.load(tmp_path / "cut" / "checkpoint.prev.pt", weights_only=True)["round"] == 2
     _damage(tmp_path / "cut", "round")
     with caplog.at_level(logging.WARNING, logger="fed_app.runs.rundir"):
         server_app.run(InProcessGrid(cut), cut)

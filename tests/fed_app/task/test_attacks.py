@@ -98,7 +98,7 @@ def test_a_gaussian_attacker_in_a_dense_run_leaves_the_frozen_head_as_step_0_fit
     for name, attack in (("honest", {}), ("gaussian", {"attack": "gaussian", "attack-fraction": 0.3})):
         cfg = fl_cfg(tmp_path, name, head="logistic", **{"num-rounds": 2, "eval-every": 1}, **attack)
         server_app.run(InProcessGrid(cfg), cfg)
-        runs[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"]
+        runs[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
     honest, attacked = runs["honest"], runs["gaussian"]
     assert torch.equal(attacked["head.weight"], honest["head.weight"])  # fitted at step 0, then frozen
     assert torch.equal(attacked["head.bias"], honest["head.bias"])

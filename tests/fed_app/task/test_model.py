@@ -105,6 +105,6 @@ def test_a_centralized_run_with_another_timm_architecture_fits_its_head_and_trai
     run = centralized.run(cfg)
     rows = run.rows()
     assert [r["epoch"] for r in rows] == [0, 1] and rows[0]["head_temperature"] > 0
-    frozen = torch.load(run.checkpoint_file, weights_only=False)["model"]
+    frozen = torch.load(run.checkpoint_file, weights_only=True)["model"]
     model, _ = build_model(cfg, 100)
     assert not torch.equal(frozen["head.norm.weight"], model.state_dict()["head.norm.weight"])  # backbone trains
