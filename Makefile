@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install test demo miniature run centralized report clean
+.PHONY: install test test-fast demo miniature run centralized report clean
 
 install: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The edit loop: every test but the end-to-end runs marked slow (those still run in make test and CI)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 centralized: $(STAMP)
 	FEDIT_CONFIG_FROM=make $(PY) -m fed_app.centralized --run-config "$(RUN_CONFIG)"
