@@ -54,8 +54,11 @@ class PrivacyBudgetError(UserError, RuntimeError):
 
 
 def clip_scale(update: dict[str, Tensor], clipping_norm: float) -> float:
-    """min(1, C / ||update||), the L2 norm taken over all of its entries (Flower's FlatClip)."""
+    """min(1, C / ||update||), the L2 norm taken over all of its entries (Flower's FlatClip). A NaN or Inf norm is
+    a ValueError: min(1, C / NaN) is 1, which would pass such an update as unclipped."""
     norm = math.sqrt(sum(float(v.double().square().sum()) for v in update.values()))
+    if not math.isfinite(norm):
+        raise ValueError("an update with NaN or Inf entries cannot be clipped; it does not count")
     return min(1.0, clipping_norm / norm) if norm > 0 else 1.0
 
 

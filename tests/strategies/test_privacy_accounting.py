@@ -13,7 +13,7 @@ from scipy.stats import norm
 
 from fed_app.config import ConfigError, RunConfig
 from strategies.fedavg import sample_partitions
-from strategies.privacy import DpFedAvg, PrivacyBudgetError, spent_epsilon
+from strategies.privacy import DpFedAvg, PrivacyBudgetError, clip_scale, spent_epsilon
 
 from ..conftest import fl_cfg, run_in_process
 
@@ -104,3 +104,10 @@ def test_every_float_key_refuses_nan_and_inf_in_one_sentence(key, value):
     with pytest.raises(ConfigError) as err:
         RunConfig.from_run_config({key: value})
     assert str(err.value) == f"run-config {key}={value!r} is not a finite number; give a finite value."
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_update_with_nan_or_inf_is_never_taken_for_unclipped(bad):
+    assert clip_scale({"w": torch.tensor([3.0, 4.0])}, 1.0) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        clip_scale({"w": torch.tensor([3.0, bad])}, 1.0)  # min(1, C / NaN) was 1: "unclipped"
