@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 import threading
 from pathlib import Path
 
@@ -72,8 +73,11 @@ def checkpoint_step(run: Run) -> str:
     import torch
 
     key = "epoch" if run.kind == "centralized" else "round"
+    path = Path(run.cfg.run_dir) / "checkpoint.pt"
     try:
-        checkpoint = torch.load(Path(run.cfg.run_dir) / "checkpoint.pt", map_location="cpu", mmap=True,
+        if not stat.S_ISREG(path.lstat().st_mode):  # a FIFO planted in a shared folder would block the plan
+            raise OSError(f"{path} is not a regular file")
+        checkpoint = torch.load(path, map_location="cpu", mmap=True,
                                 weights_only=True)  # tensors and plain values only: a pickle may run code
         return f"{key} {checkpoint[key]}"
     except Exception:  # damaged or unreadable: the run itself says what it does with it; here only a label

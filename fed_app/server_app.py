@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from fed_app.config import RunConfig, plumbing
 from fed_app.errors import UserError
 from fed_app.federated_editing import federated_head, federated_local_masks, federated_masks
-from fed_app.flower.federation import Federation
+from fed_app.flower.federation import Federation, RoundFailedError
 from fed_app.flower.mask_plan import MaskPlan
 from fed_app.task.partition import class_counts
 from fed_app.runs.hooks import AtFinish, Curves
@@ -26,6 +26,7 @@ from fed_app.runs.run_loop import claimed_run, run_steps
 from fed_app.local.session import SESSION_RUN_ENDED, SessionFolder
 from fed_app.task.train import client_lr
 from fed_app.flower.payload import Form, Key, SharedFiles, flat_state, split_flat
+from fed_app.flower.replies import NONFINITE
 from fed_app.flower.loaded_task import LoadedTask, State, load_task
 from masking.combine import combine_masks
 from fed_app.registry import METHODS
@@ -174,7 +175,16 @@ class Rounds:
         if privacy is not None:  # dp-max-epsilon: stop before a round that would spend more (checkpoints())
             privacy.check_budget(server_round)
         config = ConfigRecord({Key.CHECKPOINTED: self.kept})  # what the clients' own state must keep
-        self.global_state, metrics = self.strategy.advance(server_round, self.global_state, config)
+        try:
+            self.global_state, metrics = self.strategy.advance(server_round, self.global_state, config)
+        except RoundFailedError as err:
+            if not err.reasons or not all(NONFINITE in reason for reason in err.reasons.values()):
+                raise
+            # every failed client's training blew up (or says so): the run diverged, as a loss that blows up does
+            self.current = server_round
+            return {"learning_rate": client_lr(self.cfg, server_round), "train_loss": float("nan"), "clients": 0,
+                    "diverged": f"clients {sorted(err.reasons)} sent NaN or Inf at round {server_round}, "
+                                f"after {self.cfg.max_retries} retries"}
         self.current = server_round
         row = {"learning_rate": client_lr(self.cfg, server_round), "train_loss": metrics["train_loss"],
                "clients": metrics["clients"], "task_builds": metrics["task_builds"],

@@ -19,7 +19,7 @@ from fed_app.flower.federation import Federation, RoundFailedError
 from fed_app.task.seeds import Phase, sample_partitions
 from fed_app.flower.payload import (Form, Key, PayloadRoomError, SharedFiles, TransportError, add_trainable_,
                                     apply_update, carry, discard, flat_state, masked_state, model_payload, split_flat)
-from fed_app.flower.replies import BadReplyError, check_tensors, take_reply
+from fed_app.flower.replies import check_metrics, check_tensors, take_reply
 from fed_app.flower.mask_plan import MaskPlan, pack_masks
 from fed_app.registry import AGGREGATIONS
 from strategies.mean import masked_average, weighted_average  # noqa: F401 (re-exported: __all__)
@@ -62,12 +62,11 @@ class RoundSum:
         self.checked: dict[int, dict[str, Tensor]] = {}  # partition -> its update, checked, until it is added
 
     def check(self, pid: int, reply: Message) -> None:
-        """Raise BadReplyError unless partition `pid`'s reply can count: its metrics name it, and its update is
+        """Raise BadReplyError unless partition `pid`'s reply can count: its metrics are its own (check_metrics), and
+        its update is
         where the server said (fed_app/flower/replies.py) and has the names, shapes and dtypes the round's form
         gives (`SeededFedAvg.reply_form`), every value finite."""
-        metrics = reply.content.get(Key.METRICS)
-        if not isinstance(metrics, MetricRecord) or metrics.get(Key.PARTITION_ID) != pid:
-            raise BadReplyError(f"its metrics do not name partition {pid}")
+        check_metrics(reply.content.get(Key.METRICS), pid, self.examples[pid])
         files = self.strategy.files
         delta = take_reply(reply.content, Key.DELTA, files.root if files else None, self.strategy.reply_tags[pid])
         check_tensors(delta, self.strategy.reply_form(pid, flat=isinstance(delta, dict) and Form.FLAT in delta))
@@ -76,10 +75,7 @@ class RoundSum:
     def add(self, reply: Message) -> None:
         content = reply.content
         metrics = content[Key.METRICS]
-        pid, weight = int(metrics[Key.PARTITION_ID]), int(metrics[Key.NUM_EXAMPLES])
-        if weight != self.examples[pid]:
-            raise RoundFailedError(f"client {pid} trained on {weight} images but its node reported "
-                                   f"{self.examples[pid]}; the federation's data changed mid-run, start it again.")
+        pid = int(metrics[Key.PARTITION_ID])
         if pid not in self.checked:  # added without an exchange's check (a caller of its own)
             self.check(pid, reply)
         delta = self.checked.pop(pid)

@@ -28,7 +28,11 @@ POLL_MIN_S, POLL_MAX_S = 0.01, 0.05
 
 
 class RoundFailedError(RuntimeError):
-    """Fewer clients answered than were asked, after the allowed retries."""
+    """Fewer clients answered than were asked, after the allowed retries; `reasons`: each failed client's last."""
+
+    def __init__(self, message: str, reasons: dict[int, str] | None = None):
+        super().__init__(message)
+        self.reasons = reasons or {}
 
 
 @dataclass
@@ -140,8 +144,8 @@ class Federation:
             failed.sort()
             raise RoundFailedError(
                 f"round {server_round}: clients {failed} failed after {self.max_retries} retries "
-                f"({reasons[failed[0]]}); rerun the same command to resume, or raise max-retries."
-            )
+                f"({reasons[failed[0]]}); rerun the same command to resume, or raise max-retries.",
+                {pid: reasons[pid] for pid in failed})
         ordered = [replies[p] for p in order]
         received = sum(payload_bytes(r) for m in ordered for r in m.content.values())
         self.bytes_sent += sent

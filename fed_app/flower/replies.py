@@ -5,15 +5,19 @@ is never averaged, clipped or written. The client side reads what the server sen
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from fed_app.flower.payload import FILE_SUFFIX, Key, decode
+
+
+NONFINITE = "holds NaN or Inf"  # a refusal's words for values a blown-up training gives (server_app: DIVERGED)
 
 
 class BadReplyError(ValueError):
@@ -34,7 +38,10 @@ def take_reply(content: RecordDict, key: str, folder: Path | None, tag: str) -> 
     if key in content:
         if not isinstance(content[key], ArrayRecord):
             raise BadReplyError(f"its {key!r} is a {type(content[key]).__name__}, not an ArrayRecord")
-        return decode(content[key])
+        try:
+            return decode(content[key])
+        except Exception as err:  # noqa: BLE001 - bytes that are no array (numpy's reader raises what it raises)
+            raise BadReplyError(f"its {key!r} cannot be read as arrays ({type(err).__name__})") from None
     if key + FILE_SUFFIX not in content:
         raise BadReplyError(f"it carries no {key!r}")
     named = str(content[key + FILE_SUFFIX].get("path", ""))
@@ -55,6 +62,24 @@ def take_reply(content: RecordDict, key: str, folder: Path | None, tag: str) -> 
         path.unlink(missing_ok=True)
 
 
+def check_metrics(metrics: object, pid: int, examples: int) -> None:
+    """Raise BadReplyError unless a train reply's metrics name partition `pid`, its `examples` training images (as
+    its node reported them at discovery), a finite train loss, and flags of 0 or 1."""
+    if not isinstance(metrics, MetricRecord) or metrics.get(Key.PARTITION_ID) != pid:
+        raise BadReplyError(f"its metrics do not name partition {pid}")
+    if metrics.get(Key.NUM_EXAMPLES) != examples:
+        raise BadReplyError(f"it trained on {metrics.get(Key.NUM_EXAMPLES)!r} images where its node reported "
+                            f"{examples} (the federation's data changed mid-run?)")
+    loss = metrics.get(Key.TRAIN_LOSS)
+    if not isinstance(loss, (int, float)) or isinstance(loss, bool):
+        raise BadReplyError(f"its train loss is {loss!r}, not a number")
+    if not math.isfinite(loss):
+        raise BadReplyError(f"its train loss {NONFINITE}")
+    for flag in (Key.ATTACKER, Key.CLIPPED):
+        if flag in metrics and metrics[flag] not in (0, 1):
+            raise BadReplyError(f"its {flag!r} is {metrics[flag]!r}, not 0 or 1")
+
+
 def check_tensors(tensors: object, expected: dict[str, tuple[torch.Size, torch.dtype]]) -> None:
     """Raise BadReplyError unless `tensors` holds exactly the expected names, each of its shape and dtype, every
     value finite (a NaN norm clips nothing and a NaN mean poisons the model before any guard sees it)."""
@@ -67,4 +92,4 @@ def check_tensors(tensors: object, expected: dict[str, tuple[torch.Size, torch.d
             found = (tuple(value.shape), value.dtype) if isinstance(value, Tensor) else type(value).__name__
             raise BadReplyError(f"its {name!r} is {found}, not {(tuple(shape), dtype)}")
         if not bool(torch.isfinite(value).all()):
-            raise BadReplyError(f"its {name!r} holds NaN or Inf")
+            raise BadReplyError(f"its {name!r} {NONFINITE}")

@@ -12,6 +12,7 @@ import errno
 import io
 import os
 import pickle
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,7 @@ def read_torch(path: Path, allow: Sequence[Any] = ()) -> Any:
     that holds anything else, or is cut short or corrupt, is a DamagedRunError; a read the disk refuses is an
     UnreadableError."""
     with readable(path):
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path)
         try:
             with torch.serialization.safe_globals(list(allow)):
                 return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -73,6 +73,16 @@ def _damaged(path: Path, err: Exception) -> DamagedRunError:
                            f"wrote: delete that run's folder to run it again.", cause)
 
 
+def read_regular(path: Path) -> bytes:
+    """The bytes of `path`, a regular file and not a link: a FIFO planted in a shared folder would block the read
+    for ever, a link would read what it points to (an OSError of its own, for `readable` to say)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path.name} is not a regular file")
+        return f.read()
+
+
 @contextlib.contextmanager
 def readable(path: Path) -> Iterator[None]:
     """Reading `path`: an OSError (EIO, EACCES, a network disk gone) is one sentence, and stops the run before
@@ -82,7 +92,7 @@ def readable(path: Path) -> Iterator[None]:
     except OSError as err:
         if isinstance(err, UserError):
             raise
-        why = os.strerror(err.errno) if err.errno else str(err)
+        why = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
         raise UnreadableError(f"{path} could not be read ({why}); the run stops here with its files as they were: "
                               f"fix the disk or the file's permissions and run the same command to resume.") from None
 
@@ -109,11 +119,14 @@ def torch_bytes(obj: Any) -> memoryview:
 
 
 def write_whole(tmp: Path, data: bytes | memoryview, path: Path) -> None:
-    """`data` in `tmp`, on disk (fsync), for `path`: a full disk is a DiskFullError and no `tmp` is left."""
-    with room_for(path, tmp), open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """`data` in `tmp`, on disk (fsync), for `path`: a full disk is a DiskFullError and no `tmp` is left. A `tmp`
+    already there (a link planted in a shared folder) is removed, never written through."""
+    with room_for(path, tmp):
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def fsync_dir(folder: Path) -> None:

@@ -119,7 +119,7 @@ def _record(cfg: RunConfig, run_dir: RunDir, steps: Steps, i: int, fields: dict[
         hook.amend(row)
     row[f"{steps.key}_time"] = time.perf_counter() - started
     row["wall_time"] = time.perf_counter() - t0
-    if i > 0 and (reason := divergence([*before, row], steps.key, final=i == steps.total)):
+    if i > 0 and "diverged" not in row and (reason := divergence([*before, row], steps.key, final=i == steps.total)):
         row["diverged"] = reason
     guard()
     run_dir.append_row(row)

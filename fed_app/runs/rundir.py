@@ -22,8 +22,8 @@ import torch
 
 from fed_app.config import NOT_RESULTS, ConfigError, RunConfig, to_kebab
 from fed_app.runs.files import (DamagedRunError, DiskFullError, UnreadableError, atomic_torch_save,
-                                atomic_write_bytes, fsync_dir, read_torch, readable, room_for, set_aside, torch_bytes,
-                                write_whole)
+                                atomic_write_bytes, fsync_dir, read_regular, read_torch, readable, room_for, set_aside,
+                                torch_bytes, write_whole)
 
 __all__ = ["DamagedRunError", "DiskFullError", "RunDir", "UnreadableError", "read_rows"]
 
@@ -89,7 +89,7 @@ class RunDir:
         data = (json.dumps(row) + "\n").encode()
         created = not self.rows_file.exists()
         with room_for(self.rows_file):
-            fd = os.open(self.rows_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.rows_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             size = os.fstat(fd).st_size
             try:
                 written = 0
@@ -229,7 +229,7 @@ def read_rows(rows_file: Path) -> list[dict[str, Any]]:
     if not rows_file.exists():
         return []
     with readable(rows_file):
-        lines = rows_file.read_text().splitlines()
+        lines = read_regular(rows_file).decode().splitlines()
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

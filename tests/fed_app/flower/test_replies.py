@@ -3,6 +3,7 @@ checkpoint, a FIFO), tensors of the wrong names or shapes, NaN or Inf fail that 
 it is read, deleted, averaged or written, and a client that answers honestly when resent leaves the run exactly
 as if it had never misbehaved."""
 
+import json
 import os
 from pathlib import Path
 
@@ -77,7 +78,7 @@ class TamperingGrid(InProcessGrid):
         return replies
 
 
-@pytest.mark.parametrize("what", list(TAMPERS))
+@pytest.mark.parametrize("what", [w for w in TAMPERS if w not in ("NaN", "Inf")])
 def test_a_reply_that_cannot_count_fails_its_client_and_touches_nothing(tmp_path, what):
     transport, tamper = TAMPERS[what]
     cfg = fl_cfg(tmp_path, "run", transport=transport, **{"max-retries": 1, "num-rounds": 2})
@@ -89,6 +90,20 @@ def test_a_reply_that_cannot_count_fails_its_client_and_touches_nothing(tmp_path
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)  # still there, still round 0's
     assert checkpoint["round"] == 0 and all(torch.isfinite(t).all() for t in checkpoint["model"].values())
     assert len((run_dir / "rows.jsonl").read_text().splitlines()) == 1  # round 0 alone: round 1 wrote nothing
+
+
+@pytest.mark.parametrize("what", ["NaN", "Inf"])
+def test_a_client_whose_updates_stay_non_finite_stops_the_run_as_diverged_with_nothing_averaged(tmp_path, what):
+    transport, tamper = TAMPERS[what]  # what a training that blew up sends, resent or not
+    cfg = fl_cfg(tmp_path, "run", transport=transport, **{"max-retries": 1, "num-rounds": 2})
+    play_server_app()
+    server_app.run(TamperingGrid(cfg, tamper), cfg)
+    run_dir = tmp_path / "run"
+    assert (run_dir / "DIVERGED").read_text().startswith("clients [") and not (run_dir / "DONE").exists()
+    rows = [json.loads(line) for line in (run_dir / "rows.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 0
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)  # round 0's: nothing was averaged
+    assert checkpoint["round"] == 0 and all(torch.isfinite(t).all() for t in checkpoint["model"].values())
 
 
 @pytest.mark.parametrize("what", ["the run's checkpoint", "NaN"])

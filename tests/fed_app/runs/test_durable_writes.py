@@ -87,3 +87,26 @@ def test_a_control_file_the_disk_has_no_room_for_stops_in_one_sentence_its_earli
                     f"on that disk (or raise the file-size limit) and run the same command to resume.\n")
     assert sorted(p.name for p in (tmp_path / "client_state" / "3").iterdir()) == ["control-1.pt"]
     assert torch.equal(ControlStore(tmp_path / "client_state").load(3, 2), torch.ones(10))
+
+
+def test_links_and_fifos_planted_in_a_shared_run_folder_are_never_written_through_or_waited_on(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file")
+    (run.path / "checkpoint.pt.tmp").symlink_to(victim)  # a write through it would overwrite the victim
+    run.save_checkpoint({"round": 0, "model": {"w": torch.zeros(2)}})
+    assert victim.read_text() == "the user's own file" and run.load_checkpoint()["round"] == 0
+    run.rows_file.symlink_to(victim)  # rows appended through it would land in the victim
+    try:
+        run.append_row({"round": 0})
+    except OSError:
+        pass
+    assert victim.read_text() == "the user's own file"
+    run.rows_file.unlink()
+    os.mkfifo(run.rows_file)  # reading a FIFO blocks until someone writes it: never, here
+    try:
+        run.rows()
+        raise AssertionError("a FIFO was read as rows")
+    except OSError as err:
+        assert "is not a regular file" in str(err)

@@ -3,7 +3,6 @@ stops the run with every file as it was, rows.jsonl included; a checkpoint cut s
 `<name>.bad`, never overwritten; every truncation and bit flip of a real checkpoint either loads or is damage; and a
 run whose last row was torn after its final checkpoint redoes that row, never DONE with a row missing."""
 
-import builtins
 import errno
 import logging
 import os
@@ -38,14 +37,14 @@ def _files(path):
 def _refuse_open(monkeypatch, names, code):
     """Opening these files fails with `code`, as a failing disk (EIO) or a file the user cannot read (EACCES;
     the tests run as root, where chmod 000 does not stop a read)."""
-    real_open = builtins.open
+    real_open = os.open
 
     def failing_open(file, *args, **kwargs):
-        if getattr(file, "name", str(file)).rsplit("/", 1)[-1] in names:
-            raise OSError(code, os.strerror(code), str(file))
+        if os.fspath(file).rsplit("/", 1)[-1] in names:
+            raise OSError(code, os.strerror(code), os.fspath(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", failing_open)
+    monkeypatch.setattr(os, "open", failing_open)
 
 
 @pytest.mark.parametrize("names, code", [({"checkpoint.pt", "checkpoint.prev.pt"}, errno.EIO),
