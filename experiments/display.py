@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 
 from experiments.manifest import Manifest, Run, TuningPending
+from fed_app.runs.rundir import rows_reach
 from fed_app.runs.run_loop import progress_line
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 def status(run: Run) -> str:
     """done, diverged (stopped by the divergence guard: finished, never rerun), partial or new."""
     path = Path(run.cfg.run_dir)
-    if (path / "DONE").exists():
+    key, total = ("epoch", run.cfg.epochs) if run.kind == "centralized" else ("round", run.cfg.total_rounds)
+    if (path / "DONE").exists() and rows_reach(path / "rows.jsonl", key, total):  # else rows to redo: partial
         return "done"
     if (path / "DIVERGED").exists():
         return "diverged"

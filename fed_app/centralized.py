@@ -31,7 +31,7 @@ def run(cfg: RunConfig, claim_token: str = "") -> RunDir:
     """Step 0 and calibration when asked, then cfg.epochs epochs, resuming from the run's checkpoint.
     `claim_token`: the claim of the command that started this process (the runner), adopted."""
     with claimed_run(cfg, "centralized", claim_token) as (run_dir, claim):
-        if run_dir.finished:
+        if run_dir.finished_whole("epoch", cfg.epochs):
             log.info("run %s is already %s; nothing to do", run_dir.path, "done" if run_dir.done else "diverged")
             return run_dir
         return run_steps(cfg, run_dir, Epochs(cfg, run_dir), guard=claim.check,

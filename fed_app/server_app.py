@@ -81,7 +81,7 @@ def run(grid: Grid, cfg: RunConfig, marks: Marks | None = None, claim_token: str
     `claim_token`: the claim of the command that launched the run, adopted (else the run is claimed here)."""
     marks = Marks() if marks is None else marks
     with claimed_run(cfg, "federated", claim_token) as (run_dir, claim):
-        if run_dir.finished:
+        if run_dir.finished_whole("round", cfg.total_rounds):
             log.info("run %s is already %s; nothing to do", run_dir.path, "done" if run_dir.done else "diverged")
             return run_dir
         _run(grid, cfg, run_dir, claim, marks)

@@ -81,6 +81,18 @@ class RunDir:
         """Nothing is left to run: DONE, or stopped by the divergence guard."""
         return self.done or self.diverged_file.exists()
 
+    def finished_whole(self, key: str, total: int) -> bool:
+        """Nothing is left to run: DIVERGED, or DONE with every row 0..total there. A DONE run whose rows no longer
+        reach its last step (a copy or a disk that lost the tail) is unmarked: it resumes and redoes them."""
+        if self.diverged_file.exists() or not self.done:
+            return self.diverged_file.exists()
+        if rows_reach(self.rows_file, key, total):
+            return True
+        log.warning("%s is marked DONE but its rows end before %s %d; it resumes to redo them", self.path, key, total)
+        self.done_file.unlink()
+        fsync_dir(self.path)
+        return False
+
     def mark_diverged(self, reason: str) -> None:
         atomic_write_bytes(self.diverged_file, reason.encode())
 
@@ -146,6 +158,8 @@ class RunDir:
         intact row (that row torn) gives way to the one before it, so the missing rows are redone."""
         rows = self.rows()
         ckpt = self.load_checkpoint(key, upto=_intact(rows, key))
+        if ckpt is None and rows:  # starting over: the rows are kept aside, never emptied
+            log.warning("%s starts over; its rows are kept as %s", self.path, set_aside(self.rows_file).name)
         self.keep_rows(key, -1 if ckpt is None else ckpt[key], rows)
         if ckpt is not None:
             log.info("resuming %s after %s %d", self.path, key, ckpt[key])
@@ -178,8 +192,9 @@ class RunDir:
                 passed = True
                 continue
             if upto is not None and checkpoint[key] > upto:
-                log.warning("%s is at %s %d but %s is whole only up to %s %d; trying the checkpoint before it",
-                            path, key, checkpoint[key], self.rows_file.name, key, upto)
+                log.warning("%s is at %s %d but %s is whole only up to %s %d; it is kept as %s, trying the "
+                            "checkpoint before it", path, key, checkpoint[key], self.rows_file.name, key, upto,
+                            set_aside(path).name)
                 passed = True
                 continue
             if path == self.previous_file:
@@ -199,6 +214,11 @@ def _checkpoint(path: Path, key: str | None) -> dict[str, Any]:
         raise DamagedRunError(f"{path} is not a checkpoint fedit wrote; delete that run's folder to run it again.",
                               f"no {key or 'dict'} in it")
     return checkpoint
+
+
+def rows_reach(rows_file: Path, key: str, total: int) -> bool:
+    """Whether a rows.jsonl holds every row 0..total, in order."""
+    return _intact(read_rows(rows_file), key) >= total
 
 
 def _intact(rows: list[dict[str, Any]], key: str) -> int:

@@ -157,6 +157,28 @@ def test_a_checkpoint_without_rows_behind_it_starts_the_run_over(tmp_path):
     assert run.resume("epoch") is None
 
 
+def test_starting_over_keeps_every_row_and_checkpoint_aside_never_empties_them(tmp_path):
+    run = _run(tmp_path / "run")  # rows 0-2, checkpoints at epochs 1 and 2
+    lines = run.rows_file.read_text().splitlines()
+    run.rows_file.write_text(lines[1] + "\n" + lines[2] + "\n")  # row 0 lost: no checkpoint has its rows behind it
+    assert run.resume("epoch") is None
+    kept = {p.name for p in run.path.iterdir()}
+    assert {"rows.jsonl.bad", "checkpoint.pt.bad", "checkpoint.prev.pt.bad"} <= kept  # nothing erased
+    assert (run.path / "rows.jsonl.bad").read_text().splitlines() == lines[1:]
+    assert read_torch(run.path / "checkpoint.pt.bad")["epoch"] == 2
+
+
+def test_a_done_run_whose_last_row_was_lost_resumes_and_redoes_it(tmp_path):
+    cfg = RunConfig.from_run_config({**SMALL, "epochs": 3, "run-dir": str(tmp_path / "run")})
+    done = centralized.run(cfg)
+    whole = _rows(done.path)
+    lines = done.rows_file.read_text().splitlines()
+    done.rows_file.write_text("\n".join(lines[:-1]) + "\n")  # a copy that lost the tail, DONE still there
+    assert not done.finished_whole("epoch", 3) and not done.done  # unmarked: the run is not finished
+    centralized.run(cfg)
+    assert done.done and _rows(done.path) == whole  # epoch 3 redone, from the checkpoint before it
+
+
 @pytest.mark.usefixtures("server_app_identity")
 def test_a_federated_row_torn_after_the_final_checkpoint_is_redone_from_the_checkpoint_before_it(tmp_path,
                                                                                                 monkeypatch):
