@@ -8,6 +8,7 @@ from typing import Any
 
 from fed_app import registry
 from fed_app.config_text import ConfigError, to_snake
+from fed_app.privacy_accounting import spent_epsilon
 
 # a RunConfig: fed_app/config.py imports this module to check itself, so it is not imported back (no circle)
 Config = Any
@@ -56,6 +57,11 @@ def _check_privacy(cfg: Config) -> None:
         if bad:
             value = getattr(cfg, to_snake(key))
             raise ConfigError(f"run-config dp={cfg.dp!r} does not fit {key}={value!r}: {why}; use {fix}.")
+    n, k = cfg.clients_per_round, cfg.num_clients
+    if cfg.dp_max_epsilon and (one := spent_epsilon(cfg.dp_noise_multiplier, n, k, cfg.dp_delta, 1)) > cfg.dp_max_epsilon:
+        raise ConfigError(f"run-config dp-max-epsilon={cfg.dp_max_epsilon:g} is less than one round spends ({one:.3g} "
+                          f"at dp-noise-multiplier={cfg.dp_noise_multiplier:g}, {n} of {k} clients a round); raise "
+                          f"dp-max-epsilon or dp-noise-multiplier.")
     count_stddev = cfg.dp_clipped_count_stddev or cfg.clients_per_round / 20
     if cfg.dp.endswith("adaptive") and cfg.dp_noise_multiplier >= 2 * count_stddev:
         raise ConfigError(f"run-config dp={cfg.dp!r} splits dp-noise-multiplier={cfg.dp_noise_multiplier} between the "

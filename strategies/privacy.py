@@ -29,7 +29,6 @@ tuning that chose the run's values, training metrics and client evaluation.
 
 from __future__ import annotations
 
-import functools
 import math
 import secrets
 from collections.abc import Iterable
@@ -37,15 +36,12 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from fed_app.config import ConfigError, RunConfig
+from fed_app.config import RunConfig
 from fed_app.errors import UserError
+from fed_app.privacy_accounting import spent_epsilon
 from fed_app.flower.payload import Form, Shapes, State, split_flat
 from fed_app.task.seeds import DP_COUNT, DP_NOISE, generator
 
-# Replace-one adjacency (the one dp-accounting's without-replacement sampling takes): a neighbouring federation
-# swaps one client's clipped update, +C for -C at worst, so the sum moves by 2C. The accountant's noise multiplier
-# is the noise's std over that sensitivity: sigma C / 2C = sigma / 2 (google/differential-privacy#378).
-REPLACE_ONE_SENSITIVITY = 2.0
 EPSILON_COVERS = "the fine-tuning rounds only; step 0, the Fisher scores, the mask and tuning are outside it"
 
 
@@ -89,11 +85,6 @@ class DpFedAvg:
         # one Gaussian release at sigma does (Andrew et al., Theorem 1; Flower's compute_adaptive_noise_params).
         self.update_noise_multiplier = (self.noise_multiplier ** -2 - (2 * self.count_stddev) ** -2) ** -0.5 \
             if self.adaptive else self.noise_multiplier
-        if self.max_epsilon and self.epsilon(1) > self.max_epsilon:
-            raise ConfigError(f"run-config dp-max-epsilon={self.max_epsilon:g} is less than one round spends "
-                              f"({self.epsilon(1):.3g} at dp-noise-multiplier={self.noise_multiplier:g}, "
-                              f"{self.per_round} of {self.num_clients} clients); raise dp-max-epsilon or "
-                              f"dp-noise-multiplier.")
 
     @property
     def clips_on_server(self) -> bool:
@@ -165,21 +156,3 @@ class DpFedAvg:
     def epsilon(self, releases: int) -> float:
         """The epsilon at dp-delta that `releases` rounds spend (EPSILON_COVERS)."""
         return spent_epsilon(self.noise_multiplier, self.per_round, self.num_clients, self.delta, releases)
-
-
-@functools.lru_cache(maxsize=4096)
-def spent_epsilon(noise_multiplier: float, per_round: int, num_clients: int, delta: float, releases: int) -> float:
-    """The epsilon at `delta` of `releases` rounds of the sampled Gaussian mechanism: `per_round` of `num_clients`
-    sampled without replacement, noise std `noise_multiplier` x C on a sum whose replace-one sensitivity is 2C
-    (Flower's RDP accountant, handed sigma / 2; an adaptive run's two releases split sigma so that together they
-    cost one at sigma, Andrew et al. Theorem 1, and the count's replace-one sensitivity, 1, halves it alike)."""
-    # imported by a dp run only: the accountant's import (dp-accounting, 0.25 s) stays out of every other process
-    from flwr.serverapp import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant,
-                                SamplingMethod)
-
-    accountant = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=num_clients,
-                                             neighboring_relation=NeighboringRelation.REPLACE_ONE,
-                                             sampling_method=SamplingMethod.WITHOUT_REPLACEMENT))
-    event = GaussianPrivacyEvent(noise_multiplier / REPLACE_ONE_SENSITIVITY, per_round, num_clients)
-    accountant.compose(event, releases)
-    return accountant.get_epsilon(delta)

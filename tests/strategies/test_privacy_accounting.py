@@ -13,7 +13,8 @@ from scipy.stats import norm
 
 from fed_app.config import ConfigError, RunConfig
 from strategies.fedavg import sample_partitions
-from strategies.privacy import DpFedAvg, PrivacyBudgetError, clip_scale, spent_epsilon
+from fed_app.privacy_accounting import spent_epsilon
+from strategies.privacy import DpFedAvg, PrivacyBudgetError, clip_scale
 
 from ..conftest import fl_cfg, run_in_process
 
@@ -73,9 +74,9 @@ def test_a_budget_stops_the_run_before_the_round_that_would_pass_it_and_the_same
 
 
 def test_a_budget_one_round_already_passes_is_refused_before_any_work(tmp_path):
-    cfg = fl_cfg(tmp_path, "poor", dp="server-fixed", **{"dp-max-epsilon": 0.01})
     with pytest.raises(ConfigError, match=r"dp-max-epsilon=0.01 is less than one round spends"):
-        DpFedAvg(cfg)
+        fl_cfg(tmp_path, "poor", dp="server-fixed", **{"dp-max-epsilon": 0.01})  # the config itself: no folder made
+    assert not (tmp_path / "poor").exists()
 
 
 def test_os_randomness_draws_noise_and_cohorts_that_the_seed_does_not_give(tmp_path):
