@@ -9,10 +9,10 @@ import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
 from fed_app.config import RunConfig
-from fed_app.task.head import fit_logistic, fit_temperature, head_name, solve_ridge
+from fed_app.task.head import TEMPERATURES, fit_logistic, fit_temperature, head_name, logistic_sums, solve_ridge
 from fed_app.task.seeds import Phase, sample_partitions
-from fed_app.flower.payload import Form, Key, encode, split_flat, take
-from fed_app.flower.replies import take_reply
+from fed_app.flower.payload import Form, Key, encode, split_flat
+from fed_app.flower.replies import query_check, take_reply
 from fed_app.flower.mask_plan import unpack_masks
 from fed_app.flower.loaded_task import State, LoadedTask
 from masking.calibrate import Masks, calibrate
@@ -29,13 +29,16 @@ def federated_head(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, sta
     head (equal to the centralized fit); head='train': head-rounds FedAvg rounds in which clients train only
     the head. Then it stays frozen (unless freeze-head=false). Also what step 0 found, for the round-0 row."""
     everyone = list(range(cfg.num_clients))
+    dim, classes = state[f"{head_name(task.model)}.weight"].shape[1], task.data.num_classes
     if cfg.head == "logistic":
-        dim = state[f"{head_name(task.model)}.weight"].shape[1]
 
         def client_sums(weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
             record = RecordDict({Key.ARRAYS: encode({Key.WEIGHT: weight, Key.BIAS: bias})})
+            form = logistic_sums(torch.zeros(1, dim, dtype=torch.float64), torch.zeros(1, dtype=torch.long),
+                                 weight, bias)  # what a client's sums look like: their names, shapes, dtypes
+            check = query_check(Key.SUMS, {k: (v.shape, v.dtype) for k, v in form.items()})
             replies = strategy.federation.exchange(0, f"{MessageType.QUERY}.logistic",
-                                                   {p: record for p in everyone}).replies
+                                                   {p: record for p in everyone}, check=check).replies
             total = {k: v.clone() for k, v in take_reply(replies[0].content, Key.SUMS, None, "").items()}
             for reply in replies[1:]:  # in partition order: the same float sums every time (inside the messages)
                 for k, v in take_reply(reply.content, Key.SUMS, None, "").items():
@@ -47,7 +50,10 @@ def federated_head(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, sta
         w, b = f"{head_name(task.model)}.weight", f"{head_name(task.model)}.bias"
         return {**state, w: weight.to(state[w].dtype), b: bias.to(state[b].dtype)}, found
     if cfg.head == "ridge":
-        replies = strategy.send_model(0, f"{MessageType.QUERY}.ridge", state, everyone).replies
+        form = {"xtx": (torch.Size([dim + 1, dim + 1]), torch.float64),
+                "xty": (torch.Size([dim + 1, classes]), torch.float64)}
+        replies = strategy.send_model(0, f"{MessageType.QUERY}.ridge", state, everyone,
+                                      check=query_check(Key.STATS, form)).replies
         parts = [r.content[Key.STATS].to_torch_state_dict() for r in replies]  # in partition order
         stats = {k: sum(p[k] for p in parts) for k in ("xtx", "xty")}
         weight, bias = solve_ridge(stats, cfg.ridge_lambda)
@@ -55,7 +61,9 @@ def federated_head(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, sta
         state = {**state, w: weight.to(state[w].dtype), b: bias.to(state[b].dtype)}
         if not cfg.ridge_calibrate:
             return state, {}
-        replies = strategy.send_model(0, f"{MessageType.QUERY}.temperature", state, everyone).replies
+        form = {Key.SUMS: (TEMPERATURES.shape, torch.float64)}
+        replies = strategy.send_model(0, f"{MessageType.QUERY}.temperature", state, everyone,
+                                      check=query_check(Key.LOSSES, form)).replies
         losses = [r.content[Key.LOSSES].to_torch_state_dict()[Key.SUMS] for r in replies]
         temperature = fit_temperature(sum(losses[1:], losses[0]))  # in partition order
         state = {**state, w: state[w] * temperature, b: state[b] * temperature}
@@ -72,11 +80,13 @@ def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, st
     soft-masked (damped) global model to a `calibration-fraction` of them and adds their sums up."""
     task.load(state)
     rounds = itertools.count(1)
+    size = sum(s.numel() for s in task.trainable_shapes().values())  # one float32 score per trainable entry
 
     def client_fisher(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         r = next(rounds)
         pids = sample_partitions(cfg.seed, r, cfg.num_clients, cfg.calibration_clients, Phase.CALIBRATION)
-        replies = strategy.send_model(r, f"{MessageType.QUERY}.fisher", model.state_dict(), pids).replies
+        replies = strategy.send_model(r, f"{MessageType.QUERY}.fisher", model.state_dict(), pids,
+                                      check=query_check(Key.SUMS, {Form.FLAT: (torch.Size([size]), torch.float32)})).replies
         total = reply_flat(replies[0]).double()  # float32 scores, summed in float64
         for reply in replies[1:]:  # in partition order: the same float sums every time
             total += reply_flat(reply)
@@ -93,7 +103,9 @@ def federated_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, st
 def federated_local_masks(cfg: RunConfig, strategy: SeededFedAvg, task: LoadedTask, state: State) -> dict[int, Masks]:
     """mask-scope 'local': every client calibrates its own mask on its own shard; partition id -> mask."""
     everyone = list(range(cfg.num_clients))
-    replies = strategy.send_model(0, f"{MessageType.QUERY}.local_mask", state, everyone).replies
     shapes = task.trainable_shapes()
+    size = -(-sum(s.numel() for s in shapes.values()) // 8)  # packed bits
+    replies = strategy.send_model(0, f"{MessageType.QUERY}.local_mask", state, everyone,
+                                  check=query_check(Key.MASK, {Key.BITS: (torch.Size([size]), torch.uint8)})).replies
     return {int(r.content[Key.METRICS][Key.PARTITION_ID]):
             unpack_masks(r.content[Key.MASK][Key.BITS].numpy(), shapes) for r in replies}

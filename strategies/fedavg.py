@@ -19,7 +19,7 @@ from fed_app.flower.federation import Federation, RoundFailedError
 from fed_app.task.seeds import Phase, sample_partitions
 from fed_app.flower.payload import (Form, Key, PayloadRoomError, SharedFiles, TransportError, add_trainable_,
                                     apply_update, carry, discard, flat_state, masked_state, model_payload, split_flat)
-from fed_app.flower.replies import check_metrics, check_tensors, take_reply
+from fed_app.flower.replies import check_evaluation, check_metrics, check_tensors, take_reply
 from fed_app.flower.mask_plan import MaskPlan, pack_masks
 from fed_app.registry import AGGREGATIONS
 from strategies.mean import masked_average, weighted_average  # noqa: F401 (re-exported: __all__)
@@ -205,22 +205,25 @@ class SeededFedAvg:
             return {Form.FLAT: (torch.Size([sum(s.numel() for s, _ in self.form.values())]), torch.float32)}
         return self.form
 
-    def send_model(self, server_round: int, message_type: str, state: dict[str, Tensor], pids: list[int]):
+    def send_model(self, server_round: int, message_type: str, state: dict[str, Tensor], pids: list[int],
+                   check: Callable[[int, Message], None] | None = None):
         """The model `state` to these partitions, the same record for all (step-0 and calibration queries,
         client evaluation): it goes the way train payloads go, so with transport='files' it is written once for
-        all of them, not copied into every message (step 0 of a ridge head asks all K clients twice)."""
+        all of them, not copied into every message (step 0 of a ridge head asks all K clients twice). `check`
+        sees each reply before it counts (fed_app/flower/replies.py)."""
         folder = self.files.root if self.files else None
         try:
             content = carry(Key.ARRAYS, model_payload(state, folder is not None), folder)
         except PayloadRoomError as err:  # a full /dev/shm
             self._messages_from_now_on(err)
-            return self.send_model(server_round, message_type, state, pids)
+            return self.send_model(server_round, message_type, state, pids, check)
         try:
-            return self.federation.exchange(server_round, message_type, {p: RecordDict(content) for p in pids})
+            return self.federation.exchange(server_round, message_type, {p: RecordDict(content) for p in pids},
+                                            check=check)
         except RoundFailedError as err:
             if not self._files_unreadable(err):
                 raise
-            return self.send_model(server_round, message_type, state, pids)
+            return self.send_model(server_round, message_type, state, pids, check)
         finally:
             discard(RecordDict(content))
 
@@ -274,7 +277,7 @@ class SeededFedAvg:
     def evaluate_round(self, server_round: int, state: dict[str, Tensor], clients: int) -> MetricRecord:
         """`clients` sampled clients evaluate the global model on their own shards: example-weighted means."""
         pids = sample_partitions(self.seed, server_round, self.num_clients, clients, Phase.EVALUATE)
-        exchange = self.send_model(server_round, MessageType.EVALUATE, state, pids)
+        exchange = self.send_model(server_round, MessageType.EVALUATE, state, pids, check=check_evaluation)
         metrics = [m.content[Key.METRICS] for m in exchange.replies]
         total = sum(float(m[Key.NUM_EXAMPLES]) for m in metrics)
         return MetricRecord({k: sum(float(m[k]) * float(m[Key.NUM_EXAMPLES]) for m in metrics) / total

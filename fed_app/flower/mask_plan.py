@@ -59,8 +59,14 @@ def pack_masks(masks: Masks) -> np.ndarray:
 
 
 def unpack_masks(bits: np.ndarray | torch.Tensor, shapes: dict[str, torch.Size]) -> Masks:
-    """Inverse of pack_masks for parameters of these shapes (in this order); the bits as an array or a tensor."""
+    """Inverse of pack_masks for parameters of these shapes (in this order); the bits as an array or a tensor. Bits
+    of another length (a client's reply, a damaged file) are a ValueError: numpy would cut extra bits silently and
+    pad missing ones with whatever memory held."""
     sizes = [int(np.prod(s)) for s in shapes.values()]
     bits = bits.cpu().numpy() if torch.is_tensor(bits) else bits
-    flat = torch.from_numpy(np.unpackbits(np.asarray(bits, dtype=np.uint8), count=sum(sizes)).astype(bool))
+    bits = np.asarray(bits)
+    if bits.dtype != np.uint8 or bits.shape != (-(-sum(sizes) // 8),):
+        raise ValueError(f"mask bits of shape {bits.shape} and dtype {bits.dtype} do not fit {sum(sizes)} entries "
+                         f"(uint8, {-(-sum(sizes) // 8)} bytes)")
+    flat = torch.from_numpy(np.unpackbits(bits, count=sum(sizes)).astype(bool))
     return {n: part.view(s) for (n, s), part in zip(shapes.items(), flat.split(sizes))}

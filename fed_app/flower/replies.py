@@ -80,6 +80,29 @@ def check_metrics(metrics: object, pid: int, examples: int) -> None:
             raise BadReplyError(f"its {flag!r} is {metrics[flag]!r}, not 0 or 1")
 
 
+def check_evaluation(pid: int, reply) -> None:
+    """Raise BadReplyError unless an evaluation reply holds a positive image count, a finite loss and an accuracy
+    in [0, 1]: the round's client metrics are their example-weighted means."""
+    metrics = reply.content.get(Key.METRICS)
+    if not isinstance(metrics, MetricRecord) or metrics.get(Key.PARTITION_ID) != pid:
+        raise BadReplyError(f"its metrics do not name partition {pid}")
+    count, loss, accuracy = (metrics.get(k) for k in (Key.NUM_EXAMPLES, "loss", "accuracy"))
+    if not (isinstance(count, int) and count > 0 and isinstance(loss, (int, float)) and math.isfinite(loss)
+            and isinstance(accuracy, (int, float)) and 0 <= accuracy <= 1):
+        raise BadReplyError(f"its evaluation ({count!r} images, loss {loss!r}, accuracy {accuracy!r}) is not "
+                            f"a positive count, a finite loss and an accuracy in [0, 1]")
+
+
+def query_check(key: str, expected: dict[str, tuple[torch.Size, torch.dtype]]):
+    """A check (for federation.exchange) of a step-0 or calibration reply: its tensors under `key`, inside the
+    message (a query's reply names no file), of exactly the expected names, shapes and dtypes, every value
+    finite."""
+    def check(pid: int, reply) -> None:
+        check_tensors(take_reply(reply.content, key, None, ""), expected)
+
+    return check
+
+
 def check_tensors(tensors: object, expected: dict[str, tuple[torch.Size, torch.dtype]]) -> None:
     """Raise BadReplyError unless `tensors` holds exactly the expected names, each of its shape and dtype, every
     value finite (a NaN norm clips nothing and a NaN mean poisons the model before any guard sees it)."""

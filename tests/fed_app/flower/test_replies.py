@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fed_app import server_app
 from fed_app.flower.federation import RoundFailedError
@@ -117,3 +117,35 @@ def test_a_client_that_misbehaves_once_and_then_answers_leaves_the_run_as_if_it_
     a = torch.load(honest / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "once" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class QueryTamperingGrid(InProcessGrid):
+    """The real ClientApp, but partition 0's replies to messages of `message_type` carry `record` under `key`."""
+
+    def __init__(self, cfg, message_type, key, record):
+        super().__init__(cfg)
+        self.message_type, self.key, self.record = message_type, key, record
+
+    def answer(self, messages):
+        replies = super().answer(messages)
+        for i, (msg, reply) in enumerate(zip(messages, replies)):
+            if msg.metadata.message_type == self.message_type and i == 0:
+                replies[i] = Message(RecordDict({**reply.content, self.key: self.record}), reply_to=msg)
+        return replies
+
+
+@pytest.mark.parametrize("message_type, key, record, settings", [
+    ("query.ridge", "stats", ArrayRecord({"xtx": torch.full((3, 3), float("nan"))}), {"head": "ridge"}),
+    ("query.logistic", "sums", ArrayRecord({"loss": torch.tensor(float("inf"), dtype=torch.float64)}),
+     {"head": "logistic"}),
+    ("query.fisher", "sums", ArrayRecord({Form.FLAT: torch.ones(1)}),
+     {"head": "logistic", "optimizer": "sparse-sgdm", "calibration-rounds": 1}),
+    ("evaluate", "metrics", MetricRecord({"partition-id": 0, "num-examples": 0, "loss": float("nan"),
+                                          "accuracy": 7.0}), {"fraction-evaluate": 0.2}),
+])
+def test_step_0_calibration_and_evaluation_replies_are_checked_before_they_count(tmp_path, message_type, key, record,
+                                                                               settings):
+    cfg = fl_cfg(tmp_path, "run", transport="messages", **{"max-retries": 0, "num-rounds": 2, **settings})
+    play_server_app()
+    with pytest.raises(RoundFailedError, match=r"its reply was refused: "):
+        server_app.run(QueryTamperingGrid(cfg, message_type, key, record), cfg)
