@@ -87,7 +87,9 @@ class PayloadFolderError(UserError):
     """A payload folder that other users could open (a file system that ignores modes)."""
 
 
-PAYLOAD_FOLDER = re.compile(r"fedit-payload-(\d+)-(\d+)-")  # the owner's pid and start time: fedit-payload-P-S-*
+# The owner's host identity, pid and start time: fedit-payload-<identity tag>-P-S-*. A pid means that process only
+# to a process of the same identity (another container sharing /dev/shm has its own pids): only those are swept.
+PAYLOAD_FOLDER = re.compile(r"fedit-payload-([0-9a-z]+)-(\d+)-(\d+)-")
 OLD_FOLDER = re.compile(r"fedit-[0-9a-f]{10}-(\d+)")  # before #32: fedit-<run id>-<pid>, no start time
 
 
@@ -102,7 +104,8 @@ class SharedFiles:
                 sweep(place)
         base = self.base_for(room_bytes)
         pid = os.getpid()
-        self.root = Path(tempfile.mkdtemp(prefix=f"fedit-payload-{pid}-{procfs.start_time(pid) or 0}-",
+        self.root = Path(tempfile.mkdtemp(prefix=f"fedit-payload-{procfs.identity_tag()}-{pid}-"
+                                                 f"{procfs.start_time(pid) or 0}-",
                                           suffix=f"-{tag}", dir=base))
         found = os.lstat(self.root)
         if found.st_uid != os.getuid() or not stat.S_ISDIR(found.st_mode) or found.st_mode & 0o077:
@@ -142,7 +145,10 @@ def sweep(base: Path) -> None:
             continue
         if owner is None or found.st_uid != uid or not stat.S_ISDIR(found.st_mode):
             continue
-        if not _alive(int(owner.group(1)), owner.group(2) if owner.re is PAYLOAD_FOLDER else "0"):
+        if owner.re is PAYLOAD_FOLDER and owner.group(1) != procfs.identity_tag():
+            continue  # another host identity's: its pids are not this /proc's
+        pid, start = (owner.group(2), owner.group(3)) if owner.re is PAYLOAD_FOLDER else (owner.group(1), "0")
+        if not _alive(int(pid), start):
             shutil.rmtree(entry.path, ignore_errors=True)  # never follows links inside
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from fed_app.local.app_files import copy_app
 from fed_app.runs import procfs
+from fed_app.runs.procfs import identity_tag
 from fed_app.config import ConfigError, RunConfig, to_kebab
 from fed_app.errors import UserError
 
@@ -166,11 +167,6 @@ def reap_orphans(base: Path) -> list[int]:
         if orphaned(home):
             shutil.rmtree(home, ignore_errors=True)
     return killed
-
-
-def identity_tag() -> str:
-    """A short digest of procfs.host_identity() (whose pids this process sees) for file names."""
-    return hashlib.sha256(procfs.host_identity().encode()).hexdigest()[:12] if procfs.host_identity() else "unknown"
 
 
 def _kill_under(chosen, wait: float = 10.0) -> list[int]:

@@ -5,6 +5,7 @@ space the pids are of (`host_identity`). A process that is gone reads as None.""
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -62,6 +63,11 @@ def flwr_home(pid: int) -> Path | None:
         return None
     home = next((v[len(b"FLWR_HOME="):] for v in env if v.startswith(b"FLWR_HOME=")), None)
     return Path(os.fsdecode(home)) if home is not None else None
+
+
+def identity_tag() -> str:
+    """A short digest of host_identity() (whose pids this process sees) for file names."""
+    return hashlib.sha256(host_identity().encode()).hexdigest()[:12] if host_identity() else "unknown"
 
 
 @functools.cache

@@ -8,6 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fed_app.flower.mask_plan import pack_masks, unpack_masks
+from fed_app.runs import procfs
 from fed_app.flower.payload import (SharedFiles, TransportError, add_trainable_, apply_update, carry, decode, encode,
                                     flat_state, folder_of, gather_trainable, masked_state, model_payload, model_state,
                                     split_flat, take, unpack_masked_state)
@@ -116,9 +117,18 @@ def test_a_client_on_another_machine_is_told_to_use_messages(tmp_path):
 
 def test_a_killed_servers_payload_folder_is_removed_by_the_next_one():
     dead = SharedFiles("test-stale", 10**6)
-    stale = dead.root.with_name("fedit-payload-999999999-1-abcdefgh-test-stale")  # no such process
+    stale = dead.root.with_name(f"fedit-payload-{procfs.identity_tag()}-999999999-1-abcdefgh-test-stale")  # no pid
     dead.root.rename(stale)
     (stale / "arrays-x.pt").write_bytes(b"0" * 10)
     fresh = SharedFiles("test-stale", 10**6)
     assert not stale.exists() and fresh.root.exists()
     fresh.close()
+
+
+@pytest.mark.parametrize("length", [0, 1, 3])
+def test_mask_bits_of_another_length_are_refused_not_cut_or_padded(length):
+    shapes = {"w": torch.Size([3, 4])}  # 12 entries: 2 bytes of bits
+    masks = unpack_masks(pack_masks({"w": torch.ones(3, 4, dtype=torch.bool)}), shapes)
+    assert masks["w"].all()
+    with pytest.raises(ValueError, match="do not fit 12 entries"):
+        unpack_masks(np.zeros(length, dtype=np.uint8), shapes)

@@ -74,14 +74,16 @@ def _dead_pid() -> int:
 
 def test_a_start_sweeps_this_users_folders_whose_server_is_gone_of_any_run(tmp_path, monkeypatch):
     monkeypatch.setattr(payload_files, "SHM", tmp_path)  # a /dev/shm of the test's own
-    me, dead = os.getpid(), _dead_pid()
+    me, dead, tag = os.getpid(), _dead_pid(), procfs.identity_tag()
     folders = {
-        "dead": tmp_path / f"fedit-payload-{dead}-{procfs.start_time(me)}-abcdefgh-another-run",
+        "dead": tmp_path / f"fedit-payload-{tag}-{dead}-{procfs.start_time(me)}-abcdefgh-another-run",
         "old-name": tmp_path / f"fedit-0123456789-{dead}",  # left by a server before #32
-        "reused-pid": tmp_path / f"fedit-payload-{me}-1-abcdefgh-another-run",  # this pid, an earlier process's
-        "live": tmp_path / f"fedit-payload-{me}-{procfs.start_time(me)}-abcdefgh-another-run",
+        "reused-pid": tmp_path / f"fedit-payload-{tag}-{me}-1-abcdefgh-another-run",  # this pid, an earlier process's
+        "live": tmp_path / f"fedit-payload-{tag}-{me}-{procfs.start_time(me)}-abcdefgh-another-run",
         "not-fedit": tmp_path / f"fedit-bench-{dead}",  # someone else's temp folder of a similar name
-        "another-user": tmp_path / f"fedit-payload-{dead}-1-abcdefgh-their-run",
+        "another-user": tmp_path / f"fedit-payload-{tag}-{dead}-1-abcdefgh-their-run",
+        # another container sharing /dev/shm (--ipc=host): its pid means nothing in this /proc
+        "another-identity": tmp_path / f"fedit-payload-0123456789ab-{dead}-1-abcdefgh-their-run",
     }
     for folder in folders.values():
         folder.mkdir()
@@ -93,7 +95,7 @@ def test_a_start_sweeps_this_users_folders_whose_server_is_gone_of_any_run(tmp_p
     target = tmp_path / "kept"  # a link of a dead server's name: neither it nor what it points to goes
     target.mkdir()
     (target / "data").write_bytes(b"1")
-    link = tmp_path / f"fedit-payload-{dead}-1-abcdefgh-link"
+    link = tmp_path / f"fedit-payload-{tag}-{dead}-1-abcdefgh-link"
     link.symlink_to(target)
     files = SharedFiles("this-run", 10**6)
     assert files.root.parent == tmp_path
