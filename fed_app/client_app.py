@@ -182,5 +182,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, pid, task = _setup(msg, context)
     result = task.evaluate(_received_model(msg, task), task.shard(pid))
     metrics = MetricRecord({"loss": result["loss"], "accuracy": result["accuracy"],
-                            Key.NUM_EXAMPLES: len(task.shards[pid])})
+                            Key.NUM_EXAMPLES: len(task.shards[pid]), Key.PARTITION_ID: pid})
     return Message(RecordDict({Key.METRICS: metrics}), reply_to=msg)

@@ -115,12 +115,13 @@ class TrimmedMean(AllUpdates):
         return updates.sort(dim=0).values[cut:len(updates) - cut].mean(dim=0)
 
 
-def check_krum(cfg: RunConfig) -> None:
-    """Krum's guarantee needs n >= 2f + 3 clients a round (Blanchard et al. 2017)."""
+def check_clients(cfg: RunConfig, times: int) -> None:
+    """The rule's guarantee needs n >= times x f + 3 clients a round: Krum 2f + 3 (Blanchard et al. 2017), Bulyan
+    4f + 3 (El Mhamdi et al. 2018)."""
     f, n = cfg.num_malicious_clients, cfg.clients_per_round
-    if n < 2 * f + 3:
+    if n < times * f + 3:
         raise ConfigError(f"run-config aggregation={cfg.aggregation!r} with num-malicious-clients={f} needs at least "
-                          f"{2 * f + 3} clients a round (2f + 3), and num-clients={cfg.num_clients} with "
+                          f"{times * f + 3} clients a round ({times}f + 3), and num-clients={cfg.num_clients} with "
                           f"fraction-train={cfg.fraction_train} samples {n}; raise fraction-train or lower "
                           f"num-malicious-clients.")
 
@@ -134,7 +135,7 @@ class Krum(AllUpdates):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         super().check(cfg)
-        check_krum(cfg)
+        check_clients(cfg, 2)
 
     def combine(self, updates: Tensor, weights: Tensor) -> Tensor:
         return updates[multi_krum(updates, self.num_malicious_clients, 1)[0]]
@@ -149,7 +150,7 @@ class MultiKrum(AllUpdates):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         super().check(cfg)
-        check_krum(cfg)
+        check_clients(cfg, 2)
         n = cfg.clients_per_round
         if cfg.multi_krum_selected > n:
             raise ConfigError(f"run-config multi-krum-selected={cfg.multi_krum_selected} is more than the {n} clients a "
@@ -172,12 +173,7 @@ class Bulyan(AllUpdates):
     @classmethod
     def check(cls, cfg: RunConfig) -> None:
         super().check(cfg)
-        f, n = cfg.num_malicious_clients, cfg.clients_per_round
-        if n < 4 * f + 3:
-            raise ConfigError(f"run-config aggregation='bulyan' with num-malicious-clients={f} needs at least "
-                              f"{4 * f + 3} clients a round (4f + 3), and num-clients={cfg.num_clients} with "
-                              f"fraction-train={cfg.fraction_train} samples {n}; raise fraction-train or lower "
-                              f"num-malicious-clients.")
+        check_clients(cfg, 4)
 
     def combine(self, updates: Tensor, weights: Tensor) -> Tensor:
         f, n = self.num_malicious_clients, len(updates)

@@ -126,7 +126,7 @@ def test_make_run_without_cifar_offline_says_where_to_put_it_before_starting_flo
     assert proc.stderr.startswith("error: CIFAR-100 is not under data-root=") and "cifar-100-python" in proc.stderr
     assert "pass --run-config \"data-root=" in proc.stderr  # the fix, as this command takes values
     assert not (tmp_path / "results" / ".flwr").exists()
-    assert list((tmp_path / "results" / "federated").iterdir()) == []  # the failed start left no run folder
+    assert not (tmp_path / "results").exists()  # the failed start left no folder at any level
 
 
 @pytest.mark.usefixtures("server_app_identity")

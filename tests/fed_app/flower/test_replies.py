@@ -15,6 +15,7 @@ from fed_app import server_app
 from fed_app.flower.federation import RoundFailedError
 from fed_app.flower.payload import Form, Key, encode
 from fed_app.flower.replies import reply_tag
+from fed_app.runs.rundir import RunDir
 
 from ...conftest import InProcessGrid, fl_cfg, play_server_app, run_in_process
 
@@ -149,3 +150,6 @@ def test_step_0_calibration_and_evaluation_replies_are_checked_before_they_count
     play_server_app()
     with pytest.raises(RoundFailedError, match=r"its reply was refused: "):
         server_app.run(QueryTamperingGrid(cfg, message_type, key, record), cfg)
+    honest = fl_cfg(tmp_path, "honest", transport="messages", **{"max-retries": 0, "num-rounds": 2, **settings})
+    run_in_process(honest)  # the same queries answered as the ClientApp answers them all count: the run ends
+    assert RunDir(tmp_path / "honest").finished  # (DONE, or DIVERGED: a ridge head fine-tuned at lr 0.05 may)
