@@ -16,7 +16,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 import torch
@@ -147,9 +146,5 @@ def mask_stats(masks: Masks) -> list[dict]:
 
 def save_masks(masks: Masks, out: BinaryIO) -> None:
     """The masks (name -> bool tensor) as torch.save bytes into `out`: the run's folder writes them to disk
-    whole, fsynced, with its full-disk sentence (fed_app/runs/rundir.py; masking imports nothing of fed_app)."""
+    whole, fsynced, with its full-disk sentence, and reads them back weights-only (fed_app/runs/rundir.py)."""
     torch.save({n: m.cpu() for n, m in masks.items()}, out)
-
-
-def load_masks(path: Path, device: torch.device | str = "cpu") -> Masks:
-    return {n: m.to(device=device, dtype=torch.bool) for n, m in torch.load(path, weights_only=True).items()}

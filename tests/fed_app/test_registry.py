@@ -13,8 +13,9 @@ from fed_app.applicability import applies
 from fed_app.config import ConfigError, RunConfig
 from fed_app.task.model import build_model
 from fed_app.registry import AGGREGATIONS, OBJECTIVES
-from masking.calibrate import calibrate, load_masks
+from masking.calibrate import calibrate
 from strategies.fedavg import weighted_average
+from fed_app.runs.rundir import RunDir
 
 from ..conftest import TINY, InProcessGrid, fl_cfg
 
@@ -67,7 +68,7 @@ def test_a_plugin_registered_from_outside_the_package_runs_end_to_end(tmp_path, 
     flower_session.run(cfg)  # a simulation whose workers started before the run named the plugin
     rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2] and all(r["train_loss"] > 0 for r in rows[1:])
-    for m in load_masks(tmp_path / "run" / "mask.pt").values():  # the server calibrated with the plugin's rule
+    for m in RunDir(tmp_path / "run").load_mask().values():  # the server calibrated with the plugin's rule
         flat = m.flatten().int()
         assert torch.equal(flat, flat.sort(descending=True).values)
 

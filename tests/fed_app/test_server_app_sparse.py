@@ -13,9 +13,9 @@ from fed_app.task.data import load_dataset
 from fed_app.task.editing import calibrate_masks, fit_head
 from fed_app.task.head import freeze_head, set_head
 from fed_app.task.model import build_model
-from masking.calibrate import load_masks
 from fed_app.flower.mask_plan import unpack_masks
 from masking.combine import combine_masks
+from fed_app.runs.rundir import RunDir
 
 from ..conftest import TINY
 
@@ -30,7 +30,7 @@ def test_sparse_fedavg_matches_centralized_step_0_and_mask_and_never_moves_froze
     flower_session.run(cfg)
     run = tmp_path / "run"
     final = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
-    fed_masks = load_masks(run / "mask.pt")
+    fed_masks = RunDir(run).load_mask()
 
     # the centralized counterparts on the union of the shards (= the whole training split)
     device = torch.device("cpu")
@@ -106,7 +106,7 @@ def test_head_rounds_train_the_head_and_no_backbone_entry(tmp_path, flower_sessi
     model, _ = build_model(cfg, 100)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
-    masks = load_masks(tmp_path / "run" / "mask.pt")
+    masks = RunDir(tmp_path / "run").load_mask()
     assert "head.weight" not in masks and not torch.equal(final["head.weight"], init["head.weight"])
     for name, mask in masks.items():  # head rounds moved no backbone entry; sparse rounds only trainable ones
         assert torch.equal(final[name][~mask], init[name][~mask]), name
@@ -127,7 +127,7 @@ def test_a_voted_global_mask_is_the_clients_own_masks_combined_and_frozen_entrie
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     bits = torch.load(tmp_path / "own" / "client_masks.pt", weights_only=True)
     clients = [unpack_masks(bits[p], shapes) for p in sorted(bits)]  # the same calibration, client by client
-    mask = load_masks(tmp_path / "voted" / "mask.pt")
+    mask = RunDir(tmp_path / "voted").load_mask()
     expected = combine_masks(clients, "vote", 0.3)
     assert all(torch.equal(mask[n], expected[n]) for n in shapes)
     density = sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())

@@ -5,9 +5,10 @@ import torch
 
 from fed_app.config import RunConfig
 from fed_app.task.model import build_model
-from masking.calibrate import (RULES, calibrate, damped, density_of, density_schedule, load_masks, mask_stats,
-                               save_masks, shrink_masks)
+from masking.calibrate import (RULES, calibrate, damped, density_of, density_schedule, mask_stats,
+                               shrink_masks)
 from masking.fisher import fisher_diagonal
+from fed_app.runs.rundir import RunDir
 
 
 def _tiny():
@@ -108,9 +109,8 @@ def test_multi_round_rescoring_differs_from_one_shot():
 
 def test_masks_round_trip_through_a_file_with_stats(tmp_path):
     masks = {"a": torch.tensor([True, False, True, True]), "b": torch.zeros(2, 2, dtype=torch.bool)}
-    with open(tmp_path / "mask.pt", "wb") as f:
-        save_masks(masks, f)
-    loaded = load_masks(tmp_path / "mask.pt")
+    RunDir(tmp_path).save_mask(masks)  # what a run writes: save_masks' bytes, whole
+    loaded = RunDir(tmp_path).load_mask()
     assert all(torch.equal(masks[n], loaded[n]) for n in masks)
     stats = mask_stats(loaded)
     assert stats[0]["density"] == 0.75 and stats[-1] == {"name": "total", "numel": 8, "trainable": 3,

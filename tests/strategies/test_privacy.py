@@ -17,9 +17,9 @@ from fed_app.config import ConfigError, RunConfig
 from fed_app.flower.federation import Federation
 from fed_app.flower.loaded_task import load_task
 from fed_app.task.head import head_name
-from masking.calibrate import load_masks
 from strategies.fedavg import SeededFedAvg, sample_partitions, weighted_average
 from strategies.privacy import DpFedAvg, clipped
+from fed_app.runs.rundir import RunDir
 
 from ..conftest import InProcessGrid, PushPullGrid, fl_cfg, run_in_process
 
@@ -139,7 +139,7 @@ def test_dp_noise_reaches_only_what_the_clients_train_sparse_or_dense(tmp_path):
         run_in_process(cfg)
         assert (tmp_path / cfg.run_dir / "DONE").exists()  # it learned through the noise, not diverged
     initial = load_task(sparse).initial_state()
-    masks = load_masks(tmp_path / "sparse" / "mask.pt")
+    masks = RunDir(tmp_path / "sparse").load_mask()
     final = torch.load(tmp_path / "sparse" / "checkpoint.pt", weights_only=True)["model"]
     for name, mask in masks.items():
         assert torch.equal(final[name][~mask], initial[name][~mask])  # the noise never reached a frozen entry

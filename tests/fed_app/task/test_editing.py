@@ -11,7 +11,7 @@ from fed_app.task.batches import BatchTransform
 from fed_app.task.data import load_dataset
 from fed_app.task.head import feature_matrix, fit_logistic, logistic_sums, ridge_statistics, solve_ridge
 from fed_app.task.model import build_model
-from masking.calibrate import load_masks
+from fed_app.runs.rundir import RunDir
 
 TIMING = {"wall_time", "epoch_time"}
 
@@ -26,7 +26,7 @@ def test_sparse_run_never_moves_frozen_entries_nor_the_head(tiny_cfg):
     cfg = _sparse(tiny_cfg)
     model0, _ = build_model(cfg, 100)
     run_dir = centralized.run(cfg)
-    masks = load_masks(run_dir.path / "mask.pt")
+    masks = RunDir(run_dir.path).load_mask()
     stats = json.loads((run_dir.path / "mask_stats.json").read_text())
     assert stats[-1]["name"] == "total" and stats[-1]["density"] == pytest.approx(0.2, abs=1e-4)
     rows = run_dir.rows()
